@@ -1,0 +1,182 @@
+"""Loads one BLIP-2 stage from a checkpoint, holding only that stage's weights."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    BitsAndBytesConfig,
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    Blip2Processor,
+)
+from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2VisionModel
+
+from .errors import ConfigurationError
+from .options import ServerOptions
+
+log = logging.getLogger(__name__)
+
+TINY_DIRNAME = "tiny-blip2-opt"
+# Checkpoint prefixes of the vision stage: everything `get_image_features` touches.
+VISION_PREFIXES = ("vision_model.", "query_tokens", "qformer.", "language_projection.")
+LLM_PREFIXES = ("language_model.",)
+
+
+def ensure_tiny_model(cache_dir: Path) -> Path:
+    """The embedded default: generated once, then reused. Safe when both stages start at once."""
+    from .tiny import write_tiny_model
+
+    target = cache_dir / TINY_DIRNAME
+    if (target / "TINY_MODEL.json").exists():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=cache_dir))
+    try:
+        write_tiny_model(staging)
+        try:
+            # rename() is atomic: a concurrent generator either wins or finds the finished directory.
+            os.rename(staging, target)
+        except OSError:
+            if not (target / "TINY_MODEL.json").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_model_source(options: ServerOptions) -> str:
+    if not options.model_id:
+        return str(ensure_tiny_model(options.cache_path))
+    path = Path(options.model_id).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ConfigurationError(f"model directory {path} has no config.json")
+        return str(path)
+    # Anything else is a Hugging Face repo id, resolved through the local HF cache (HF_HOME).
+    return options.model_id
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigurationError("device=cuda was requested but no CUDA device is visible")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+
+
+def quantization_config(options: ServerOptions, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    if options.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if options.quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype)
+    return None
+
+
+class Blip2VisionStageModel(Blip2ForConditionalGeneration):
+    """BLIP-2 without its language model.
+
+    Subclassing keeps the parameter names, fp32 modules and quantisation rules of the full model, so
+    `from_pretrained` reads the vision stage's tensors from a full checkpoint and skips the rest, and
+    quantised loading treats each layer exactly as HF does for the full model.
+    """
+
+    _keys_to_ignore_on_load_unexpected: ClassVar[list[str]] = [r"^language_model\."]
+
+    def __init__(self, config: Blip2Config) -> None:
+        super(Blip2ForConditionalGeneration, self).__init__(config)
+        self.vision_model = Blip2VisionModel._from_config(config.vision_config)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
+        self.qformer = Blip2QFormerModel._from_config(config.qformer_config)
+        self.language_projection = nn.Linear(config.qformer_config.hidden_size, config.text_config.hidden_size)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.vision_model.embeddings.patch_embedding
+
+    def get_output_embeddings(self) -> None:  # type: ignore[override]
+        return None
+
+
+class Blip2LanguageStageModel(Blip2ForConditionalGeneration):
+    """BLIP-2's language model alone, under the same parameter names as in the full checkpoint."""
+
+    _keys_to_ignore_on_load_unexpected: ClassVar[list[str]] = [
+        r"^vision_model\.", r"^query_tokens", r"^qformer\.", r"^language_projection\."
+    ]
+
+    def __init__(self, config: Blip2Config) -> None:
+        super(Blip2ForConditionalGeneration, self).__init__(config)
+        if config.use_decoder_only_language_model:
+            self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        else:
+            self.language_model = AutoModelForSeq2SeqLM.from_config(config.text_config)
+        self.post_init()
+
+
+@dataclass
+class LoadedStage:
+    model: Blip2ForConditionalGeneration
+    processor: Blip2Processor
+    config: Blip2Config
+    source: str
+    device: torch.device
+    dtype: torch.dtype
+    parameter_count: int
+    parameter_bytes: int
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    # Quantised 4-bit weights pack two values per byte; count logical elements through bnb's quant_state.
+    count = 0
+    nbytes = 0
+    for p in module.parameters():
+        state = getattr(p, "quant_state", None)
+        count += int(state.shape.numel()) if state is not None else p.numel()
+        nbytes += p.numel() * p.element_size()
+    return count, nbytes
+
+
+def load_stage(stage: str, options: ServerOptions) -> LoadedStage:
+    if stage not in ("vision", "llm"):
+        raise ValueError(f"stage must be 'vision' or 'llm', got {stage!r}")
+    source = resolve_model_source(options)
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype, device)
+    quant = quantization_config(options, dtype)
+    cls = Blip2VisionStageModel if stage == "vision" else Blip2LanguageStageModel
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": device.index if device.type == "cuda" and device.index is not None
+                                else (0 if device.type == "cuda" else "cpu")}
+    try:
+        model = cls.from_pretrained(source, **kwargs)
+        processor = Blip2Processor.from_pretrained(source)
+    except OSError as e:
+        raise ConfigurationError(f"cannot load BLIP-2 checkpoint {source!r}: {e}") from e
+    if quant is None:
+        model = model.to(device)
+    model.eval()
+    count, nbytes = count_parameters(model)
+    log.info(
+        "stage=%s loaded %s: %d parameters (%d bytes) dtype=%s device=%s quantization=%s",
+        stage, source, count, nbytes, dtype, device, options.quantization,
+    )
+    return LoadedStage(model, processor, model.config, source, device, dtype, count, nbytes)

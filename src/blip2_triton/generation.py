@@ -1,0 +1,226 @@
+"""LLM stage: projected query embeddings + prompt -> generated text.
+
+Builds the LLM input exactly as `Blip2ForConditionalGeneration.generate` does (image tokens scattered with the
+query embeddings, then the prompt), and decodes a whole batch in one loop where every row keeps its own
+controls: greedy rows take the arg-max, sampled rows draw from their own seeded generator, so a request's
+result does not depend on which neighbours it was batched with.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers.generation.logits_process import (
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from .checkpoint import LoadedStage, load_stage
+from .errors import ConfigurationError, InvalidRequestError
+from .options import ServerOptions
+from .requests import GenerationRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Row:
+    request: GenerationRequest
+    input_ids: list[int]
+    generated: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    done: bool = False
+
+
+class LanguageStage:
+    def __init__(self, options: ServerOptions, loaded: LoadedStage | None = None) -> None:
+        self.options = options
+        self.loaded = loaded or load_stage("llm", options)
+        config = self.loaded.config
+        if not config.use_decoder_only_language_model:
+            raise ConfigurationError(
+                f"the LLM stage serves decoder-only language models; {config.text_config.model_type} is not one"
+            )
+        self.lm = self.loaded.model.language_model
+        self.tokenizer = self.loaded.processor.tokenizer
+        self.num_query_tokens = int(config.num_query_tokens)
+        self.hidden_size = int(config.text_config.hidden_size)
+        self.image_token_id = int(config.image_token_id)
+        self.bos_token_id = int(config.text_config.bos_token_id)
+        # The processor decides how many image tokens a prompt gets (HF's text path); the model config decides
+        # it for captions (HF's no-text path). They agree on every published checkpoint.
+        self.processor_query_tokens = int(self.loaded.processor.num_query_tokens or self.num_query_tokens)
+        image_token = getattr(self.loaded.processor, "image_token", None)
+        self.image_token_text = getattr(image_token, "content", None) or str(image_token or "<image>")
+        gen = self.lm.generation_config
+        eos = gen.eos_token_id if gen.eos_token_id is not None else config.text_config.eos_token_id
+        self.eos_token_ids = {int(e) for e in (eos if isinstance(eos, list | tuple) else [eos]) if e is not None}
+        pad = gen.pad_token_id if gen.pad_token_id is not None else self.tokenizer.pad_token_id
+        self.pad_token_id = int(pad if pad is not None else next(iter(self.eos_token_ids), 0))
+        self.default_repetition_penalty = gen.repetition_penalty
+        self.max_positions = int(getattr(config.text_config, "max_position_embeddings", 2048))
+        self.device = self.loaded.device
+        self.embed_tokens = self.lm.get_input_embeddings()
+        # transformers 5.x renames `past_key_values` to `cache` (the old name goes in 5.40).
+        params = inspect.signature(self.lm.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+
+    @property
+    def embeds_shape(self) -> tuple[int, int]:
+        return (self.num_query_tokens, self.hidden_size)
+
+    def prompt_ids(self, prompt: str | None) -> list[int]:
+        if not prompt:
+            return [self.image_token_id] * self.num_query_tokens + [self.bos_token_id]
+        text_ids = self.tokenizer(prompt)["input_ids"]
+        image_ids = self.tokenizer(self.image_token_text * self.processor_query_tokens, add_special_tokens=False)[
+            "input_ids"
+        ]
+        return list(image_ids) + list(text_ids)
+
+    def prepare(self, request: GenerationRequest) -> _Row:
+        request.validate(self.options, expected_embeds_shape=self.embeds_shape)
+        ids = self.prompt_ids(request.prompt)
+        if ids.count(self.image_token_id) != self.num_query_tokens:
+            raise InvalidRequestError(
+                f"text_input: must not contain the image token {self.image_token_text!r}"
+            )
+        text_tokens = len(ids) - self.num_query_tokens
+        if text_tokens > self.options.max_prompt_tokens:
+            raise InvalidRequestError(
+                f"text_input: expected at most {self.options.max_prompt_tokens} tokens, got {text_tokens}"
+            )
+        assert request.max_tokens is not None
+        if len(ids) + request.max_tokens > self.max_positions:
+            raise InvalidRequestError(
+                f"text_input + max_tokens: expected at most {self.max_positions} positions, "
+                f"got {len(ids)} + {request.max_tokens}"
+            )
+        generator = None
+        if request.do_sample:
+            seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+            generator = torch.Generator(device="cpu").manual_seed(seed % (2**63))
+        return _Row(request=request, input_ids=ids, generator=generator)
+
+    def _inputs_embeds(self, row: _Row) -> torch.Tensor:
+        ids = torch.tensor(row.input_ids, device=self.device)
+        embeds = self.embed_tokens(ids)
+        mask = (ids == self.image_token_id).unsqueeze(-1)
+        query = torch.from_numpy(np.ascontiguousarray(row.request.query_embeds)).to(self.device, embeds.dtype)
+        return embeds.masked_scatter(mask, query)
+
+    def run(self, requests: list[GenerationRequest]) -> list[str | InvalidRequestError]:
+        results: list[str | InvalidRequestError] = [""] * len(requests)
+        batch: list[tuple[int, _Row]] = []
+        for i, req in enumerate(requests):
+            try:
+                batch.append((i, self.prepare(req)))
+            except InvalidRequestError as e:
+                results[i] = e
+        single = [(i, r) for i, r in batch if r.request.num_beams > 1]
+        stepped = [(i, r) for i, r in batch if r.request.num_beams == 1]
+        if stepped:
+            self._decode([r for _, r in stepped])
+        for _, row in single:
+            self._beam_search(row)
+        for i, row in stepped + single:
+            results[i] = self.tokenizer.decode(row.generated, skip_special_tokens=True).strip()
+        return results
+
+    @torch.inference_mode()
+    def _beam_search(self, row: _Row) -> None:
+        # Beam search is deterministic and per-request; HF's implementation is the reference for it.
+        embeds = self._inputs_embeds(row).unsqueeze(0)
+        input_ids = torch.tensor([row.input_ids], device=self.device)
+        kwargs = {}
+        if row.request.repetition_penalty is not None:
+            kwargs["repetition_penalty"] = row.request.repetition_penalty
+        out = self.lm.generate(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones_like(input_ids),
+            input_ids=input_ids,
+            max_new_tokens=row.request.max_tokens,
+            num_beams=row.request.num_beams,
+            do_sample=False,
+            **kwargs,
+        )
+        row.generated = [t for t in out[0, input_ids.shape[1]:].tolist() if t not in self.eos_token_ids]
+
+    def _next_tokens(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
+        tokens: list[int] = []
+        for row, row_logits in zip(rows, logits, strict=True):
+            req = row.request
+            scores = row_logits.float().unsqueeze(0)
+            penalty = req.repetition_penalty if req.repetition_penalty is not None else self.default_repetition_penalty
+            if penalty is not None and penalty != 1.0:
+                history = torch.tensor([row.input_ids + row.generated], device=scores.device)
+                scores = RepetitionPenaltyLogitsProcessor(penalty)(history, scores)
+            if not req.do_sample:
+                tokens.append(int(scores.argmax(-1)))
+                continue
+            # Same warper order as HF's sampling: temperature, top-k, top-p.
+            if req.temperature is not None and req.temperature != 1.0:
+                scores = TemperatureLogitsWarper(req.temperature)(None, scores)
+            if req.top_k:
+                scores = TopKLogitsWarper(top_k=req.top_k)(None, scores)
+            if req.top_p is not None and req.top_p < 1.0:
+                scores = TopPLogitsWarper(top_p=req.top_p)(None, scores)
+            probs = torch.softmax(scores, dim=-1).cpu()
+            tokens.append(int(torch.multinomial(probs, 1, generator=row.generator)))
+        return tokens
+
+    @torch.inference_mode()
+    def _decode(self, rows: list[_Row]) -> None:
+        width = max(len(r.input_ids) for r in rows)
+        pad_embed = self.embed_tokens(torch.tensor([self.pad_token_id], device=self.device))[0]
+        embeds = pad_embed.expand(len(rows), width, -1).clone()
+        mask = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
+        for b, row in enumerate(rows):
+            n = len(row.input_ids)
+            # Left padding keeps every row's newest token in the last column, as HF batches decoder-only LMs.
+            embeds[b, width - n:] = self._inputs_embeds(row)
+            mask[b, width - n:] = 1
+        active = list(range(len(rows)))
+        past = None
+        step_input: dict[str, torch.Tensor] = {"inputs_embeds": embeds}
+        while active:
+            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+            out = self.lm(
+                **step_input,
+                attention_mask=mask,
+                position_ids=positions[:, -step_input[next(iter(step_input))].shape[1]:],
+                use_cache=True,
+                **{self._cache_kwarg: past},
+            )
+            past = out.past_key_values
+            live = [rows[i] for i in active]
+            next_ids = self._next_tokens(live, out.logits[:, -1, :])
+            keep: list[int] = []
+            for pos, (row, token) in enumerate(zip(live, next_ids, strict=True)):
+                if token in self.eos_token_ids:
+                    row.done = True
+                    continue
+                row.generated.append(token)
+                assert row.request.max_tokens is not None
+                if len(row.generated) >= row.request.max_tokens:
+                    row.done = True
+                else:
+                    keep.append(pos)
+            if not keep:
+                break
+            if len(keep) < len(active):
+                # Retire finished rows from the KV cache so the remaining steps only pay for live sequences.
+                index = torch.tensor(keep, device=self.device)
+                past.batch_select_indices(index)
+                mask = mask.index_select(0, index)
+                active = [active[k] for k in keep]
+                next_ids = [next_ids[k] for k in keep]
+            mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+            step_input = {"input_ids": torch.tensor(next_ids, device=self.device).unsqueeze(-1)}

@@ -1,0 +1,251 @@
+"""Starts a real `tritonserver` on the BLIP-2 model repository and waits until it is ready.
+
+Uses the `tritonserver` on PATH (NGC container) or the one bundled in the `nvidia-pytriton` wheel, which
+needs a Python backend stub for the running interpreter and library paths set up (done here, in a cache
+directory, never in site-packages).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from .options import ENV_VARS, default_cache_dir
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+
+
+class LauncherError(RuntimeError):
+    pass
+
+
+def default_model_repository() -> Path:
+    env = os.environ.get("BLIP2_MODEL_REPOSITORY")
+    if env:
+        return Path(env)
+    # Source checkout: <root>/src/blip2_triton -> <root>/model_repository; installed image: /opt/blip2/...
+    for candidate in (PACKAGE_ROOT.parent.parent / "model_repository", Path("/opt/blip2/model_repository")):
+        if (candidate / "blip2" / "config.pbtxt").exists():
+            return candidate
+    raise LauncherError("no model repository found; pass --model-repository or set BLIP2_MODEL_REPOSITORY")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    binary: Path
+    backend_directory: Path | None
+    env: dict[str, str]
+
+
+def _bundled_install(cache_dir: Path) -> TritonInstall | None:
+    # Only the wheel's files are used: importing pytriton would pull in its Python API's dependencies.
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
+    binary = root / "bin" / "tritonserver"
+    if not binary.exists():
+        return None
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise LauncherError(f"nvidia-pytriton ships no Python backend stub for Python {version}")
+    # The backend directory must hold the stub of *this* interpreter; build it beside the wheel's files.
+    backends = cache_dir / "triton-backends" / f"py{version}"
+    python_dir = backends / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    for src in (root / "backends" / "python").iterdir():
+        if src.is_file():
+            _copy_if_changed(src, python_dir / src.name)
+    _copy_if_changed(stub, python_dir / "triton_python_backend_stub")
+    libs = root.parent.parent / "nvidia_pytriton.libs"
+    env = {
+        "LD_LIBRARY_PATH": os.pathsep.join(
+            p for p in (sysconfig.get_config_var("LIBDIR"), str(libs), os.environ.get("LD_LIBRARY_PATH")) if p
+        ),
+        # The stub embeds libpython and finds the environment's site-packages from `python3` on PATH.
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    }
+    return TritonInstall(binary, backends, env)
+
+
+def _copy_if_changed(src: Path, dst: Path) -> None:
+    if dst.exists() and dst.stat().st_size == src.stat().st_size and dst.stat().st_mtime >= src.stat().st_mtime:
+        return
+    tmp = dst.with_suffix(dst.suffix + f".{os.getpid()}.tmp")
+    shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
+def find_tritonserver(cache_dir: Path | None = None) -> TritonInstall:
+    on_path = shutil.which("tritonserver")
+    if on_path and "pytriton" not in on_path:
+        return TritonInstall(Path(on_path), None, {})
+    bundled = _bundled_install(cache_dir or default_cache_dir())
+    if bundled is None:
+        raise LauncherError(
+            "tritonserver not found: run inside the NGC tritonserver container or `pip install nvidia-pytriton`"
+        )
+    return bundled
+
+
+class TritonServer:
+    """A tritonserver child process; a context manager that stops it on exit."""
+
+    def __init__(
+        self,
+        *,
+        model_repository: str | os.PathLike[str] | None = None,
+        model_id: str | None = None,
+        dtype: str | None = None,
+        device: str | None = None,
+        quantization: str | None = None,
+        http_port: int = 8000,
+        grpc_port: int = 8001,
+        metrics_port: int = 8002,
+        host: str = "127.0.0.1",
+        exit_timeout_s: int = 30,
+        startup_timeout_s: float = 600.0,
+        log_path: str | os.PathLike[str] | None = None,
+        extra_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.model_repository = Path(model_repository) if model_repository else default_model_repository()
+        self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
+        self.host = host
+        self.exit_timeout_s = exit_timeout_s
+        self.startup_timeout_s = startup_timeout_s
+        self.log_path = Path(log_path) if log_path else None
+        self.extra_args = list(extra_args)
+        self.options = {"model_id": model_id, "dtype": dtype, "device": device, "quantization": quantization}
+        self.extra_env = dict(env or {})
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log_file = None
+
+    @property
+    def http_hostport(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    def command(self, install: TritonInstall) -> list[str]:
+        cmd = [
+            str(install.binary),
+            f"--model-repository={self.model_repository}",
+            f"--http-port={self.http_port}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-port={self.metrics_port}",
+            f"--exit-timeout-secs={self.exit_timeout_s}",
+            # Model control stays off: clients cannot load/unload models on a serving replica.
+            "--model-control-mode=none",
+            "--log-verbose=0",
+        ]
+        if self.host not in ("0.0.0.0", ""):
+            cmd += [f"--http-address={self.host}", f"--grpc-address={self.host}"]
+        if install.backend_directory is not None:
+            cmd.append(f"--backend-directory={install.backend_directory}")
+        return cmd + self.extra_args
+
+    def environment(self, install: TritonInstall) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(install.env)
+        for name, value in self.options.items():
+            if value is not None:
+                env[ENV_VARS[name]] = value
+        env.update(self.extra_env)
+        return env
+
+    def start(self) -> TritonServer:
+        install = find_tritonserver()
+        cmd = self.command(install)
+        stdout = None
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log_file = open(self.log_path, "ab")  # noqa: SIM115  (closed in stop())
+            stdout = self._log_file
+        self.process = subprocess.Popen(
+            cmd, env=self.environment(install), stdout=stdout, stderr=subprocess.STDOUT if stdout else None
+        )
+        try:
+            self.wait_ready(self.startup_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def is_ready(self, timeout_s: float = 2.0) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=timeout_s) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise LauncherError(f"tritonserver exited with code {self.process.returncode} during startup"
+                                    + self._log_hint())
+            if self.is_ready():
+                return
+            time.sleep(0.25)
+        raise LauncherError(f"tritonserver not ready after {timeout_s:.0f} s" + self._log_hint())
+
+    def _log_hint(self) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        tail = self.log_path.read_text(errors="replace").splitlines()[-30:]
+        return "\n--- tritonserver log tail ---\n" + "\n".join(tail)
+
+    def stop(self, timeout_s: float | None = None) -> int | None:
+        proc = self.process
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout_s if timeout_s is not None else self.exit_timeout_s + 15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        return proc.returncode
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

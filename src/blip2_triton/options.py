@@ -1,0 +1,100 @@
+"""Server options: `config.pbtxt` parameters, overridden by environment variables."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from .errors import ConfigurationError
+
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+DEVICES = ("auto", "cuda", "cpu")
+QUANTIZATIONS = ("none", "8bit", "4bit")
+
+# Environment variable for each option. Environment wins over config.pbtxt so one repository serves the
+# tiny model in tests and a real checkpoint in a container.
+ENV_VARS = {
+    "model_id": "BLIP2_MODEL_ID",
+    "dtype": "BLIP2_DTYPE",
+    "device": "BLIP2_DEVICE",
+    "quantization": "BLIP2_QUANTIZATION",
+    "cache_dir": "BLIP2_CACHE_DIR",
+    "default_max_tokens": "BLIP2_DEFAULT_MAX_TOKENS",
+    "max_max_tokens": "BLIP2_MAX_MAX_TOKENS",
+    "max_image_bytes": "BLIP2_MAX_IMAGE_BYTES",
+    "max_image_pixels": "BLIP2_MAX_IMAGE_PIXELS",
+    "max_prompt_tokens": "BLIP2_MAX_PROMPT_TOKENS",
+    "max_beam_width": "BLIP2_MAX_BEAM_WIDTH",
+}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "blip2-triton"
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    model_id: str = ""
+    dtype: str = "auto"
+    device: str = "auto"
+    quantization: str = "none"
+    cache_dir: str = ""
+    default_max_tokens: int = 30
+    max_max_tokens: int = 256
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_prompt_tokens: int = 256
+    max_beam_width: int = 8
+
+    def validate(self) -> None:
+        for name, allowed in (("dtype", DTYPES), ("device", DEVICES), ("quantization", QUANTIZATIONS)):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ConfigurationError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        for name in ("default_max_tokens", "max_max_tokens", "max_image_bytes", "max_image_pixels",
+                     "max_prompt_tokens", "max_beam_width"):
+            if getattr(self, name) < 1:
+                raise ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.default_max_tokens > self.max_max_tokens:
+            raise ConfigurationError(
+                f"default_max_tokens ({self.default_max_tokens}) exceeds max_max_tokens ({self.max_max_tokens})"
+            )
+
+    @classmethod
+    def resolve(
+        cls, parameters: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None
+    ) -> ServerOptions:
+        parameters = parameters or {}
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        for field in fields(cls):
+            raw = env.get(ENV_VARS[field.name]) or parameters.get(field.name)
+            if raw is None or raw == "":
+                continue
+            if field.type == "int":
+                try:
+                    values[field.name] = int(raw)
+                except ValueError as e:
+                    raise ConfigurationError(f"{field.name} must be an integer, got {raw!r}") from e
+            else:
+                values[field.name] = str(raw).strip()
+        options = cls(**values)  # type: ignore[arg-type]
+        options.validate()
+        return options
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else default_cache_dir()
+
+
+def parameters_from_model_config(model_config: Mapping[str, object]) -> dict[str, str]:
+    """Flattens Triton's `parameters { key: "x" value: { string_value: "y" } }` JSON form."""
+    raw = model_config.get("parameters") or {}
+    out: dict[str, str] = {}
+    if isinstance(raw, Mapping):
+        for key, value in raw.items():
+            if isinstance(value, Mapping):
+                out[str(key)] = str(value.get("string_value", ""))
+    return out

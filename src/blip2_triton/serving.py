@@ -1,0 +1,120 @@
+"""Triton-facing glue without Triton: converts the numpy tensors of one Triton request into stage requests
+and stage results back into output arrays. `model_repository/*/1/model.py` only moves tensors in and out."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from .errors import InvalidRequestError
+from .requests import GenerationRequest, ImageRequest
+
+log = logging.getLogger(__name__)
+
+CONTROL_DTYPES: dict[str, tuple[type, np.dtype]] = {
+    "max_tokens": (int, np.dtype(np.int32)),
+    "temperature": (float, np.dtype(np.float32)),
+    "top_p": (float, np.dtype(np.float32)),
+    "top_k": (int, np.dtype(np.int32)),
+    "beam_width": (int, np.dtype(np.int32)),
+    "repetition_penalty": (float, np.dtype(np.float32)),
+    "seed": (int, np.dtype(np.uint64)),
+}
+LLM_INPUTS = ("_query_embeds", "text_input", *CONTROL_DTYPES)
+
+Arrays = Mapping[str, np.ndarray | None]
+
+
+def _rows(name: str, array: np.ndarray, n: int | None) -> list[Any]:
+    # Each public input has per-request dims [1]; with the batch dim a request holds n rows of shape [1].
+    if array.ndim != 2 or array.shape[1] != 1:
+        raise InvalidRequestError(f"{name}: expected shape [batch, 1], got {list(array.shape)}")
+    if n is not None and array.shape[0] != n:
+        raise InvalidRequestError(f"{name}: expected {n} rows like the other inputs, got {array.shape[0]}")
+    return [array[i, 0] for i in range(array.shape[0])]
+
+
+def _as_bytes(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, np.bytes_ | bytearray):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode()
+    raise InvalidRequestError(f"expected bytes, got {type(value).__name__}")
+
+
+def image_requests(inputs: Arrays) -> list[ImageRequest]:
+    image = inputs.get("image")
+    if image is None:
+        raise InvalidRequestError("image: required input is missing")
+    return [ImageRequest(_as_bytes(v)) for v in _rows("image", image, None)]
+
+
+def decode_prompt(raw: Any) -> str | None:
+    try:
+        text = _as_bytes(raw).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidRequestError(f"text_input: expected UTF-8 text, got invalid byte at offset {e.start}") from e
+    # Whitespace-only prompts caption like an absent one; a prompt is never silently altered otherwise.
+    return text if text.strip() else None
+
+
+def generation_requests(inputs: Arrays) -> list[GenerationRequest]:
+    embeds = inputs.get("_query_embeds")
+    if embeds is None:
+        raise InvalidRequestError("_query_embeds: required input is missing")
+    if embeds.ndim != 3:
+        raise InvalidRequestError(f"_query_embeds: expected shape [batch, tokens, width], got {list(embeds.shape)}")
+    n = embeds.shape[0]
+    prompts: list[str | None] = [None] * n
+    text = inputs.get("text_input")
+    if text is not None:
+        prompts = [decode_prompt(v) for v in _rows("text_input", text, n)]
+    controls: list[dict[str, Any]] = [{} for _ in range(n)]
+    for name, (cast, dtype) in CONTROL_DTYPES.items():
+        array = inputs.get(name)
+        if array is None:
+            continue
+        if array.dtype != dtype:
+            raise InvalidRequestError(f"{name}: expected {dtype.name.upper()}, got {array.dtype.name.upper()}")
+        for i, value in enumerate(_rows(name, array, n)):
+            controls[i][name] = cast(value)
+    return [
+        GenerationRequest(query_embeds=np.asarray(embeds[i], dtype=np.float32), prompt=prompts[i], **controls[i])
+        for i in range(n)
+    ]
+
+
+def text_output(texts: list[str]) -> np.ndarray:
+    return np.array([[t.encode("utf-8")] for t in texts], dtype=np.object_)
+
+
+def run_grouped(
+    grouped: list[list[Any] | InvalidRequestError],
+    run: Any,
+) -> list[list[Any] | InvalidRequestError]:
+    """Runs all rows of all Triton requests as one batch and regroups the results per request.
+
+    `grouped[i]` is request i's rows, or the error its inputs already raised. A row's error fails only the
+    request it belongs to; its neighbours in the dynamic batch get their results.
+    """
+    flat: list[Any] = []
+    for rows in grouped:
+        if not isinstance(rows, InvalidRequestError):
+            flat.extend(rows)
+    results = run(flat) if flat else []
+    out: list[list[Any] | InvalidRequestError] = []
+    pos = 0
+    for rows in grouped:
+        if isinstance(rows, InvalidRequestError):
+            out.append(rows)
+            continue
+        mine = results[pos:pos + len(rows)]
+        pos += len(rows)
+        error = next((r for r in mine if isinstance(r, InvalidRequestError)), None)
+        out.append(error if error is not None else mine)
+    return out

@@ -1,0 +1,160 @@
+"""Writes a tiny random-weight BLIP-2 (OPT) checkpoint without any network access.
+
+The checkpoint is a complete Hugging Face model directory: `config.json`, `generation_config.json`,
+`model.safetensors`, tokenizer files and processor files, loadable by `Blip2ForConditionalGeneration` and
+`Blip2Processor.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+# Training text for the toy BPE tokenizer: enough distinct words that prompts used in tests and demos
+# tokenize into several tokens and that decoded outputs read as words.
+_CORPUS = (
+    '',
+    'a photo of a cat sitting on a red sofa next to a dog . a man riding a bicycle down the street .',
+    'question : what color is the car ? answer : the car is blue . how many people are in the picture ?',
+    'two people standing on the beach at sunset with the ocean in the background . a plate of food with',
+    'rice , vegetables and meat on a wooden table . a train traveling down the tracks near a station .',
+    'a group of children playing soccer in a green field . an airplane flying over the city skyline .',
+    'what is the man holding ? a kite . is it raining ? yes . no . where is the bus ? in the parking lot .',
+    'black white yellow orange purple pink brown gray large small old young happy tree house window',
+    '',
+)
+
+TINY_SEED = 1234
+# Logit scale for the output head: random heads produce logits of ~1e-2 spread, where greedy picks
+# would flip on float noise between batched and single-request execution. A large scale gives the top
+# two candidates margins orders of magnitude above that noise, which the equality tests rely on.
+_LOGIT_SCALE = 60.0
+
+
+def _build_tokenizer(out: Path):  # -> PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    # Same special-token layout as OPT's GPT-2 BPE tokenizer: <s>=0, <pad>=1, </s>=2, <unk>=3, and
+    # `</s>` prepended as BOS to every encoded text.
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([line for line in _CORPUS if line.strip()] * 4, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="</s> $A", pair="</s> $A </s> $B", special_tokens=[("</s>", 2)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="</s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=512,
+    )
+
+
+def write_tiny_model(out_dir: str | os.PathLike[str], *, seed: int = TINY_SEED) -> Path:
+    import torch
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        BlipImageProcessor,
+        GenerationConfig,
+    )
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = _build_tokenizer(out)
+    image_processor = BlipImageProcessor(
+        size={"height": 64, "width": 64},
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+        do_convert_rgb=True,
+    )
+    # Deliberately not 32 query tokens and not 224 px: code that hard-codes the published sizes fails here.
+    num_query_tokens = 8
+    processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=num_query_tokens)
+    image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    vocab_size = ((len(processor.tokenizer) + 63) // 64) * 64
+
+    config = Blip2Config(
+        vision_config={
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 64,
+            "patch_size": 16,
+        },
+        qformer_config={
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "cross_attention_frequency": 1,
+            "vocab_size": 128,
+            "max_position_embeddings": 64,
+        },
+        text_config={
+            "model_type": "opt",
+            "vocab_size": vocab_size,
+            "hidden_size": 64,
+            "word_embed_proj_dim": 64,
+            "ffn_dim": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 512,
+            "bos_token_id": 2,
+            "eos_token_id": 2,
+            "pad_token_id": 1,
+            "tie_word_embeddings": False,
+            "do_layer_norm_before": True,
+        },
+        num_query_tokens=num_query_tokens,
+        image_token_index=image_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        # The default initialiser gives the vision tower a std of 1e-10, which would make every image
+        # produce the same query embeddings; real-looking spread keeps captions image-dependent.
+        for name, param in model.named_parameters():
+            if param.dim() >= 2 and "norm" not in name:
+                param.normal_(0.0, 0.08 if name.startswith("language_model") else 0.15)
+        model.query_tokens.normal_(0.0, 1.0)
+        model.language_model.lm_head.weight.mul_(_LOGIT_SCALE)
+        # Byte-level BPE has tokens for control bytes and partial UTF-8 sequences; damping their output rows
+        # keeps generated text readable words (demo output) without changing how decoding works.
+        tok = processor.tokenizer
+        for token_id in range(len(tok)):
+            text = tok.decode([token_id])
+            if not text.strip() or not text.isprintable() or "\ufffd" in text:
+                model.language_model.lm_head.weight[token_id].mul_(0.02)
+    model.generation_config = GenerationConfig(bos_token_id=2, eos_token_id=2, pad_token_id=1)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    (out / "TINY_MODEL.json").write_text(json.dumps({"seed": seed, "generator": "blip2_triton.tiny"}) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("out_dir")
+    parser.add_argument("--seed", type=int, default=TINY_SEED)
+    args = parser.parse_args(argv)
+    print(write_tiny_model(args.out_dir, seed=args.seed))
+
+
+if __name__ == "__main__":
+    main()

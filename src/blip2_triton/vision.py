@@ -1,0 +1,96 @@
+"""Vision stage: image bytes -> projected Q-Former query embeddings (`get_image_features` + projection)."""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .checkpoint import LoadedStage, load_stage
+from .errors import InvalidRequestError
+from .options import ServerOptions
+from .requests import ImageRequest
+
+log = logging.getLogger(__name__)
+
+ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"})
+
+
+def decode_image(request: ImageRequest, options: ServerOptions) -> Image.Image:
+    """Decodes like the HF reference (`Image.open(f).convert("RGB")`), within the configured limits.
+
+    Animated images yield their first frame; EXIF orientation is not applied, as in the reference.
+    """
+    request.validate(options)
+    try:
+        with warnings.catch_warnings():
+            # PIL's own bomb check warns at its default limit; ours below is the one that decides.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(request.data))
+            fmt = img.format or "unknown"
+            if fmt not in ACCEPTED_FORMATS:
+                raise InvalidRequestError(
+                    f"image: expected JPEG, PNG, WebP, BMP, GIF or TIFF, got {fmt}"
+                )
+            width, height = img.size
+            if width < 1 or height < 1:
+                raise InvalidRequestError(f"image: expected non-empty dimensions, got {width}x{height}")
+            if width * height > options.max_image_pixels:
+                raise InvalidRequestError(
+                    f"image: expected at most {options.max_image_pixels} pixels, got {width}x{height}"
+                )
+            img.load()
+            return img.convert("RGB")
+    except InvalidRequestError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+        raise InvalidRequestError("image: bytes are not a supported image file") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise InvalidRequestError(f"image: corrupt or truncated image data ({e})") from e
+
+
+class VisionStage:
+    def __init__(self, options: ServerOptions, loaded: LoadedStage | None = None) -> None:
+        self.options = options
+        self.loaded = loaded or load_stage("vision", options)
+        self.model = self.loaded.model
+        self.image_processor = self.loaded.processor.image_processor
+        config = self.loaded.config
+        self.num_query_tokens = int(config.num_query_tokens)
+        self.output_width = int(config.text_config.hidden_size)
+
+    @property
+    def output_shape(self) -> tuple[int, int]:
+        return (self.num_query_tokens, self.output_width)
+
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        return self.image_processor(images, return_tensors="pt")["pixel_values"]
+
+    @torch.inference_mode()
+    def embed(self, images: list[Image.Image]) -> np.ndarray:
+        pixel_values = self.preprocess(images).to(self.loaded.device)
+        features = self.model.get_image_features(pixel_values=pixel_values).pooler_output
+        # Transported as FP32 between stages: exact for fp16/bf16 values, so the LLM stage casts back losslessly.
+        return features.float().cpu().numpy()
+
+    def run(self, requests: list[ImageRequest]) -> list[np.ndarray | InvalidRequestError]:
+        """One result per request: its embeddings, or the error that belongs to that request alone."""
+        results: list[np.ndarray | InvalidRequestError] = []
+        images: list[Image.Image] = []
+        slots: list[int] = []
+        for req in requests:
+            try:
+                images.append(decode_image(req, self.options))
+                slots.append(len(results))
+                results.append(np.empty(0))
+            except InvalidRequestError as e:
+                results.append(e)
+        if images:
+            embeds = self.embed(images)
+            for slot, emb in zip(slots, embeds, strict=True):
+                results[slot] = emb
+        return results

@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from images import sample_images as _sample_images
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from blip2_triton.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-blip2-opt")
+
+
+@pytest.fixture(scope="session")
+def sample_images() -> dict[str, bytes]:
+    return _sample_images()
+
+
+@pytest.fixture(scope="session")
+def hf_reference(tiny_model_dir: Path):  # -> HFReference
+    from reference import HFReference
+
+    return HFReference(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def reference(hf_reference) -> Callable[[bytes, str | None, int], str]:
+    return hf_reference

@@ -1,0 +1,140 @@
+"""Acceptance of the serving issue against a real tritonserver: HF-identical text, batching, controls."""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from images import PROMPTS
+from transformers import Blip2ForConditionalGeneration
+from triton_helpers import Clients, infer, model_stats
+from tritonclient.utils import InferenceServerException
+
+MAX_TOKENS = 12
+
+
+def _cases(images: dict[str, bytes]) -> list[tuple[str, bytes, str | None, int]]:
+    # Varying max_tokens across cases also exercises rows of different lengths in one batch.
+    return [
+        (name, data, prompt, 6 + (i * 5) % 14)
+        for i, (name, data) in enumerate(sorted(images.items()))
+        for prompt in PROMPTS
+    ]
+
+
+@pytest.fixture(params=["grpc", "http"])
+def clients(request: pytest.FixtureRequest, triton_server):
+    c = Clients(request.param, triton_server)
+    yield c
+    c.close()
+
+
+def test_images_cover_the_required_modes(sample_images: dict[str, bytes]) -> None:
+    assert len(sample_images) >= 12
+
+
+def test_one_by_one_matches_hf(clients, sample_images, reference) -> None:
+    mismatches = []
+    for name, data, prompt, n in _cases(sample_images):
+        got = clients.infer(data, prompt, max_tokens=n)
+        want = reference(data, prompt, n)
+        if got != want:
+            mismatches.append((name, prompt, got, want))
+    assert not mismatches
+
+
+def test_concurrent_matches_hf_and_batches(clients, triton_server, sample_images, reference) -> None:
+    cases = _cases(sample_images)
+    before = {m: model_stats(triton_server.http_hostport, m) for m in ("blip2_vision", "blip2_llm")}
+    # 32 requests in flight at once: every case once, sent from 32 threads.
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        got = list(pool.map(lambda c: clients.infer(c[1], c[2], max_tokens=c[3]), cases))
+    after = {m: model_stats(triton_server.http_hostport, m) for m in ("blip2_vision", "blip2_llm")}
+    want = [reference(data, prompt, n) for _, data, prompt, n in cases]
+    assert got == want
+    for model in ("blip2_vision", "blip2_llm"):
+        inferences = after[model][0] - before[model][0]
+        executions = after[model][1] - before[model][1]
+        assert inferences == len(cases)
+        # Fewer executions than inferences means Triton ran batches larger than one.
+        assert executions < inferences, f"{model}: {executions} executions for {inferences} inferences"
+
+
+def test_mixed_controls_in_one_batch(triton_server, sample_images, reference) -> None:
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    images = sorted(sample_images.items())
+    sampled = {"temperature": 0.9, "top_k": 40, "top_p": 0.95, "seed": 1234, "max_tokens": 15}
+    alone = infer(client, images[0][1], None, **sampled)
+    jobs: list[tuple[bytes, str | None, dict]] = []
+    for i, (_, data) in enumerate(images[:10]):
+        jobs.append((data, PROMPTS[i % 2], {"max_tokens": 3 + i}))
+        jobs.append((images[0][1], None, sampled))
+    jobs.append((images[1][1], None, {"temperature": 1.3, "seed": 99, "max_tokens": 20}))
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        results = list(pool.map(lambda j: infer(client, j[0], j[1], **j[2]), jobs))
+    for (data, prompt, controls), got in zip(jobs, results, strict=True):
+        if controls is sampled:
+            assert got == alone
+        elif "temperature" not in controls:
+            assert got == reference(data, prompt, controls["max_tokens"])
+    # The seeded sample is also HF's own: torch.manual_seed(seed) then generate(do_sample=True, ...).
+    import torch
+
+    torch.manual_seed(sampled["seed"])
+    hf = reference(images[0][1], None, 15, do_sample=True, temperature=0.9, top_k=40, top_p=0.95)
+    assert alone == hf
+
+
+def test_beam_search_matches_hf(triton_server, sample_images, reference) -> None:
+    client = httpclient.InferenceServerClient(triton_server.http_hostport)
+    data = sample_images["rgb_jpeg"]
+    got = infer(client, data, None, max_tokens=10, beam_width=3)
+    assert got == reference(data, None, 10, num_beams=3)
+
+
+def test_each_stage_holds_only_its_own_parameters(triton_server, tiny_model_dir: Path) -> None:
+    full = Blip2ForConditionalGeneration.from_pretrained(tiny_model_dir)
+    vision = sum(p.numel() for n, p in full.named_parameters() if not n.startswith("language_model."))
+    llm = sum(p.numel() for n, p in full.named_parameters() if n.startswith("language_model."))
+    assert vision + llm == sum(p.numel() for p in full.parameters())
+    with urllib.request.urlopen(triton_server.metrics_url, timeout=10) as r:
+        metrics = r.read().decode()
+    held = {
+        m.group(1): int(float(m.group(2)))
+        for m in re.finditer(r'^blip2_stage_parameters\{[^}]*stage="(\w+)"[^}]*\} (\S+)$', metrics, re.M)
+    }
+    assert held == {"vision": vision, "llm": llm}
+    log = Path(triton_server.log_path).read_text()
+    assert f"stage=vision loaded {tiny_model_dir}: {vision} parameters" in log
+    assert f"stage=llm loaded {tiny_model_dir}: {llm} parameters" in log
+
+
+@pytest.mark.parametrize(
+    ("image", "prompt", "controls", "message"),
+    [
+        (b"", None, {}, "image: expected encoded image bytes, got 0 bytes"),
+        (b"definitely not an image", None, {}, "not a supported image file"),
+        ("rgb_jpeg", None, {"max_tokens": 0}, "max_tokens: expected 1..256, got 0"),
+        ("rgb_jpeg", None, {"temperature": float("nan")}, "temperature"),
+        ("rgb_jpeg", "Question: <image> Answer:", {}, "must not contain the image token"),
+    ],
+)
+def test_bad_request_fails_alone(triton_server, sample_images, reference, image, prompt, controls, message) -> None:
+    clients = Clients("http", triton_server)
+    data = sample_images[image] if isinstance(image, str) else image
+    good = sample_images["bmp"]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        goods = [pool.submit(clients.infer, good, None, max_tokens=8) for _ in range(6)]
+        bad = pool.submit(clients.infer, data, prompt, **controls)
+        with pytest.raises(InferenceServerException) as e:
+            bad.result()
+        assert message in str(e.value)
+        assert e.value.status() == "400"
+        assert all(f.result() == reference(good, None, 8) for f in goods)
+    assert clients.get().is_server_ready()
+    clients.close()

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+
+DTYPES = {
+    "max_tokens": ("INT32", np.int32),
+    "temperature": ("FP32", np.float32),
+    "top_p": ("FP32", np.float32),
+    "top_k": ("INT32", np.int32),
+    "beam_width": ("INT32", np.int32),
+    "repetition_penalty": ("FP32", np.float32),
+    "seed": ("UINT64", np.uint64),
+}
+
+
+def build_inputs(module: Any, image: bytes, prompt: str | None = None, **controls: Any) -> list[Any]:
+    inputs = []
+    tensor = module.InferInput("image", [1, 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[image]], dtype=np.object_))
+    inputs.append(tensor)
+    if prompt is not None:
+        tensor = module.InferInput("text_input", [1, 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([[prompt.encode()]], dtype=np.object_))
+        inputs.append(tensor)
+    for name, value in controls.items():
+        triton_type, np_type = DTYPES[name]
+        tensor = module.InferInput(name, [1, 1], triton_type)
+        tensor.set_data_from_numpy(np.array([[value]], dtype=np_type))
+        inputs.append(tensor)
+    return inputs
+
+
+def infer(client: Any, image: bytes, prompt: str | None = None, **controls: Any) -> str:
+    module = grpcclient if isinstance(client, grpcclient.InferenceServerClient) else httpclient
+    result = client.infer("blip2", build_inputs(module, image, prompt, **controls))
+    return result.as_numpy("text_output")[0, 0].decode("utf-8")
+
+
+class Clients:
+    """One client per thread: tritonclient's HTTP client (geventhttpclient) must not cross threads."""
+
+    def __init__(self, protocol: str, server: Any) -> None:
+        self.protocol = protocol
+        self.server = server
+        self._local = threading.local()
+        self._all: list[Any] = []
+        self._lock = threading.Lock()
+
+    def get(self) -> Any:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            if self.protocol == "grpc":
+                client = grpcclient.InferenceServerClient(self.server.grpc_url)
+            else:
+                client = httpclient.InferenceServerClient(self.server.http_hostport, network_timeout=120)
+            self._local.client = client
+            with self._lock:
+                self._all.append(client)
+        return client
+
+    def infer(self, image: bytes, prompt: str | None = None, **controls: Any) -> str:
+        return infer(self.get(), image, prompt, **controls)
+
+    def close(self) -> None:
+        for client in self._all:
+            client.close()
+
+
+def model_stats(http_hostport: str, model: str) -> tuple[int, int]:
+    """(inference_count, execution_count) of a model's version 1."""
+    client = httpclient.InferenceServerClient(http_hostport)
+    stats = client.get_inference_statistics(model)["model_stats"][0]
+    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))

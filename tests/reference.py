@@ -1,0 +1,39 @@
+"""The HF reference exactly as users call it, one request at a time."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+
+class HFReference:
+    def __init__(self, model_dir: str | Path, **load_kwargs: object) -> None:
+        self.processor = Blip2Processor.from_pretrained(model_dir)
+        self.model = Blip2ForConditionalGeneration.from_pretrained(model_dir, **load_kwargs).eval()
+        self._cache: dict[tuple[bytes, str | None, int], str] = {}
+
+    @torch.inference_mode()
+    def __call__(self, image: bytes, prompt: str | None, max_tokens: int, **generate_kwargs: object) -> str:
+        key = (image, prompt, max_tokens)
+        if not generate_kwargs and key in self._cache:
+            return self._cache[key]
+        img = Image.open(io.BytesIO(image)).convert("RGB")
+        if prompt:
+            inputs = self.processor(images=img, text=prompt, return_tensors="pt")
+            prefix = inputs["input_ids"].shape[1]
+        else:
+            inputs = self.processor(images=img, return_tensors="pt")
+            # Without text HF builds image tokens + BOS itself.
+            prefix = self.model.config.num_query_tokens + 1
+        inputs = inputs.to(self.model.device)
+        if "pixel_values" in inputs and self.model.dtype != torch.float32:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        ids = self.model.generate(**inputs, max_new_tokens=max_tokens, **generate_kwargs)
+        text = self.processor.batch_decode(ids[:, prefix:], skip_special_tokens=True)[0].strip()
+        if not generate_kwargs:
+            self._cache[key] = text
+        return text
