@@ -82,6 +82,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def quantization_config(options: ServerOptions, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    if options.quantization != "none":
+        # bitsandbytes logs a warning on *every* fp32 int8 matmul on CPU, which would flood the server log.
+        logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     if options.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     if options.quantization == "4bit":

@@ -47,7 +47,12 @@ def decode_image(request: ImageRequest, options: ServerOptions) -> Image.Image:
             return img.convert("RGB")
     except InvalidRequestError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        # PIL refuses at open() beyond twice its own limit, before our dimension check can run.
+        raise InvalidRequestError(
+            f"image: expected at most {options.max_image_pixels} pixels, got a larger image"
+        ) from e
+    except UnidentifiedImageError as e:
         raise InvalidRequestError("image: bytes are not a supported image file") from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise InvalidRequestError(f"image: corrupt or truncated image data ({e})") from e

@@ -68,8 +68,9 @@ def test_concurrent_matches_hf_and_batches(clients, triton_server, sample_images
 def test_mixed_controls_in_one_batch(triton_server, sample_images, reference) -> None:
     client = grpcclient.InferenceServerClient(triton_server.grpc_url)
     images = sorted(sample_images.items())
-    sampled = {"temperature": 0.9, "top_k": 40, "top_p": 0.95, "seed": 1234, "max_tokens": 15}
+    sampled = {"temperature": 8.0, "top_k": 40, "top_p": 0.95, "seed": 1234, "max_tokens": 15}
     alone = infer(client, images[0][1], None, **sampled)
+    assert alone != reference(images[0][1], None, 15), "the sampled request should differ from greedy"
     jobs: list[tuple[bytes, str | None, dict]] = []
     for i, (_, data) in enumerate(images[:10]):
         jobs.append((data, PROMPTS[i % 2], {"max_tokens": 3 + i}))
@@ -86,7 +87,7 @@ def test_mixed_controls_in_one_batch(triton_server, sample_images, reference) ->
     import torch
 
     torch.manual_seed(sampled["seed"])
-    hf = reference(images[0][1], None, 15, do_sample=True, temperature=0.9, top_k=40, top_p=0.95)
+    hf = reference(images[0][1], None, 15, do_sample=True, temperature=8.0, top_k=40, top_p=0.95)
     assert alone == hf
 
 

@@ -1,0 +1,87 @@
+"""`blip2-triton serve` as users run it: no arguments (embedded tiny model) and --model-id DIR."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import tritonclient.http as httpclient
+from triton_helpers import infer
+
+from blip2_triton.launcher import free_port
+
+
+def _serve(args: list[str], env: dict[str, str], log: Path) -> tuple[subprocess.Popen, int]:
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    cmd = [
+        sys.executable, "-m", "blip2_triton.cli", "serve", "--host", "127.0.0.1",
+        "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+        "--exit-timeout-secs", "5", *args,
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        if b"blip2-triton: ready" in log.read_bytes():
+            return proc, http
+        time.sleep(0.5)
+    proc.kill()
+    pytest.fail("blip2-triton serve did not become ready:\n" + log.read_text()[-3000:])
+
+
+def _stop(proc: subprocess.Popen) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=60)
+
+
+def test_serve_without_arguments_serves_the_tiny_model(tmp_path: Path, sample_images, reference) -> None:
+    # A fresh cache: the launcher must generate the tiny checkpoint itself, identical to the test fixture's.
+    env = {**os.environ, "BLIP2_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("BLIP2_MODEL_ID", None)
+    proc, http = _serve([], env, tmp_path / "serve.log")
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=5) as r:
+            assert r.status == 200
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{http}")
+        data = sample_images["rgb_jpeg"]
+        assert infer(client, data, None, max_tokens=9) == reference(data, None, 9)
+        # An open keep-alive connection would hold Triton's shutdown for the whole exit timeout.
+        client.close()
+        assert (tmp_path / "cache" / "tiny-blip2-opt" / "model.safetensors").exists()
+    finally:
+        code = _stop(proc)
+    assert code == 0, (tmp_path / "serve.log").read_text()[-2000:]
+    assert "stopping" in (tmp_path / "serve.log").read_text()
+
+
+def test_serve_model_id_directory(tmp_path: Path, tiny_model_dir: Path, sample_images, reference) -> None:
+    env = {**os.environ, "BLIP2_CACHE_DIR": str(tmp_path / "unused-cache")}
+    proc, http = _serve(["--model-id", str(tiny_model_dir)], env, tmp_path / "serve.log")
+    try:
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{http}")
+        data = sample_images["cmyk_jpeg"]
+        prompt = "Question: what color is the car? Answer:"
+        assert infer(client, data, prompt, max_tokens=7) == reference(data, prompt, 7)
+        client.close()
+    finally:
+        _stop(proc)
+    assert f"loaded {tiny_model_dir}" in (tmp_path / "serve.log").read_text()
+    assert not (tmp_path / "unused-cache").exists()
+
+
+def test_serve_reports_a_missing_checkpoint(tmp_path: Path) -> None:
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    result = subprocess.run(
+        [sys.executable, "-m", "blip2_triton.cli", "serve", "--host", "127.0.0.1", "--http-port", str(http),
+         "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--model-id", str(tmp_path),
+         "--startup-timeout-s", "120"],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode != 0
+    assert "has no config.json" in result.stdout + result.stderr

@@ -1,0 +1,43 @@
+"""The tiny model served with bitsandbytes 8-bit and 4-bit returns HF's text under the same config."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+from conftest import start_server
+from images import PROMPTS
+from reference import HFReference
+from transformers import BitsAndBytesConfig
+from triton_helpers import infer
+
+CONFIGS = {
+    "8bit": BitsAndBytesConfig(load_in_8bit=True),
+    # The server's 4-bit compute dtype follows its dtype option (float32 on CPU).
+    "4bit": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def quantized(request: pytest.FixtureRequest, tiny_model_dir: Path, server_log_dir: Path) -> Iterator[tuple]:
+    mode = request.param
+    server = start_server(server_log_dir, f"quant-{mode}", model_id=str(tiny_model_dir), quantization=mode)
+    try:
+        reference = HFReference(tiny_model_dir, quantization_config=CONFIGS[mode], device_map={"": "cpu"})
+        yield mode, server, reference
+    finally:
+        server.stop()
+
+
+def test_quantized_matches_hf_with_same_config(quantized, sample_images) -> None:
+    mode, server, reference = quantized
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    names = sorted(sample_images)[:6]
+    got = [infer(client, sample_images[n], p, max_tokens=10) for n in names for p in PROMPTS]
+    want = [reference(sample_images[n], p, 10) for n in names for p in PROMPTS]
+    assert got == want
+    log = Path(server.log_path).read_text()
+    assert f"quantization={mode}" in log

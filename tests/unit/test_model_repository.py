@@ -1,0 +1,56 @@
+"""The model repository's configs agree with each other and with the code that serves them."""
+
+import re
+from pathlib import Path
+
+from blip2_triton.serving import CONTROL_DTYPES, LLM_INPUTS
+
+REPO = Path(__file__).resolve().parents[2] / "model_repository"
+
+
+def _tensors(config: str, section: str) -> dict[str, str]:
+    block = re.search(rf"^{section} \[(.*?)^\]", config, re.S | re.M)
+    assert block, section
+    return dict(re.findall(r'name: "(\w+)" data_type: (\w+)', block.group(1)))
+
+
+def _read(model: str) -> str:
+    return (REPO / model / "config.pbtxt").read_text()
+
+
+def test_public_contract_of_the_ensemble() -> None:
+    config = _read("blip2")
+    inputs = _tensors(config, "input")
+    assert inputs == {
+        "image": "TYPE_STRING", "text_input": "TYPE_STRING", "max_tokens": "TYPE_INT32",
+        "temperature": "TYPE_FP32", "top_p": "TYPE_FP32", "top_k": "TYPE_INT32", "beam_width": "TYPE_INT32",
+        "repetition_penalty": "TYPE_FP32", "seed": "TYPE_UINT64",
+    }
+    assert _tensors(config, "output") == {"text_output": "TYPE_STRING"}
+    assert int(re.search(r"max_batch_size: (\d+)", config).group(1)) >= 8
+    assert 'platform: "ensemble"' in config
+
+
+def test_stage_inputs_match_the_code() -> None:
+    llm = _tensors(_read("blip2_llm"), "input")
+    assert tuple(llm) == LLM_INPUTS
+    triton_types = {"int32": "TYPE_INT32", "float32": "TYPE_FP32", "uint64": "TYPE_UINT64"}
+    for name, (_, dtype) in CONTROL_DTYPES.items():
+        assert llm[name] == triton_types[dtype.name]
+    assert _tensors(_read("blip2_vision"), "output") == {"_query_embeds": "TYPE_FP32"}
+
+
+def test_ensemble_wires_every_llm_input() -> None:
+    config = _read("blip2")
+    mapped = set(re.findall(r'input_map \{ key: "(\w+)"', config))
+    assert mapped == {"image", *LLM_INPUTS}
+    internal = set(re.findall(r'output_map \{ key: "(\w+)"', config)) - {"text_output"}
+    assert internal and all(name.startswith("_") for name in internal)
+
+
+def test_stage_models_batch_dynamically_and_stay_thin() -> None:
+    for model in ("blip2_vision", "blip2_llm"):
+        config = _read(model)
+        assert "dynamic_batching {" in config and "preferred_batch_size" in config
+        source = (REPO / model / "1" / "model.py").read_text()
+        assert len(source.splitlines()) <= 5 and "torch" not in source

@@ -1,0 +1,42 @@
+import pytest
+
+from blip2_triton.errors import ConfigurationError
+from blip2_triton.options import ServerOptions, parameters_from_model_config
+
+
+def test_environment_overrides_config_parameters() -> None:
+    options = ServerOptions.resolve(
+        {"model_id": "from-config", "dtype": "float32", "max_max_tokens": "64"},
+        env={"BLIP2_MODEL_ID": "/models/blip2", "BLIP2_MAX_MAX_TOKENS": "128"},
+    )
+    assert options.model_id == "/models/blip2"
+    assert options.dtype == "float32"
+    assert options.max_max_tokens == 128
+
+
+def test_empty_values_fall_back_to_defaults() -> None:
+    options = ServerOptions.resolve({"model_id": "", "quantization": ""}, env={"BLIP2_DTYPE": ""})
+    assert (options.model_id, options.dtype, options.quantization) == ("", "auto", "none")
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"BLIP2_DTYPE": "float8"}, "dtype must be one of auto, float16, bfloat16, float32, got 'float8'"),
+        ({"BLIP2_QUANTIZATION": "3bit"}, "quantization must be one of none, 8bit, 4bit"),
+        ({"BLIP2_DEVICE": "tpu"}, "device must be one of"),
+        ({"BLIP2_MAX_MAX_TOKENS": "many"}, "max_max_tokens must be an integer, got 'many'"),
+        ({"BLIP2_MAX_IMAGE_BYTES": "0"}, "max_image_bytes must be >= 1"),
+        ({"BLIP2_DEFAULT_MAX_TOKENS": "300"}, "default_max_tokens (300) exceeds max_max_tokens (256)"),
+    ],
+)
+def test_invalid_options_are_rejected_at_load(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigurationError) as e:
+        ServerOptions.resolve({}, env=env)
+    assert message in str(e.value)
+
+
+def test_triton_parameters_are_flattened() -> None:
+    config = {"parameters": {"dtype": {"string_value": "bfloat16"}, "model_id": {"string_value": ""}}}
+    assert parameters_from_model_config(config) == {"dtype": "bfloat16", "model_id": ""}
+    assert parameters_from_model_config({}) == {}

@@ -1,0 +1,158 @@
+"""Both stages in-process (no Triton) against the HF reference."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from images import PROMPTS
+from PIL import Image
+
+from blip2_triton.errors import InvalidRequestError
+from blip2_triton.generation import LanguageStage
+from blip2_triton.options import ServerOptions
+from blip2_triton.requests import GenerationRequest, ImageRequest
+from blip2_triton.vision import VisionStage, decode_image
+
+
+@pytest.fixture(scope="module")
+def stages(tiny_model_dir: Path) -> tuple[VisionStage, LanguageStage]:
+    options = ServerOptions(model_id=str(tiny_model_dir))
+    return VisionStage(options), LanguageStage(options)
+
+
+def _embed(stages, data: bytes) -> np.ndarray:
+    (emb,) = stages[0].run([ImageRequest(data)])
+    assert not isinstance(emb, Exception)
+    return emb
+
+
+def test_shapes_come_from_the_checkpoint(stages, hf_reference) -> None:
+    config = hf_reference.model.config
+    assert stages[0].output_shape == (config.num_query_tokens, config.text_config.hidden_size)
+    assert stages[1].embeds_shape == stages[0].output_shape
+    assert config.num_query_tokens != 32  # the tiny model must not hide hard-coded published sizes
+
+
+def test_batched_generation_matches_hf(stages, sample_images, reference) -> None:
+    names = sorted(sample_images)
+    embeds = stages[0].run([ImageRequest(sample_images[n]) for n in names])
+    requests, expected = [], []
+    for i, (name, emb) in enumerate(zip(names, embeds, strict=True)):
+        for prompt in PROMPTS:
+            n = 4 + i % 9
+            requests.append(GenerationRequest(query_embeds=emb, prompt=prompt, max_tokens=n))
+            expected.append(reference(sample_images[name], prompt, n))
+    assert stages[1].run(requests) == expected
+    assert len(set(expected)) > len(expected) // 2, "tiny model outputs should depend on image and prompt"
+
+
+def test_seeded_sample_is_independent_of_its_batch(stages, sample_images) -> None:
+    emb = _embed(stages, sample_images["webp"])
+
+    def sampled() -> GenerationRequest:
+        return GenerationRequest(query_embeds=emb, max_tokens=12, temperature=20.0, seed=42)
+
+    alone = stages[1].run([sampled()])[0]
+    batched = stages[1].run([
+        GenerationRequest(query_embeds=emb, max_tokens=2),
+        sampled(),
+        GenerationRequest(query_embeds=emb, max_tokens=20, temperature=0.7, top_p=0.5, seed=1),
+    ])[1]
+    assert alone == batched
+    # The tiny model's logits are sharp; a high temperature makes samples actually depend on the seed.
+    hot = [GenerationRequest(query_embeds=emb, max_tokens=12, temperature=20.0, seed=s) for s in (1, 2, 3)]
+    assert len(set(stages[1].run(hot))) > 1
+
+
+def test_greedy_margins_are_clear(hf_reference, sample_images) -> None:
+    # The tiny model is built so float noise between batched and single execution cannot flip a greedy pick.
+    gaps = []
+    for data in sample_images.values():
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        inputs = hf_reference.processor(images=img, return_tensors="pt")
+        out = hf_reference.model.generate(**inputs, max_new_tokens=8, output_scores=True, return_dict_in_generate=True)
+        for scores in out.scores:
+            top = torch.topk(scores[0], 2).values
+            gaps.append(float(top[0] - top[1]))
+    # Batched-vs-single float32 noise on these logits is ~1e-4; a random init without the scale gives ~1e-4 gaps.
+    assert min(gaps) > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "got 0 bytes"),
+        (b"%PDF-1.4\n1 0 obj<<>>endobj", "not a supported image file"),
+        (b"<svg xmlns='http://www.w3.org/2000/svg'/>", "not a supported image file"),
+        ("truncated_png", "corrupt or truncated"),
+        ("bomb", "expected at most 40000000 pixels, got 8000x6000"),
+        ("huge_bomb", "expected at most 40000000 pixels, got a larger image"),
+        ("ico", "expected JPEG, PNG, WebP, BMP, GIF or TIFF, got ICO"),
+    ],
+)
+def test_bad_images_are_invalid_requests(data, message, sample_images) -> None:
+    if data == "truncated_png":
+        data = sample_images["rgb_png_portrait"][:3000]
+    elif data in ("bomb", "huge_bomb"):
+        # A few KB of PNG declaring tens or hundreds of megapixels.
+        buf = io.BytesIO()
+        Image.new("1", (8000, 6000) if data == "bomb" else (20000, 20000)).save(buf, "PNG")
+        data = buf.getvalue()
+        assert len(data) < 200_000
+    elif data == "ico":
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16)).save(buf, "ICO")
+        data = buf.getvalue()
+    with pytest.raises(InvalidRequestError) as e:
+        decode_image(ImageRequest(data), ServerOptions())
+    assert message in str(e.value)
+
+
+def test_bad_image_fails_only_its_row(stages, sample_images) -> None:
+    requests = [ImageRequest(sample_images["bmp"]), ImageRequest(b"junk"), ImageRequest(sample_images["tiff"])]
+    out = stages[0].run(requests)
+    assert isinstance(out[1], InvalidRequestError)
+    assert out[0].shape == out[2].shape == stages[0].output_shape
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_tokens": 0}, "max_tokens: expected 1..256, got 0"),
+        ({"max_tokens": 257}, "max_tokens: expected 1..256, got 257"),
+        ({"temperature": float("inf")}, "temperature: expected a finite value >= 0"),
+        ({"temperature": -1.0}, "temperature: expected a finite value >= 0"),
+        ({"top_p": 0.0}, "top_p: expected 0 < top_p <= 1"),
+        ({"top_p": float("nan")}, "top_p"),
+        ({"top_k": -1}, "top_k: expected >= 0"),
+        ({"beam_width": 0}, "beam_width: expected 1..8, got 0"),
+        ({"beam_width": 3, "temperature": 0.8}, "cannot be combined with sampling"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty: expected a finite value > 0"),
+        ({"prompt": "Question: <image> Answer:"}, "must not contain the image token"),
+        ({"prompt": "word " * 300}, "text_input: expected at most 256 tokens"),
+        ({"prompt": "a\x00b"}, "NUL characters"),
+    ],
+)
+def test_invalid_generation_requests(stages, sample_images, kwargs, message) -> None:
+    emb = _embed(stages, sample_images["bmp"])
+    good = GenerationRequest(query_embeds=emb, max_tokens=3)
+    out = stages[1].run([GenerationRequest(query_embeds=emb, **kwargs), good])
+    assert isinstance(out[0], InvalidRequestError)
+    assert message in str(out[0])
+    assert isinstance(out[1], str)
+
+
+def test_wrong_embedding_shape_is_rejected(stages) -> None:
+    out = stages[1].run([GenerationRequest(query_embeds=np.zeros((32, 2560), dtype=np.float32))])
+    assert isinstance(out[0], InvalidRequestError)
+    assert "expected shape [8, 64], got [32, 2560]" in str(out[0])
+
+
+def test_temperature_zero_is_greedy(stages, sample_images, reference) -> None:
+    data = sample_images["tiff"]
+    out = stages[1].run([GenerationRequest(query_embeds=_embed(stages, data), max_tokens=6, temperature=0.0)])
+    assert out == [reference(data, None, 6)]

@@ -1,0 +1,27 @@
+from pathlib import Path
+
+from safetensors.torch import load_file
+from transformers import Blip2Config, Blip2Processor
+
+from blip2_triton.checkpoint import ensure_tiny_model
+from blip2_triton.tiny import write_tiny_model
+
+
+def test_tiny_model_is_deterministic_and_complete(tmp_path: Path, tiny_model_dir: Path) -> None:
+    again = write_tiny_model(tmp_path / "again")
+    for name in ("config.json", "tokenizer.json", "processor_config.json", "generation_config.json"):
+        assert (again / name).read_text() == (tiny_model_dir / name).read_text(), name
+    a, b = load_file(again / "model.safetensors"), load_file(tiny_model_dir / "model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    processor = Blip2Processor.from_pretrained(again)
+    config = Blip2Config.from_pretrained(again)
+    assert processor.num_query_tokens == config.num_query_tokens
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == config.image_token_id
+
+
+def test_embedded_default_is_generated_once(tmp_path: Path) -> None:
+    first = ensure_tiny_model(tmp_path)
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    assert ensure_tiny_model(tmp_path) == first
+    assert (first / "model.safetensors").stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny-blip2-opt"]
