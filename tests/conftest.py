@@ -19,6 +19,20 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_t5_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from blip2_triton.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-t5") / "tiny-blip2-t5", family="t5")
+
+
+@pytest.fixture(scope="session")
+def t5_reference(tiny_t5_model_dir: Path):  # -> HFReference
+    from reference import HFReference
+
+    return HFReference(tiny_t5_model_dir)
+
+
+@pytest.fixture(scope="session")
 def sample_images() -> dict[str, bytes]:
     return _sample_images()
 

@@ -22,7 +22,12 @@ class HFReference:
         if not generate_kwargs and key in self._cache:
             return self._cache[key]
         img = Image.open(io.BytesIO(image)).convert("RGB")
-        if prompt:
+        if self.model.config.text_config.is_encoder_decoder:
+            # HF returns only decoder tokens for T5. Its no-text path needs a BOS that T5 configs lack, so
+            # captions go through the processor with an empty prompt.
+            inputs = self.processor(images=img, text=prompt or "", return_tensors="pt")
+            prefix = 0
+        elif prompt:
             inputs = self.processor(images=img, text=prompt, return_tensors="pt")
             prefix = inputs["input_ids"].shape[1]
         else:

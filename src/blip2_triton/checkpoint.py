@@ -27,23 +27,26 @@ from .options import ServerOptions
 
 log = logging.getLogger(__name__)
 
-TINY_DIRNAME = "tiny-blip2-opt"
 # Checkpoint prefixes of the vision stage: everything `get_image_features` touches.
 VISION_PREFIXES = ("vision_model.", "query_tokens", "qformer.", "language_projection.")
 LLM_PREFIXES = ("language_model.",)
 
 
-def ensure_tiny_model(cache_dir: Path) -> Path:
+def tiny_dirname(family: str) -> str:
+    return f"tiny-blip2-{family}"
+
+
+def ensure_tiny_model(cache_dir: Path, family: str = "opt") -> Path:
     """The embedded default: generated once, then reused. Safe when both stages start at once."""
     from .tiny import write_tiny_model
 
-    target = cache_dir / TINY_DIRNAME
+    target = cache_dir / tiny_dirname(family)
     if (target / "TINY_MODEL.json").exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=cache_dir))
     try:
-        write_tiny_model(staging)
+        write_tiny_model(staging, family=family)
         try:
             # rename() is atomic: a concurrent generator either wins or finds the finished directory.
             os.rename(staging, target)
@@ -57,7 +60,7 @@ def ensure_tiny_model(cache_dir: Path) -> Path:
 
 def resolve_model_source(options: ServerOptions) -> str:
     if not options.model_id:
-        return str(ensure_tiny_model(options.cache_path))
+        return str(ensure_tiny_model(options.cache_path, options.tiny_family))
     path = Path(options.model_id).expanduser()
     if path.exists():
         if not (path / "config.json").exists():

@@ -12,15 +12,21 @@ from pathlib import Path
 from .options import DEVICES, DTYPES, QUANTIZATIONS
 
 
+def _absolute_if_local(model_id: str | None) -> str | None:
+    # Stage processes do not run in the caller's directory: relative checkpoint paths must not reach them.
+    if model_id and Path(model_id).expanduser().exists():
+        return str(Path(model_id).expanduser().resolve())
+    return model_id
+
+
 def _serve(args: argparse.Namespace) -> int:
     from .launcher import LauncherError, TritonServer
 
-    model_id = args.model_id
-    if model_id and Path(model_id).expanduser().exists():
-        model_id = str(Path(model_id).expanduser().resolve())
     server = TritonServer(
         model_repository=args.model_repository,
-        model_id=model_id,
+        model_id=_absolute_if_local(args.model_id),
+        with_t5=args.t5,
+        t5_model_id=_absolute_if_local(args.t5_model_id),
         dtype=args.dtype,
         device=args.device,
         quantization=args.quantization,
@@ -63,7 +69,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _tiny_model(args: argparse.Namespace) -> int:
     from .tiny import write_tiny_model
 
-    print(write_tiny_model(args.out_dir, seed=args.seed))
+    print(write_tiny_model(args.out_dir, family=args.family, seed=args.seed))
     return 0
 
 
@@ -73,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="start tritonserver on the BLIP-2 model repository")
     serve.add_argument("--model-id", default=None,
                        help="HF repo id or local checkpoint dir (default: the embedded tiny model)")
+    serve.add_argument("--t5", action="store_true",
+                       help="also serve the FlanT5 ensemble `blip2_t5` (default: the embedded tiny FlanT5 model)")
+    serve.add_argument("--t5-model-id", default=None,
+                       help="FlanT5 BLIP-2 checkpoint for `blip2_t5` (implies --t5)")
     serve.add_argument("--dtype", choices=DTYPES, default=None)
     serve.add_argument("--device", choices=DEVICES, default=None)
     serve.add_argument("--quantization", choices=QUANTIZATIONS, default=None)
@@ -85,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--startup-timeout-s", type=float, default=1800.0)
     serve.add_argument("triton_args", nargs="*", help="extra tritonserver arguments, after `--`")
     serve.set_defaults(func=_serve)
-    tiny = sub.add_parser("tiny-model", help="write the tiny random-weight BLIP-2 (OPT) checkpoint")
+    tiny = sub.add_parser("tiny-model", help="write a tiny random-weight BLIP-2 checkpoint (OPT or FlanT5)")
     tiny.add_argument("out_dir")
+    tiny.add_argument("--family", choices=("opt", "t5"), default="opt")
     tiny.add_argument("--seed", type=int, default=1234)
     tiny.set_defaults(func=_tiny_model)
     return parser

@@ -23,14 +23,14 @@ from transformers.generation.logits_process import (
 )
 
 from .checkpoint import LoadedStage, load_stage
-from .errors import ConfigurationError, InvalidRequestError
+from .errors import InvalidRequestError
 from .options import ServerOptions
 from .requests import GenerationRequest
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Row:
     request: GenerationRequest
     input_ids: list[int]
@@ -44,16 +44,15 @@ class LanguageStage:
         self.options = options
         self.loaded = loaded or load_stage("llm", options)
         config = self.loaded.config
-        if not config.use_decoder_only_language_model:
-            raise ConfigurationError(
-                f"the LLM stage serves decoder-only language models; {config.text_config.model_type} is not one"
-            )
+        self.decoder_only = bool(config.use_decoder_only_language_model)
         self.lm = self.loaded.model.language_model
         self.tokenizer = self.loaded.processor.tokenizer
         self.num_query_tokens = int(config.num_query_tokens)
         self.hidden_size = int(config.text_config.hidden_size)
         self.image_token_id = int(config.image_token_id)
-        self.bos_token_id = int(config.text_config.bos_token_id)
+        # T5 configs have no BOS; captions then go through the processor's text path with an empty prompt.
+        bos = getattr(config.text_config, "bos_token_id", None)
+        self.bos_token_id = int(bos) if bos is not None else None
         # The processor decides how many image tokens a prompt gets (HF's text path); the model config decides
         # it for captions (HF's no-text path). They agree on every published checkpoint.
         self.processor_query_tokens = int(self.loaded.processor.num_query_tokens or self.num_query_tokens)
@@ -77,9 +76,10 @@ class LanguageStage:
         return (self.num_query_tokens, self.hidden_size)
 
     def prompt_ids(self, prompt: str | None) -> list[int]:
-        if not prompt:
+        if not prompt and self.decoder_only and self.bos_token_id is not None:
+            # HF's no-text path: image tokens + BOS, built by `generate` itself.
             return [self.image_token_id] * self.num_query_tokens + [self.bos_token_id]
-        text_ids = self.tokenizer(prompt)["input_ids"]
+        text_ids = self.tokenizer(prompt or "")["input_ids"]
         image_ids = self.tokenizer(self.image_token_text * self.processor_query_tokens, add_special_tokens=False)[
             "input_ids"
         ]
@@ -127,31 +127,81 @@ class LanguageStage:
         single = [(i, r) for i, r in batch if r.request.num_beams > 1]
         stepped = [(i, r) for i, r in batch if r.request.num_beams == 1]
         if stepped:
-            self._decode([r for _, r in stepped])
+            if self.decoder_only:
+                self._decode([r for _, r in stepped])
+            else:
+                self._decode_seq2seq([r for _, r in stepped])
         for _, row in single:
             self._beam_search(row)
         for i, row in stepped + single:
             results[i] = self.tokenizer.decode(row.generated, skip_special_tokens=True).strip()
         return results
 
+    def _hf_generate(self, rows: list[_Row], **kwargs: object) -> list[list[int]]:
+        """HF `generate` over rows of one kind; returns each row's new tokens, cut at EOS and at its max_tokens."""
+        width = max(len(r.input_ids) for r in rows)
+        pad_embed = self.embed_tokens(torch.tensor([self.pad_token_id], device=self.device))[0]
+        embeds = pad_embed.expand(len(rows), width, -1).clone()
+        mask = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long, device=self.device)
+        for b, row in enumerate(rows):
+            n = len(row.input_ids)
+            # Left padding, as HF batches decoder-only generation; encoders ignore masked positions either way.
+            embeds[b, width - n:] = self._inputs_embeds(row)
+            mask[b, width - n:] = 1
+            ids[b, width - n:] = torch.tensor(row.input_ids, device=self.device)
+        inputs: dict[str, torch.Tensor] = {"inputs_embeds": embeds, "attention_mask": mask}
+        if self.decoder_only:
+            inputs["input_ids"] = ids
+        out = self.lm.generate(**inputs, max_new_tokens=max(int(r.request.max_tokens or 0) for r in rows), **kwargs)
+        # Decoder-only output repeats the prompt; encoder-decoder output starts with the decoder start token.
+        new = out[:, width:] if self.decoder_only else out[:, 1:]
+        results = []
+        for row, tokens in zip(rows, new.tolist(), strict=True):
+            kept: list[int] = []
+            for t in tokens[: row.request.max_tokens]:
+                if t in self.eos_token_ids:
+                    break
+                kept.append(t)
+            results.append(kept)
+        return results
+
+    @staticmethod
+    def _hf_controls(request: GenerationRequest) -> dict[str, object]:
+        kwargs: dict[str, object] = {}
+        if request.repetition_penalty is not None:
+            kwargs["repetition_penalty"] = request.repetition_penalty
+        if request.do_sample:
+            # Explicit values: HF's own sampling defaults (top_k=50) would differ from our contract.
+            kwargs.update(
+                do_sample=True,
+                temperature=request.temperature if request.temperature is not None else 1.0,
+                top_k=request.top_k or 0,
+                top_p=request.top_p if request.top_p is not None else 1.0,
+            )
+        else:
+            kwargs["do_sample"] = False
+        return kwargs
+
     @torch.inference_mode()
     def _beam_search(self, row: _Row) -> None:
         # Beam search is deterministic and per-request; HF's implementation is the reference for it.
-        embeds = self._inputs_embeds(row).unsqueeze(0)
-        input_ids = torch.tensor([row.input_ids], device=self.device)
-        kwargs = {}
-        if row.request.repetition_penalty is not None:
-            kwargs["repetition_penalty"] = row.request.repetition_penalty
-        out = self.lm.generate(
-            inputs_embeds=embeds,
-            attention_mask=torch.ones_like(input_ids),
-            input_ids=input_ids,
-            max_new_tokens=row.request.max_tokens,
-            num_beams=row.request.num_beams,
-            do_sample=False,
-            **kwargs,
-        )
-        row.generated = [t for t in out[0, input_ids.shape[1]:].tolist() if t not in self.eos_token_ids]
+        (row.generated,) = self._hf_generate([row], num_beams=row.request.num_beams, **self._hf_controls(row.request))
+
+    @torch.inference_mode()
+    def _decode_seq2seq(self, rows: list[_Row]) -> None:
+        # Greedy rows share one batched HF generate (a greedy row's tokens do not depend on its neighbours);
+        # sampled rows run alone with their own seed so their text does not depend on the batch either.
+        greedy = [r for r in rows if not r.request.do_sample and r.request.repetition_penalty is None]
+        if greedy:
+            for row, tokens in zip(greedy, self._hf_generate(greedy, do_sample=False), strict=True):
+                row.generated = tokens
+        for row in rows:
+            if row in greedy:
+                continue
+            if row.generator is not None:
+                torch.manual_seed(int(row.generator.initial_seed()))
+            (row.generated,) = self._hf_generate([row], **self._hf_controls(row.request))
 
     def _next_tokens(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
         tokens: list[int] = []

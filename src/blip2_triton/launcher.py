@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from .options import ENV_VARS, default_cache_dir
+from .options import default_cache_dir, env_var
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 
@@ -32,15 +32,31 @@ class LauncherError(RuntimeError):
     pass
 
 
-def default_model_repository() -> Path:
-    env = os.environ.get("BLIP2_MODEL_REPOSITORY")
+def _find_repository(env_name: str, candidates: tuple[Path, ...], ensemble: str) -> Path:
+    env = os.environ.get(env_name)
     if env:
         return Path(env)
-    # Source checkout: <root>/src/blip2_triton -> <root>/model_repository; installed image: /opt/blip2/...
-    for candidate in (PACKAGE_ROOT.parent.parent / "model_repository", Path("/opt/blip2/model_repository")):
-        if (candidate / "blip2" / "config.pbtxt").exists():
+    for candidate in candidates:
+        if (candidate / ensemble / "config.pbtxt").exists():
             return candidate
-    raise LauncherError("no model repository found; pass --model-repository or set BLIP2_MODEL_REPOSITORY")
+    raise LauncherError(f"no model repository with {ensemble!r} found; set {env_name}")
+
+
+# Source checkout first (<root>/src/blip2_triton -> <root>/...), then the container image's copy.
+def default_model_repository() -> Path:
+    return _find_repository(
+        "BLIP2_MODEL_REPOSITORY",
+        (PACKAGE_ROOT.parent.parent / "model_repository", Path("/opt/blip2/model_repository")),
+        "blip2",
+    )
+
+
+def default_t5_model_repository() -> Path:
+    return _find_repository(
+        "BLIP2_T5_MODEL_REPOSITORY",
+        (PACKAGE_ROOT.parent.parent / "model_repository_t5", Path("/opt/blip2/model_repository_t5")),
+        "blip2_t5",
+    )
 
 
 def free_port() -> int:
@@ -123,6 +139,8 @@ class TritonServer:
         grpc_port: int = 8001,
         metrics_port: int = 8002,
         host: str = "127.0.0.1",
+        with_t5: bool = False,
+        t5_model_id: str | None = None,
         exit_timeout_s: int = 30,
         startup_timeout_s: float = 600.0,
         log_path: str | os.PathLike[str] | None = None,
@@ -137,6 +155,12 @@ class TritonServer:
         self.log_path = Path(log_path) if log_path else None
         self.extra_args = list(extra_args)
         self.options = {"model_id": model_id, "dtype": dtype, "device": device, "quantization": quantization}
+        # The FlanT5 ensemble lives in a second repository, loaded beside the OPT one when asked for.
+        self.with_t5 = with_t5 or bool(t5_model_id)
+        self.t5_model_id = t5_model_id
+        self.repositories = [self.model_repository]
+        if self.with_t5:
+            self.repositories.append(default_t5_model_repository())
         self.extra_env = dict(env or {})
         self.process: subprocess.Popen[bytes] | None = None
         self._log_file = None
@@ -160,7 +184,7 @@ class TritonServer:
     def command(self, install: TritonInstall) -> list[str]:
         cmd = [
             str(install.binary),
-            f"--model-repository={self.model_repository}",
+            *(f"--model-repository={repo}" for repo in self.repositories),
             f"--http-port={self.http_port}",
             f"--grpc-port={self.grpc_port}",
             f"--metrics-port={self.metrics_port}",
@@ -179,8 +203,13 @@ class TritonServer:
         env = dict(os.environ)
         env.update(install.env)
         for name, value in self.options.items():
-            if value is not None:
-                env[ENV_VARS[name]] = value
+            if value is None:
+                continue
+            env[env_var(name)] = value
+            if name != "model_id":
+                env[env_var(name, "BLIP2_T5_")] = value
+        if self.t5_model_id is not None:
+            env[env_var("model_id", "BLIP2_T5_")] = self.t5_model_id
         env.update(self.extra_env)
         return env
 

@@ -14,7 +14,9 @@ DEVICES = ("auto", "cuda", "cpu")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 
 # Environment variable for each option. Environment wins over config.pbtxt so one repository serves the
-# tiny model in tests and a real checkpoint in a container.
+# tiny model in tests and a real checkpoint in a container. A model's `env_prefix` parameter replaces
+# `BLIP2_` (the FlanT5 models read `BLIP2_T5_MODEL_ID`, ...), so two checkpoints can be served side by side.
+DEFAULT_ENV_PREFIX = "BLIP2_"
 ENV_VARS = {
     "model_id": "BLIP2_MODEL_ID",
     "dtype": "BLIP2_DTYPE",
@@ -27,7 +29,13 @@ ENV_VARS = {
     "max_image_pixels": "BLIP2_MAX_IMAGE_PIXELS",
     "max_prompt_tokens": "BLIP2_MAX_PROMPT_TOKENS",
     "max_beam_width": "BLIP2_MAX_BEAM_WIDTH",
+    "tiny_family": "BLIP2_TINY_FAMILY",
 }
+FAMILIES = ("opt", "t5")
+
+
+def env_var(name: str, prefix: str = DEFAULT_ENV_PREFIX) -> str:
+    return prefix + ENV_VARS[name][len(DEFAULT_ENV_PREFIX):]
 
 
 def default_cache_dir() -> Path:
@@ -47,9 +55,13 @@ class ServerOptions:
     max_image_pixels: int = 40_000_000
     max_prompt_tokens: int = 256
     max_beam_width: int = 8
+    # Which embedded tiny checkpoint serves when model_id is empty.
+    tiny_family: str = "opt"
 
     def validate(self) -> None:
-        for name, allowed in (("dtype", DTYPES), ("device", DEVICES), ("quantization", QUANTIZATIONS)):
+        for name, allowed in (
+            ("dtype", DTYPES), ("device", DEVICES), ("quantization", QUANTIZATIONS), ("tiny_family", FAMILIES)
+        ):
             value = getattr(self, name)
             if value not in allowed:
                 raise ConfigurationError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
@@ -68,9 +80,10 @@ class ServerOptions:
     ) -> ServerOptions:
         parameters = parameters or {}
         env = os.environ if env is None else env
+        prefix = parameters.get("env_prefix") or DEFAULT_ENV_PREFIX
         values: dict[str, object] = {}
         for field in fields(cls):
-            raw = env.get(ENV_VARS[field.name]) or parameters.get(field.name)
+            raw = env.get(env_var(field.name, prefix)) or parameters.get(field.name)
             if raw is None or raw == "":
                 continue
             if field.type == "int":

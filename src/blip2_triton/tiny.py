@@ -1,4 +1,4 @@
-"""Writes a tiny random-weight BLIP-2 (OPT) checkpoint without any network access.
+"""Writes tiny random-weight BLIP-2 checkpoints (OPT or FlanT5 language model) without any network access.
 
 The checkpoint is a complete Hugging Face model directory: `config.json`, `generation_config.json`,
 `model.safetensors`, tokenizer files and processor files, loadable by `Blip2ForConditionalGeneration` and
@@ -11,6 +11,11 @@ import argparse
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
 
 # Training text for the toy BPE tokenizer: enough distinct words that prompts used in tests and demos
 # tokenize into several tokens and that decoded outputs read as words.
@@ -63,7 +68,50 @@ def _build_tokenizer(out: Path):  # -> PreTrainedTokenizerFast
     )
 
 
-def write_tiny_model(out_dir: str | os.PathLike[str], *, seed: int = TINY_SEED) -> Path:
+def _build_t5_tokenizer():  # -> PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    # T5's layout: <pad>=0 (also the decoder start), </s>=1 appended to every text, <unk>=2; SentencePiece
+    # style word boundaries.
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(
+        vocab_size=400,
+        special_tokens=["<pad>", "</s>", "<unk>"],
+        unk_token="<unk>",
+        # Every printable ASCII character, so prompts with capitals or digits never map to <unk>.
+        initial_alphabet=[chr(c) for c in range(33, 127)],
+        show_progress=False,
+    )
+    tok.train_from_iterator([line for line in _CORPUS if line.strip()] * 4, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", model_max_length=512
+    )
+
+
+def _damp_unreadable_tokens(lm_head: torch.nn.Linear, tokenizer: PreTrainedTokenizerBase) -> None:
+    # Byte-level and partial tokens decode to control or replacement characters; damping their output rows
+    # keeps generated text readable words (demo output) without changing how decoding works.
+    # Rows past the tokenizer (vocab padded to a multiple of 64) and the image token decode to nothing.
+    for token_id in range(lm_head.weight.shape[0]):
+        text = tokenizer.decode([token_id]) if token_id < len(tokenizer) else ""
+        if not text.strip() or not text.isprintable() or "\ufffd" in text or text == "<image>":
+            lm_head.weight[token_id].mul_(0.02)
+
+
+def write_tiny_model(
+    out_dir: str | os.PathLike[str], *, family: str = "opt", seed: int = TINY_SEED
+) -> Path:
+    if family == "t5":
+        return write_tiny_t5_model(out_dir, seed=seed)
+    if family != "opt":
+        raise ValueError(f"family must be 'opt' or 't5', got {family!r}")
     import torch
     from transformers import (
         Blip2Config,
@@ -134,26 +182,102 @@ def write_tiny_model(out_dir: str | os.PathLike[str], *, seed: int = TINY_SEED) 
                 param.normal_(0.0, 0.08 if name.startswith("language_model") else 0.15)
         model.query_tokens.normal_(0.0, 1.0)
         model.language_model.lm_head.weight.mul_(_LOGIT_SCALE)
-        # Byte-level BPE has tokens for control bytes and partial UTF-8 sequences; damping their output rows
-        # keeps generated text readable words (demo output) without changing how decoding works.
-        tok = processor.tokenizer
-        for token_id in range(len(tok)):
-            text = tok.decode([token_id])
-            if not text.strip() or not text.isprintable() or "\ufffd" in text:
-                model.language_model.lm_head.weight[token_id].mul_(0.02)
+        _damp_unreadable_tokens(model.language_model.lm_head, processor.tokenizer)
     model.generation_config = GenerationConfig(bos_token_id=2, eos_token_id=2, pad_token_id=1)
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
-    (out / "TINY_MODEL.json").write_text(json.dumps({"seed": seed, "generator": "blip2_triton.tiny"}) + "\n")
+    (out / "TINY_MODEL.json").write_text(
+        json.dumps({"seed": seed, "family": "opt", "generator": "blip2_triton.tiny"}) + "\n"
+    )
+    return out
+
+
+def _vision_and_qformer_configs() -> tuple[dict[str, int], dict[str, int]]:
+    vision = {
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "image_size": 64, "patch_size": 16,
+    }
+    qformer = {
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "cross_attention_frequency": 1, "vocab_size": 128, "max_position_embeddings": 64,
+    }
+    return vision, qformer
+
+
+def write_tiny_t5_model(out_dir: str | os.PathLike[str], *, seed: int = TINY_SEED) -> Path:
+    import torch
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        BlipImageProcessor,
+        GenerationConfig,
+    )
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    image_processor = BlipImageProcessor(
+        size={"height": 64, "width": 64},
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+        do_convert_rgb=True,
+    )
+    num_query_tokens = 6
+    processor = Blip2Processor(
+        image_processor=image_processor, tokenizer=_build_t5_tokenizer(), num_query_tokens=num_query_tokens
+    )
+    image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    vision, qformer = _vision_and_qformer_configs()
+    config = Blip2Config(
+        vision_config=vision,
+        qformer_config=qformer,
+        text_config={
+            "model_type": "t5",
+            "vocab_size": ((len(processor.tokenizer) + 63) // 64) * 64,
+            "d_model": 64,
+            "d_kv": 16,
+            "d_ff": 128,
+            "num_layers": 2,
+            "num_decoder_layers": 2,
+            "num_heads": 4,
+            "feed_forward_proj": "gated-gelu",
+            "is_encoder_decoder": True,
+            "tie_word_embeddings": False,
+            "pad_token_id": 0,
+            "eos_token_id": 1,
+            "decoder_start_token_id": 0,
+        },
+        num_query_tokens=num_query_tokens,
+        image_token_index=image_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2 and "norm" not in name:
+                param.normal_(0.0, 0.1 if name.startswith("language_model") else 0.15)
+        model.query_tokens.normal_(0.0, 1.0)
+        model.language_model.lm_head.weight.mul_(_LOGIT_SCALE / 8)
+        _damp_unreadable_tokens(model.language_model.lm_head, processor.tokenizer)
+        # <pad> is also T5's decoder start token; a random head that favours it generates only padding.
+        for token_id in (0, 2):
+            model.language_model.lm_head.weight[token_id].mul_(0.02)
+    model.generation_config = GenerationConfig(decoder_start_token_id=0, eos_token_id=1, pad_token_id=0)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    (out / "TINY_MODEL.json").write_text(
+        json.dumps({"seed": seed, "family": "t5", "generator": "blip2_triton.tiny"}) + "\n"
+    )
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("out_dir")
+    parser.add_argument("--family", choices=("opt", "t5"), default="opt")
     parser.add_argument("--seed", type=int, default=TINY_SEED)
     args = parser.parse_args(argv)
-    print(write_tiny_model(args.out_dir, seed=args.seed))
+    print(write_tiny_model(args.out_dir, family=args.family, seed=args.seed))
 
 
 if __name__ == "__main__":

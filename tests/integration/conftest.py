@@ -1,4 +1,5 @@
-"""One real tritonserver per test session, on free ports, serving the tiny checkpoint."""
+"""One real tritonserver per test session, on free ports, serving the tiny OPT checkpoint as `blip2` and the
+tiny FlanT5 checkpoint as `blip2_t5` at the same time."""
 
 from __future__ import annotations
 
@@ -29,8 +30,10 @@ def server_log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def triton_server(tiny_model_dir: Path, server_log_dir: Path) -> Iterator[TritonServer]:
-    server = start_server(server_log_dir, "main", model_id=str(tiny_model_dir))
+def triton_server(tiny_model_dir: Path, tiny_t5_model_dir: Path, server_log_dir: Path) -> Iterator[TritonServer]:
+    server = start_server(
+        server_log_dir, "main", model_id=str(tiny_model_dir), t5_model_id=str(tiny_t5_model_dir)
+    )
     try:
         yield server
     finally:

@@ -98,21 +98,30 @@ def test_beam_search_matches_hf(triton_server, sample_images, reference) -> None
     assert got == reference(data, None, 10, num_beams=3)
 
 
-def test_each_stage_holds_only_its_own_parameters(triton_server, tiny_model_dir: Path) -> None:
-    full = Blip2ForConditionalGeneration.from_pretrained(tiny_model_dir)
+def _split_counts(model_dir: Path) -> tuple[int, int]:
+    full = Blip2ForConditionalGeneration.from_pretrained(model_dir)
     vision = sum(p.numel() for n, p in full.named_parameters() if not n.startswith("language_model."))
     llm = sum(p.numel() for n, p in full.named_parameters() if n.startswith("language_model."))
     assert vision + llm == sum(p.numel() for p in full.parameters())
+    return vision, llm
+
+
+def test_each_stage_holds_only_its_own_parameters(triton_server, tiny_model_dir: Path, tiny_t5_model_dir: Path) -> None:
     with urllib.request.urlopen(triton_server.metrics_url, timeout=10) as r:
         metrics = r.read().decode()
     held = {
         m.group(1): int(float(m.group(2)))
-        for m in re.finditer(r'^blip2_stage_parameters\{[^}]*stage="(\w+)"[^}]*\} (\S+)$', metrics, re.M)
+        for m in re.finditer(r'^blip2_stage_parameters\{[^}]*model="(\w+)"[^}]*\} (\S+)$', metrics, re.M)
     }
-    assert held == {"vision": vision, "llm": llm}
+    opt_vision, opt_llm = _split_counts(tiny_model_dir)
+    t5_vision, t5_llm = _split_counts(tiny_t5_model_dir)
+    assert held == {
+        "blip2_vision": opt_vision, "blip2_llm": opt_llm, "blip2_t5_vision": t5_vision, "blip2_t5_llm": t5_llm,
+    }
     log = Path(triton_server.log_path).read_text()
-    assert f"stage=vision loaded {tiny_model_dir}: {vision} parameters" in log
-    assert f"stage=llm loaded {tiny_model_dir}: {llm} parameters" in log
+    assert f"stage=vision loaded {tiny_model_dir}: {opt_vision} parameters" in log
+    assert f"stage=llm loaded {tiny_model_dir}: {opt_llm} parameters" in log
+    assert f"stage=llm loaded {tiny_t5_model_dir}: {t5_llm} parameters" in log
 
 
 @pytest.mark.parametrize(

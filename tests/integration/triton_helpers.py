@@ -35,9 +35,9 @@ def build_inputs(module: Any, image: bytes, prompt: str | None = None, **control
     return inputs
 
 
-def infer(client: Any, image: bytes, prompt: str | None = None, **controls: Any) -> str:
+def infer(client: Any, image: bytes, prompt: str | None = None, *, model: str = "blip2", **controls: Any) -> str:
     module = grpcclient if isinstance(client, grpcclient.InferenceServerClient) else httpclient
-    result = client.infer("blip2", build_inputs(module, image, prompt, **controls))
+    result = client.infer(model, build_inputs(module, image, prompt, **controls))
     return result.as_numpy("text_output")[0, 0].decode("utf-8")
 
 
@@ -63,8 +63,8 @@ class Clients:
                 self._all.append(client)
         return client
 
-    def infer(self, image: bytes, prompt: str | None = None, **controls: Any) -> str:
-        return infer(self.get(), image, prompt, **controls)
+    def infer(self, image: bytes, prompt: str | None = None, *, model: str = "blip2", **controls: Any) -> str:
+        return infer(self.get(), image, prompt, model=model, **controls)
 
     def close(self) -> None:
         for client in self._all:
