@@ -1,0 +1,326 @@
+from __future__ import annotations
+
+import contextlib
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
+from types import ModuleType, TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ._base import Op, _ClientConfig
+from ._errors import Blip2Error, DeadlineExceededError, ServerUnavailableError
+from ._images import ImageInput, encode_image
+from ._request import (
+    ModelMetadata,
+    batch_prompts,
+    build_inputs,
+    control_tensors,
+    decode_text,
+    requested_outputs,
+    vqa_prompt,
+)
+
+if TYPE_CHECKING:
+    if sys.version_info >= (3, 11):
+        from typing import Self, Unpack
+    else:
+        from typing_extensions import Self, Unpack
+
+    from ._request import Controls
+
+T = TypeVar("T")
+
+
+def _tc(protocol: str) -> ModuleType:
+    # Imported on first use so gRPC users never load gevent and vice versa.
+    if protocol == "grpc":
+        import tritonclient.grpc as tc
+    else:
+        import tritonclient.http as tc
+    module: ModuleType = tc
+    return module
+
+
+class Blip2Client(_ClientConfig):
+    """Blocking client for the `blip2` ensemble.
+
+    Safe to share between threads: each thread gets its own underlying
+    tritonclient connection (tritonclient's clients are not thread-safe).
+    Batch methods run on an internal pool of `max_concurrency` threads.
+    """
+
+    def _init_state(self) -> None:
+        self._local = threading.local()
+        self._clients: list[Any] = []
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._closed = False
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
+            with contextlib.suppress(Exception):
+                client.close()
+
+    # -- transport -----------------------------------------------------------------
+
+    def _new_client(self) -> Any:
+        tc = _tc(self._protocol)
+        if self._protocol == "grpc":
+            return tc.InferenceServerClient(self._hostport, ssl=self._ssl)
+        return tc.InferenceServerClient(
+            self._hostport,
+            ssl=self._ssl,
+            connection_timeout=self.timeout_s,
+            network_timeout=self.timeout_s,
+        )
+
+    def _client(self) -> Any:
+        if self._closed:
+            raise RuntimeError("Blip2Client is closed")
+        client = getattr(self._local, "client", None)
+        if client is None:
+            with self._lock:
+                if self._closed:
+                    raise RuntimeError("Blip2Client is closed")
+                client = self._new_client()
+                self._clients.append(client)
+            self._local.client = client
+        return client
+
+    def _drop_client(self) -> None:
+        # After a timeout or a dropped connection an HTTP connection may hold half a
+        # response; a fresh one is cheaper than reasoning about its state.
+        client = getattr(self._local, "client", None)
+        if client is None:
+            return
+        self._local.client = None
+        with self._lock:
+            if client in self._clients:
+                self._clients.remove(client)
+        with contextlib.suppress(Exception):
+            client.close()
+
+    def _once(self, op: Op, timeout_s: float) -> Any:
+        client = self._client()
+        try:
+            if self._protocol == "grpc":
+                return op(client, {"client_timeout": timeout_s})
+            import gevent
+
+            # geventhttpclient's network_timeout bounds each socket read, not the
+            # whole call; gevent.Timeout makes the deadline total.
+            with gevent.Timeout(timeout_s, TimeoutError(f"no response within timeout_s={timeout_s:g}")):
+                return op(client, {})
+        except Blip2Error:
+            raise
+        except Exception as e:
+            err = self._mapped(e, timeout_s)
+            if self._protocol == "http" and isinstance(err, (DeadlineExceededError, ServerUnavailableError)):
+                self._drop_client()
+            raise err from e
+
+    def _call(self, op: Op, *, timeout_s: float | None = None, retry: bool = True) -> Any:
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        attempt = 0
+        while True:
+            try:
+                return self._once(op, timeout_s)
+            except ServerUnavailableError:
+                if not retry or attempt >= self.retries:
+                    raise
+                time.sleep(self._backoff_s(attempt))
+                attempt += 1
+
+    def _infer(self, image: bytes, prompt: str | None, controls: dict[str, Any]) -> str:
+        tc = _tc(self._protocol)
+        inputs = build_inputs(tc, image, prompt, controls)
+        outputs = requested_outputs(tc)
+        text: str = self._call(lambda c, kw: decode_text(c.infer(self.model_name, inputs, outputs=outputs, **kw)))
+        return text
+
+    def _map(self, jobs: list[Callable[[], T]]) -> list[T]:
+        if len(jobs) <= 1:
+            return [job() for job in jobs]
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("Blip2Client is closed")
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="blip2-client")
+            pool = self._pool
+        futures: list[Future[T]] = [pool.submit(job) for job in jobs]
+        try:
+            return [f.result() for f in futures]
+        finally:
+            # On the first failure the requests not yet sent are dropped; those in
+            # flight finish in the background and their results are discarded.
+            for f in futures:
+                f.cancel()
+
+    # -- generation ----------------------------------------------------------------
+
+    def generate(self, image: ImageInput, prompt: str | None = None, **controls: Unpack[Controls]) -> str:
+        """Generate text for one image; prompt None (or empty) asks for a caption."""
+        control_tensors(controls)  # fail on a bad control before any I/O
+        return self._infer(encode_image(image), prompt, dict(controls))
+
+    def caption(self, image: ImageInput, **controls: Unpack[Controls]) -> str:
+        return self.generate(image, None, **controls)
+
+    def ask(self, image: ImageInput, question: str, **controls: Unpack[Controls]) -> str:
+        return self.generate(image, vqa_prompt(question), **controls)
+
+    def generate_batch(
+        self,
+        images: Iterable[ImageInput],
+        prompts: str | Sequence[str | None] | None = None,
+        **controls: Unpack[Controls],
+    ) -> list[str]:
+        """One request per image, up to `max_concurrency` in flight; results in input order.
+
+        `prompts` is one prompt for all images or one per image. Every image is
+        encoded before anything is sent, so a bad image argument fails the whole
+        batch up front. The first failed request's error is raised.
+        """
+        control_tensors(controls)
+        encoded = [encode_image(img) for img in images]
+        per_image = batch_prompts(len(encoded), prompts, "prompts")
+        ctl = dict(controls)
+        return self._map([partial(self._infer, b, p, ctl) for b, p in zip(encoded, per_image, strict=True)])
+
+    def caption_batch(self, images: Iterable[ImageInput], **controls: Unpack[Controls]) -> list[str]:
+        return self.generate_batch(images, None, **controls)
+
+    def ask_batch(
+        self, images: Iterable[ImageInput], questions: str | Sequence[str], **controls: Unpack[Controls]
+    ) -> list[str]:
+        """Ask one question of every image, or questions[i] of images[i]."""
+        if isinstance(questions, str):
+            return self.generate_batch(images, vqa_prompt(questions), **controls)
+        return self.generate_batch(images, [vqa_prompt(q) for q in questions], **controls)
+
+    def stream(self, image: ImageInput, prompt: str | None = None, **controls: Unpack[Controls]) -> Iterator[str]:
+        """Yield text pieces as the server generates them (gRPC, decoupled `stream_model_name`).
+
+        Raises StreamingUnsupportedError right away when the server has no
+        streaming model or the protocol is HTTP. The whole stream shares one
+        `timeout_s` deadline.
+        """
+        control_tensors(controls)
+        data = encode_image(image)
+        try:
+            self._call(self._metadata_op(self.stream_model_name), retry=False)
+        except Blip2Error as e:
+            if self._is_stream_model_missing(e):
+                raise self._stream_missing_error() from e
+            raise
+        self._check_stream_protocol()
+        return self._stream(data, prompt, dict(controls))
+
+    def _stream(self, image: bytes, prompt: str | None, controls: dict[str, Any]) -> Iterator[str]:
+        tc = _tc("grpc")
+        inputs = build_inputs(tc, image, prompt, controls)
+        deadline = time.monotonic() + self.timeout_s
+        # A tritonclient gRPC client carries at most one stream, so each stream gets its own.
+        client = tc.InferenceServerClient(self._hostport, ssl=self._ssl)
+        pieces: queue.Queue[tuple[Any, Exception | None]] = queue.Queue()
+        try:
+            client.start_stream(
+                callback=lambda result, error: pieces.put((result, error)), stream_timeout=self.timeout_s
+            )
+            client.async_stream_infer(
+                self.stream_model_name,
+                inputs,
+                outputs=requested_outputs(tc),
+                enable_empty_final_response=True,
+            )
+        except Exception as e:
+            with contextlib.suppress(Exception):
+                client.close()
+            raise self._mapped(e, self.timeout_s) from e
+        return self._stream_pieces(client, pieces, deadline)
+
+    def _stream_pieces(
+        self, client: Any, pieces: queue.Queue[tuple[Any, Exception | None]], deadline: float
+    ) -> Iterator[str]:
+        try:
+            while True:
+                try:
+                    result, error = pieces.get(timeout=max(deadline - time.monotonic(), 0.0))
+                except queue.Empty:
+                    raise DeadlineExceededError(f"stream did not finish within timeout_s={self.timeout_s:g}") from None
+                if error is not None:
+                    raise self._mapped(error, self.timeout_s) from error
+                response = result.get_response()
+                if result.as_numpy("text_output") is not None:
+                    text = decode_text(result)
+                    if text:
+                        yield text
+                final = response.parameters.get("triton_final_response")
+                if final is not None and final.bool_param:
+                    return
+        finally:
+            with contextlib.suppress(Exception):
+                client.stop_stream(cancel_requests=True)
+            with contextlib.suppress(Exception):
+                client.close()
+
+    # -- health and metadata ---------------------------------------------------------
+
+    def _metadata_op(self, model_name: str) -> Op:
+        if self._protocol == "grpc":
+            return lambda c, kw: c.get_model_metadata(model_name, as_json=True, **kw)
+        return lambda c, kw: c.get_model_metadata(model_name, **kw)
+
+    def model_metadata(self) -> ModelMetadata:
+        return ModelMetadata.from_dict(self._call(self._metadata_op(self.model_name)))
+
+    def is_live(self) -> bool:
+        """Whether the server process answers; False (not an error) when it cannot be reached."""
+        try:
+            return bool(self._call(lambda c, kw: c.is_server_live(**kw), retry=False))
+        except (ServerUnavailableError, DeadlineExceededError):
+            return False
+
+    def is_ready(self, *, timeout_s: float | None = None) -> bool:
+        """Whether the model is loaded and ready; False when the server cannot be reached."""
+        try:
+            return bool(
+                self._call(lambda c, kw: c.is_model_ready(self.model_name, **kw), timeout_s=timeout_s, retry=False)
+            )
+        except (ServerUnavailableError, DeadlineExceededError):
+            return False
+
+    def wait_until_ready(self, timeout_s: float = 60.0, *, poll_interval_s: float = 0.5) -> None:
+        """Poll readiness; raise ServerUnavailableError if not ready within timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining > 0 and self.is_ready(timeout_s=min(self.timeout_s, remaining)):
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ServerUnavailableError(
+                    f"model {self.model_name!r} at {self.url} not ready within {timeout_s:g} s"
+                )
+            time.sleep(min(poll_interval_s, remaining))
