@@ -24,6 +24,7 @@ demo: setup
 
 lint: setup
 	$(BIN)/ruff check .
+	bash scripts/lint_deploy.sh
 
 test-unit: setup
 	$(BIN)/python -m pytest tests/unit -q

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+# Test helpers are plain modules beside the tests (pytest runs in importlib mode: no package __init__ files).
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent / "integration")]
 
-from images import sample_images as _sample_images
+from images import sample_images as _sample_images  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,8 @@ import inspect
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
-import numpy as np
 import torch
 from transformers.generation.logits_process import (
     RepetitionPenaltyLogitsProcessor,
@@ -113,7 +113,8 @@ class LanguageStage:
         ids = torch.tensor(row.input_ids, device=self.device)
         embeds = self.embed_tokens(ids)
         mask = (ids == self.image_token_id).unsqueeze(-1)
-        query = torch.from_numpy(np.ascontiguousarray(row.request.query_embeds)).to(self.device, embeds.dtype)
+        # A copy: arrays from Triton are read-only views of its shared memory.
+        query = torch.tensor(row.request.query_embeds, device=self.device, dtype=embeds.dtype)
         return embeds.masked_scatter(mask, query)
 
     def run(self, requests: list[GenerationRequest]) -> list[str | InvalidRequestError]:
@@ -134,7 +135,7 @@ class LanguageStage:
         for _, row in single:
             self._beam_search(row)
         for i, row in stepped + single:
-            results[i] = self.tokenizer.decode(row.generated, skip_special_tokens=True).strip()
+            results[i] = self.text(row)
         return results
 
     def _hf_generate(self, rows: list[_Row], **kwargs: object) -> list[list[int]]:
@@ -226,8 +227,22 @@ class LanguageStage:
             tokens.append(int(torch.multinomial(probs, 1, generator=row.generator)))
         return tokens
 
+    def finish_token(self, row: _Row, token: int) -> bool:
+        """Records a sampled token; True when the row is complete (EOS, which is not kept, or max_tokens)."""
+        if token in self.eos_token_ids:
+            row.done = True
+            return True
+        row.generated.append(token)
+        assert row.request.max_tokens is not None
+        row.done = len(row.generated) >= row.request.max_tokens
+        return row.done
+
+    def text(self, row: _Row) -> str:
+        return self.tokenizer.decode(row.generated, skip_special_tokens=True).strip()
+
     @torch.inference_mode()
-    def _decode(self, rows: list[_Row]) -> None:
+    def prefill(self, rows: list[_Row]) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """Runs the prompts of `rows` as one left-padded batch: (KV cache, attention mask, last-position logits)."""
         width = max(len(r.input_ids) for r in rows)
         pad_embed = self.embed_tokens(torch.tensor([self.pad_token_id], device=self.device))[0]
         embeds = pad_embed.expand(len(rows), width, -1).clone()
@@ -237,40 +252,44 @@ class LanguageStage:
             # Left padding keeps every row's newest token in the last column, as HF batches decoder-only LMs.
             embeds[b, width - n:] = self._inputs_embeds(row)
             mask[b, width - n:] = 1
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        out = self.lm(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
+            **{self._cache_kwarg: None},
+        )
+        return out.past_key_values, mask, out.logits[:, -1, :]
+
+    @torch.inference_mode()
+    def step(self, cache: Any, mask: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+        """Feeds one token per row; `mask` must already include the new column. Returns next-token logits."""
+        positions = (mask.sum(-1, keepdim=True) - 1)
+        out = self.lm(
+            input_ids=torch.tensor(tokens, device=self.device).unsqueeze(-1),
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{self._cache_kwarg: cache},
+        )
+        return out.logits[:, -1, :]
+
+    @torch.inference_mode()
+    def _decode(self, rows: list[_Row]) -> None:
+        """Static batching: the whole batch decodes until its last row finishes."""
+        cache, mask, logits = self.prefill(rows)
         active = list(range(len(rows)))
-        past = None
-        step_input: dict[str, torch.Tensor] = {"inputs_embeds": embeds}
-        while active:
-            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-            out = self.lm(
-                **step_input,
-                attention_mask=mask,
-                position_ids=positions[:, -step_input[next(iter(step_input))].shape[1]:],
-                use_cache=True,
-                **{self._cache_kwarg: past},
-            )
-            past = out.past_key_values
+        while True:
             live = [rows[i] for i in active]
-            next_ids = self._next_tokens(live, out.logits[:, -1, :])
-            keep: list[int] = []
-            for pos, (row, token) in enumerate(zip(live, next_ids, strict=True)):
-                if token in self.eos_token_ids:
-                    row.done = True
-                    continue
-                row.generated.append(token)
-                assert row.request.max_tokens is not None
-                if len(row.generated) >= row.request.max_tokens:
-                    row.done = True
-                else:
-                    keep.append(pos)
+            next_ids = self._next_tokens(live, logits)
+            keep = [pos for pos, (row, tok) in enumerate(zip(live, next_ids, strict=True))
+                    if not self.finish_token(row, tok)]
             if not keep:
-                break
+                return
             if len(keep) < len(active):
                 # Retire finished rows from the KV cache so the remaining steps only pay for live sequences.
                 index = torch.tensor(keep, device=self.device)
-                past.batch_select_indices(index)
+                cache.batch_select_indices(index)
                 mask = mask.index_select(0, index)
                 active = [active[k] for k in keep]
                 next_ids = [next_ids[k] for k in keep]
             mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
-            step_input = {"input_ids": torch.tensor(next_ids, device=self.device).unsqueeze(-1)}
+            logits = self.step(cache, mask, next_ids)

@@ -30,8 +30,13 @@ ENV_VARS = {
     "max_prompt_tokens": "BLIP2_MAX_PROMPT_TOKENS",
     "max_beam_width": "BLIP2_MAX_BEAM_WIDTH",
     "tiny_family": "BLIP2_TINY_FAMILY",
+    "scheduler": "BLIP2_SCHEDULER",
+    "max_active_sequences": "BLIP2_MAX_ACTIVE_SEQUENCES",
+    "max_kv_tokens": "BLIP2_MAX_KV_TOKENS",
+    "embedding_cache_bytes": "BLIP2_EMBEDDING_CACHE_BYTES",
 }
 FAMILIES = ("opt", "t5")
+SCHEDULERS = ("inflight", "static")
 
 
 def env_var(name: str, prefix: str = DEFAULT_ENV_PREFIX) -> str:
@@ -57,16 +62,25 @@ class ServerOptions:
     max_beam_width: int = 8
     # Which embedded tiny checkpoint serves when model_id is empty.
     tiny_family: str = "opt"
+    # LLM stage: `inflight` admits and retires sequences at every decoding step; `static` generates each
+    # Triton dynamic batch to completion (the plain dynamic-batching behaviour, kept for comparison).
+    scheduler: str = "inflight"
+    max_active_sequences: int = 64
+    # KV-cache budget in token positions summed over active sequences (prompt + max_tokens each).
+    max_kv_tokens: int = 65536
+    # Vision-stage image-embedding cache budget (blip2_triton.embedding_cache); 0 disables it.
+    embedding_cache_bytes: int = 256 * 1024 * 1024
 
     def validate(self) -> None:
         for name, allowed in (
-            ("dtype", DTYPES), ("device", DEVICES), ("quantization", QUANTIZATIONS), ("tiny_family", FAMILIES)
+            ("dtype", DTYPES), ("device", DEVICES), ("quantization", QUANTIZATIONS), ("tiny_family", FAMILIES),
+            ("scheduler", SCHEDULERS),
         ):
             value = getattr(self, name)
             if value not in allowed:
                 raise ConfigurationError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         for name in ("default_max_tokens", "max_max_tokens", "max_image_bytes", "max_image_pixels",
-                     "max_prompt_tokens", "max_beam_width"):
+                     "max_prompt_tokens", "max_beam_width", "max_active_sequences", "max_kv_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.default_max_tokens > self.max_max_tokens:

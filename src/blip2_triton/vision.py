@@ -11,6 +11,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .checkpoint import LoadedStage, load_stage
+from .embedding_cache import EmbeddingCache
 from .errors import InvalidRequestError
 from .options import ServerOptions
 from .requests import ImageRequest
@@ -67,6 +68,15 @@ class VisionStage:
         config = self.loaded.config
         self.num_query_tokens = int(config.num_query_tokens)
         self.output_width = int(config.text_config.hidden_size)
+        self.cache = EmbeddingCache(options.embedding_cache_bytes, self.model_identity)
+        if self.cache.enabled:
+            log.info("embedding cache: up to %d bytes", self.cache.max_bytes)
+
+    @property
+    def model_identity(self) -> str:
+        # Everything that changes the embeddings of given bytes: the checkpoint, the compute dtype and the
+        # quantisation (the device only adds float noise, but a cache never outlives its process anyway).
+        return f"{self.loaded.source}|{self.loaded.dtype}|{self.options.quantization}"
 
     @property
     def output_shape(self) -> tuple[int, int]:
@@ -83,19 +93,48 @@ class VisionStage:
         return features.float().cpu().numpy()
 
     def run(self, requests: list[ImageRequest]) -> list[np.ndarray | InvalidRequestError]:
-        """One result per request: its embeddings, or the error that belongs to that request alone."""
-        results: list[np.ndarray | InvalidRequestError] = []
+        """One result per request: its embeddings, or the error that belongs to that request alone.
+
+        Cached images skip decoding and the model; an image repeated within the batch is computed once.
+        """
+        results: list[np.ndarray | InvalidRequestError] = [np.empty(0)] * len(requests)
         images: list[Image.Image] = []
-        slots: list[int] = []
-        for req in requests:
+        keys: list[bytes | None] = []
+        # Slots waiting for each image computed in this batch, by position in `images`.
+        waiting: list[list[int]] = []
+        pending: dict[bytes, int] = {}
+        for slot, req in enumerate(requests):
+            key = None
+            if self.cache.enabled:
+                try:
+                    # The size check is cheap and keeps oversized payloads from being hashed at all.
+                    req.validate(self.options)
+                except InvalidRequestError as e:
+                    results[slot] = e
+                    continue
+                key = self.cache.key(bytes(req.data))
+                if key in pending:
+                    self.cache.count_hit()
+                    waiting[pending[key]].append(slot)
+                    continue
+                cached = self.cache.get(key)
+                if cached is not None:
+                    results[slot] = cached
+                    continue
             try:
                 images.append(decode_image(req, self.options))
-                slots.append(len(results))
-                results.append(np.empty(0))
             except InvalidRequestError as e:
-                results.append(e)
+                results[slot] = e
+                continue
+            if key is not None:
+                pending[key] = len(waiting)
+            keys.append(key)
+            waiting.append([slot])
         if images:
             embeds = self.embed(images)
-            for slot, emb in zip(slots, embeds, strict=True):
-                results[slot] = emb
+            for key, slots, emb in zip(keys, waiting, embeds, strict=True):
+                if key is not None:
+                    self.cache.put(key, emb)
+                for slot in slots:
+                    results[slot] = emb
         return results

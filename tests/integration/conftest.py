@@ -7,21 +7,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from triton_helpers import start_server
 
-from blip2_triton.launcher import TritonServer, free_port
-
-
-def start_server(log_dir: Path, name: str, **kwargs: object) -> TritonServer:
-    server = TritonServer(
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        startup_timeout_s=300,
-        exit_timeout_s=10,
-        log_path=log_dir / f"{name}.log",
-        **kwargs,  # type: ignore[arg-type]
-    )
-    return server.start()
+from blip2_triton.launcher import TritonServer
 
 
 @pytest.fixture(scope="session")

@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
-from conftest import start_server
 from images import PROMPTS
 from reference import HFReference
 from transformers import BitsAndBytesConfig
-from triton_helpers import infer
+from triton_helpers import infer, start_server
 
 CONFIGS = {
     "8bit": BitsAndBytesConfig(load_in_8bit=True),

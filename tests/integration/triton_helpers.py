@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+
+from blip2_triton.launcher import TritonServer, free_port
 
 DTYPES = {
     "max_tokens": ("INT32", np.int32),
@@ -76,3 +79,16 @@ def model_stats(http_hostport: str, model: str) -> tuple[int, int]:
     client = httpclient.InferenceServerClient(http_hostport)
     stats = client.get_inference_statistics(model)["model_stats"][0]
     return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
+
+
+def start_server(log_dir: Path, name: str, **kwargs: object) -> TritonServer:
+    server = TritonServer(
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        startup_timeout_s=300,
+        exit_timeout_s=10,
+        log_path=log_dir / f"{name}.log",
+        **kwargs,  # type: ignore[arg-type]
+    )
+    return server.start()

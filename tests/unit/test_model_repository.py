@@ -33,24 +33,37 @@ def test_public_contract_of_the_ensemble() -> None:
 
 def test_stage_inputs_match_the_code() -> None:
     llm = _tensors(_read("blip2_llm"), "input")
-    assert tuple(llm) == LLM_INPUTS
+    assert tuple(llm) == (*LLM_INPUTS, "_stream")
+    assert tuple(_tensors(_read("blip2_generate"), "input")) == LLM_INPUTS
     triton_types = {"int32": "TYPE_INT32", "float32": "TYPE_FP32", "uint64": "TYPE_UINT64"}
     for name, (_, dtype) in CONTROL_DTYPES.items():
         assert llm[name] == triton_types[dtype.name]
     assert _tensors(_read("blip2_vision"), "output") == {"_query_embeds": "TYPE_FP32"}
 
 
-def test_ensemble_wires_every_llm_input() -> None:
-    config = _read("blip2")
-    mapped = set(re.findall(r'input_map \{ key: "(\w+)"', config))
-    assert mapped == {"image", *LLM_INPUTS}
-    internal = set(re.findall(r'output_map \{ key: "(\w+)"', config)) - {"text_output"}
-    assert internal and all(name.startswith("_") for name in internal)
+def test_ensembles_wire_every_llm_input() -> None:
+    for ensemble, llm_step in (("blip2", "blip2_generate"), ("blip2_stream", "blip2_llm")):
+        config = _read(ensemble)
+        mapped = set(re.findall(r'input_map \{ key: "(\w+)"', config))
+        assert mapped == {"image", *LLM_INPUTS}
+        assert f'model_name: "{llm_step}"' in config
+        internal = set(re.findall(r'output_map \{ key: "(\w+)"', config)) - {"text_output"}
+        assert internal and all(name.startswith("_") for name in internal)
+    assert _tensors(_read("blip2_stream"), "input") == _tensors(_read("blip2"), "input")
+    assert "decoupled: true" in _read("blip2_llm") and "model_transaction_policy" not in _read("blip2_generate")
+
+
+def test_t5_repository_mirrors_the_opt_one() -> None:
+    t5 = REPO.parent / "model_repository_t5"
+    for model in ("blip2", "blip2_vision", "blip2_llm", "blip2_generate", "blip2_stream"):
+        twin = (t5 / model.replace("blip2", "blip2_t5") / "config.pbtxt").read_text()
+        for section in ("input", "output"):
+            assert _tensors(twin, section) == _tensors(_read(model), section), (model, section)
 
 
 def test_stage_models_batch_dynamically_and_stay_thin() -> None:
-    for model in ("blip2_vision", "blip2_llm"):
+    for model in ("blip2_vision", "blip2_llm", "blip2_generate"):
         config = _read(model)
-        assert "dynamic_batching {" in config and "preferred_batch_size" in config
+        assert "dynamic_batching {" in config
         source = (REPO / model / "1" / "model.py").read_text()
         assert len(source.splitlines()) <= 5 and "torch" not in source
