@@ -43,6 +43,9 @@ class Job:
     # Receives the final text, or the exception that ended the job. Called exactly once.
     on_done: Callable[[str | Exception], None]
     is_cancelled: Callable[[], bool] = lambda: False
+    # Set by callers that may cancel the job later through `InflightEngine.cancel` (BLS front ends, whose
+    # cancellation Triton does not pass on to the requests they make).
+    job_id: str | None = None
     submitted_at: float = field(default_factory=time.monotonic)
     row: _Row | None = None
     sent: str = ""
@@ -59,6 +62,8 @@ class EngineObserver:
     def on_first_token(self, seconds: float) -> None: ...
 
     def on_finished(self, job: Job, outcome: str) -> None: ...
+
+    def on_active(self, active: int) -> None: ...
 
 
 @dataclass
@@ -88,12 +93,19 @@ class InflightEngine:
         self._cache: Any = None
         self._mask: torch.Tensor | None = None
         self._stopping = False
+        self._cancelled_ids: set[str] = set()
+        self._reported_active = 0
+        self._cancel_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="blip2-inflight-engine", daemon=True)
         self._thread.start()
 
     # ---- public API (any thread) -------------------------------------------------------------------------
     def submit(self, jobs: list[Job]) -> None:
         self._queue.put(list(jobs))
+
+    def cancel(self, job_id: str) -> None:
+        with self._cancel_lock:
+            self._cancelled_ids.add(job_id)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         self._stopping = True
@@ -129,8 +141,14 @@ class InflightEngine:
             self._finish(job, error)
         self._active, self._waiting = [], []
         self._cache, self._mask = None, None
+        self._reported_active = 0
+        self.observer.on_active(0)
 
     def _finish(self, job: Job, result: str | Exception) -> None:
+        if job.job_id is not None and self._cancelled_ids:
+            # A cancel that arrives as the job ends must not linger in the set.
+            with self._cancel_lock:
+                self._cancelled_ids.discard(job.job_id)
         outcome = "ok" if isinstance(result, str) else type(result).__name__
         try:
             job.on_done(result)
@@ -146,6 +164,9 @@ class InflightEngine:
         if admitted:
             self._prefill(admitted)
         self._trim_padding()
+        if len(self._active) != self._reported_active:
+            self._reported_active = len(self._active)
+            self.observer.on_active(self._reported_active)
 
     def _budget(self, job: Job) -> int:
         assert job.row is not None and job.row.request.max_tokens is not None
@@ -204,6 +225,10 @@ class InflightEngine:
                 self._waiting.append(job)
 
     def _cancelled(self, job: Job, now: float) -> bool:
+        if job.job_id is not None and job.job_id in self._cancelled_ids:
+            with self._cancel_lock:
+                self._cancelled_ids.discard(job.job_id)
+            return True
         if now - job.cancel_checked_at < self.limits.cancel_check_interval_s:
             return False
         job.cancel_checked_at = now

@@ -183,7 +183,7 @@ class EngineMetrics:
                                                                                       strict=True)}
 
 
-def _engine_observer(metrics: EngineMetrics, engine_ref: list[Any]) -> Any:
+def _engine_observer(metrics: EngineMetrics) -> Any:
     from .engine import EngineObserver
 
     class Observer(EngineObserver):
@@ -191,8 +191,9 @@ def _engine_observer(metrics: EngineMetrics, engine_ref: list[Any]) -> Any:
             metrics.m["blip2_engine_steps_total"].increment(1)
             metrics.m["blip2_engine_step_sequences_total"].increment(active)
             metrics.m["blip2_generated_tokens_total"].increment(new_tokens)
-            if engine_ref:
-                metrics.m["blip2_active_sequences"].set(engine_ref[0].active_count)
+
+        def on_active(self, active: int) -> None:
+            metrics.m["blip2_active_sequences"].set(active)
 
         def on_first_token(self, seconds: float) -> None:
             metrics.m["blip2_time_to_first_token_us_total"].increment(int(seconds * 1e6))
@@ -287,16 +288,14 @@ class LanguageModel(StageModel):
         if self.options.scheduler == "inflight":
             from .engine import EngineLimits, InflightEngine
 
-            engine_ref: list[Any] = []
             self._metrics = EngineMetrics(self.pb, args.get("model_name", ""))
             self.engine = InflightEngine(
                 self.stage,
                 limits=EngineLimits(
                     max_active=self.options.max_active_sequences, max_kv_tokens=self.options.max_kv_tokens
                 ),
-                observer=_engine_observer(self._metrics, engine_ref),
+                observer=_engine_observer(self._metrics),
             )
-            engine_ref.append(self.engine)
         log.info("%s: scheduler=%s", args.get("model_name"), self.options.scheduler)
 
     def load(self, options: ServerOptions) -> None:
@@ -320,6 +319,13 @@ class LanguageModel(StageModel):
 
         return generation_requests(inputs)
 
+    def _string_input(self, request: Any, name: str) -> str | None:
+        tensor = self.pb.get_input_tensor_by_name(request, name)
+        if tensor is None:
+            return None
+        value = tensor.as_numpy().reshape(-1)[0]
+        return value.decode() if isinstance(value, bytes) else str(value)
+
     def _stream_flag(self, request: Any) -> bool:
         tensor = self.pb.get_input_tensor_by_name(request, "_stream")
         # Absent means streaming: the `blip2_stream` ensemble passes nothing; `blip2_generate` sends False.
@@ -330,16 +336,27 @@ class LanguageModel(StageModel):
 
         static: list[tuple[_Responder, list[Any]]] = []
         for request in requests:
-            stream = self._stream_flag(request)
             sender = request.get_response_sender()
+            cancel_id = self._string_input(request, "_cancel_id")
+            if cancel_id is not None:
+                # Control message from a BLS front end whose client cancelled: stop that job.
+                if self.engine is not None:
+                    self.engine.cancel(cancel_id)
+                sender.send(flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                continue
+            stream = self._stream_flag(request)
+            job_id = self._string_input(request, "_job_id")
+            # Requests from our BLS front ends get errors as data: Triton 2.51 reports every error of a decoupled
+            # BLS response as INTERNAL, which would turn a bad request into a server error.
+            as_data = job_id is not None or not stream
             try:
                 rows = self.parse(self._inputs(request))
                 if stream and len(rows) != 1:
                     raise InvalidRequestError(f"streaming: expected 1 row per request, got {len(rows)}")
             except InvalidRequestError as e:
-                _Responder(self.pb, sender, 1, stream=False, errors_as_data=not stream).done(0, e)
+                _Responder(self.pb, sender, 1, stream=False, errors_as_data=as_data).done(0, e)
                 continue
-            responder = _Responder(self.pb, sender, len(rows), stream=stream, errors_as_data=not stream)
+            responder = _Responder(self.pb, sender, len(rows), stream=stream, errors_as_data=as_data)
             if self.engine is None:
                 static.append((responder, rows))
                 continue
@@ -349,6 +366,7 @@ class LanguageModel(StageModel):
                     on_piece=responder.piece if stream else None,
                     on_done=lambda result, i=i, r=responder: r.done(i, result),
                     is_cancelled=request.is_cancelled,
+                    job_id=f"{job_id}/{i}" if job_id is not None else None,
                 )
                 for i, row in enumerate(rows)
             ])
@@ -378,72 +396,166 @@ class LanguageModel(StageModel):
             self.engine.stop()
 
 
-class CollectorModel:
-    """`blip2_generate`: the non-decoupled step of the `blip2` ensemble. Each request is forwarded to the
-    decoupled LLM stage through BLS and answered with the collected text, from a worker thread, so `execute`
-    returns at once and requests keep flowing into the engine while others are still generating."""
+def _bls_generate(pb: Any, target: str, inputs: list[Any], *, job_id: str, stream: bool,
+                  on_piece: Callable[[Any], None] | None = None) -> Any:
+    """Runs one request through the decoupled LLM stage via BLS. Streams text pieces (output tensors) to
+    `on_piece`; returns the final InferenceResponse to send (text, or the error with its class restored)."""
+    rows = inputs[0].as_numpy().shape[0]
+    bls = pb.InferenceRequest(
+        model_name=target,
+        requested_output_names=["text_output", "_error_code"],
+        inputs=[
+            *inputs,
+            pb.Tensor("_stream", np.full((rows, 1), stream, dtype=np.bool_)),
+            pb.Tensor("_job_id", np.full((rows, 1), job_id.encode(), dtype=np.object_)),
+        ],
+    )
+    codes = {v: k for k, v in ERROR_CODES.items()}
+    final = None
+    for response in bls.exec(decoupled=True):
+        if response.has_error():
+            log.error("%s failed: %s", target, response.error().message())
+            return pb.InferenceResponse(error=pb.TritonError("generation failed; see server log"))
+        tensor = pb.get_output_tensor_by_name(response, "text_output")
+        if tensor is None:
+            continue
+        code = pb.get_output_tensor_by_name(response, "_error_code")
+        if code is not None:
+            name = codes.get(int(code.as_numpy().reshape(-1)[0]), "INTERNAL")
+            message = tensor.as_numpy().reshape(-1)[0].decode("utf-8", "replace")
+            return pb.InferenceResponse(error=pb.TritonError(message, getattr(pb.TritonError, name)))
+        if stream and on_piece is not None:
+            on_piece(tensor)
+        else:
+            final = pb.InferenceResponse(output_tensors=[pb.Tensor("text_output", tensor.as_numpy())])
+    if stream:
+        return None
+    return final or pb.InferenceResponse(error=pb.TritonError("llm stage returned no text"))
 
-    stage_name = "generate"
+
+class _FrontEnd:
+    """Common part of the weightless models in front of the LLM stage: a worker thread per request, so
+    `execute` returns at once and requests keep flowing into the in-flight batch."""
+
+    stage_name = "frontend"
 
     def __init__(self, pb_utils: Any) -> None:
         self.pb = pb_utils
 
     def initialize(self, args: dict[str, Any]) -> None:
+        import uuid
         from concurrent.futures import ThreadPoolExecutor
 
         from .serving import LLM_INPUTS
 
         configure_logging()
         config = json.loads(args["model_config"])
-        params = parameters_from_model_config(config)
-        self.target = params.get("llm_model") or "blip2_llm"
+        self.params = parameters_from_model_config(config)
+        self.target = self.params.get("llm_model") or "blip2_llm"
         self.input_names = LLM_INPUTS
+        self._uuid = uuid.uuid4
         # One thread per in-flight request: each waits on its BLS response stream.
-        self.pool = ThreadPoolExecutor(max_workers=int(params.get("max_inflight_requests") or 256),
-                                       thread_name_prefix="blip2-collect")
+        self.pool = ThreadPoolExecutor(max_workers=int(self.params.get("max_inflight_requests") or 256),
+                                       thread_name_prefix=f"blip2-{self.stage_name}")
+
+    def _tensors(self, request: Any, names: tuple[str, ...]) -> list[Any]:
+        tensors = (self.pb.get_input_tensor_by_name(request, n) for n in names)
+        return [t for t in tensors if t is not None]
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
-            tensors = (self.pb.get_input_tensor_by_name(request, n) for n in self.input_names)
-            inputs = [t for t in tensors if t is not None]
-            self.pool.submit(self._forward, inputs, request.get_response_sender())
+            self.pool.submit(self._guarded, request, request.get_response_sender())
         return None
 
-    def _forward(self, inputs: list[Any], sender: Any) -> None:
+    def _guarded(self, request: Any, sender: Any) -> None:
         pb = self.pb
         try:
-            stream_flag = pb.Tensor("_stream", np.zeros((inputs[0].as_numpy().shape[0], 1), dtype=np.bool_))
-            bls = pb.InferenceRequest(
-                model_name=self.target,
-                requested_output_names=["text_output", "_error_code"],
-                inputs=[*inputs, stream_flag],
-            )
-            final = None
-            codes = {v: k for k, v in ERROR_CODES.items()}
-            for response in bls.exec(decoupled=True):
-                if response.has_error():
-                    log.error("%s failed: %s", self.target, response.error().message())
-                    final = pb.InferenceResponse(error=pb.TritonError("generation failed; see server log"))
-                    break
-                tensor = pb.get_output_tensor_by_name(response, "text_output")
-                if tensor is None:
-                    continue
-                code = pb.get_output_tensor_by_name(response, "_error_code")
-                if code is not None:
-                    name = codes.get(int(code.as_numpy().reshape(-1)[0]), "INTERNAL")
-                    message = tensor.as_numpy().reshape(-1)[0].decode("utf-8", "replace")
-                    final = pb.InferenceResponse(error=pb.TritonError(message, getattr(pb.TritonError, name)))
-                else:
-                    final = pb.InferenceResponse(output_tensors=[pb.Tensor("text_output", tensor.as_numpy())])
-            if final is None:
-                final = pb.InferenceResponse(error=pb.TritonError("llm stage returned no text"))
+            final = self.handle(request, sender)
         except Exception:
-            log.exception("forwarding to %s failed", self.target)
-            final = pb.InferenceResponse(error=pb.TritonError("generation failed; see server log"))
-        sender.send(final, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            log.exception("%s: request failed", self.stage_name)
+            final = pb.InferenceResponse(error=pb.TritonError(f"{self.stage_name} failed; see server log"))
+        if final is None:
+            sender.send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        else:
+            sender.send(final, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def handle(self, request: Any, sender: Any) -> Any:
+        raise NotImplementedError
 
     def finalize(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class CollectorModel(_FrontEnd):
+    """`blip2_generate`: the non-decoupled LLM step of the `blip2` ensemble. Forwards each request to the
+    decoupled LLM stage and answers with the collected text (Triton's response sender in default mode)."""
+
+    stage_name = "generate"
+
+    def handle(self, request: Any, sender: Any) -> Any:
+        inputs = self._tensors(request, self.input_names)
+        return _bls_generate(self.pb, self.target, inputs, job_id=str(self._uuid()), stream=False)
+
+
+class StreamModel(_FrontEnd):
+    """`blip2_stream`: decoupled entry point for token streaming. Runs the vision stage and then the LLM stage
+    through BLS, forwarding each text piece as it is decoded. Being a top-level request (not an ensemble step)
+    it sees the client's cancellation, and passes it on to the LLM stage, which stops that sequence."""
+
+    stage_name = "stream"
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        import threading
+
+        super().initialize(args)
+        self.vision = self.params.get("vision_model") or "blip2_vision"
+        self._watched: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        threading.Thread(target=self._watch_cancellation, name="blip2-stream-cancel", daemon=True).start()
+
+    def _watch_cancellation(self) -> None:
+        import time
+
+        while True:
+            time.sleep(0.05)
+            with self._lock:
+                watched = list(self._watched.items())
+            for job_id, request in watched:
+                if not request.is_cancelled():
+                    continue
+                with self._lock:
+                    self._watched.pop(job_id, None)
+                try:
+                    control = self.pb.InferenceRequest(
+                        model_name=self.target, requested_output_names=["text_output"],
+                        inputs=[self.pb.Tensor("_cancel_id", np.array([[f"{job_id}/0".encode()]], dtype=np.object_))],
+                    )
+                    for _ in control.exec(decoupled=True):
+                        pass
+                except Exception:
+                    log.exception("stream: passing on a cancellation failed")
+
+    def handle(self, request: Any, sender: Any) -> Any:
+        pb = self.pb
+        image = self._tensors(request, ("image",))
+        vision = pb.InferenceRequest(model_name=self.vision, requested_output_names=["_query_embeds"],
+                                     inputs=image).exec()
+        if vision.has_error():
+            return pb.InferenceResponse(error=pb.TritonError(vision.error().message(), vision.error().code()))
+        embeds = pb.get_output_tensor_by_name(vision, "_query_embeds")
+        inputs = [embeds, *self._tensors(request, self.input_names[1:])]
+        job_id = str(self._uuid())
+        with self._lock:
+            self._watched[job_id] = request
+
+        def piece(tensor: Any) -> None:
+            sender.send(pb.InferenceResponse(output_tensors=[pb.Tensor("text_output", tensor.as_numpy())]))
+
+        try:
+            return _bls_generate(pb, self.target, inputs, job_id=job_id, stream=True, on_piece=piece)
+        finally:
+            with self._lock:
+                self._watched.pop(job_id, None)
 
 
 def python_model(cls: Callable[[Any], Any]) -> type:

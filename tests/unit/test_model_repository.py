@@ -33,7 +33,7 @@ def test_public_contract_of_the_ensemble() -> None:
 
 def test_stage_inputs_match_the_code() -> None:
     llm = _tensors(_read("blip2_llm"), "input")
-    assert tuple(llm) == (*LLM_INPUTS, "_stream")
+    assert tuple(llm) == (*LLM_INPUTS, "_stream", "_job_id", "_cancel_id")
     assert tuple(_tensors(_read("blip2_generate"), "input")) == LLM_INPUTS
     triton_types = {"int32": "TYPE_INT32", "float32": "TYPE_FP32", "uint64": "TYPE_UINT64"}
     for name, (_, dtype) in CONTROL_DTYPES.items():
@@ -42,15 +42,19 @@ def test_stage_inputs_match_the_code() -> None:
 
 
 def test_ensembles_wire_every_llm_input() -> None:
-    for ensemble, llm_step in (("blip2", "blip2_generate"), ("blip2_stream", "blip2_llm")):
-        config = _read(ensemble)
-        mapped = set(re.findall(r'input_map \{ key: "(\w+)"', config))
-        assert mapped == {"image", *LLM_INPUTS}
-        assert f'model_name: "{llm_step}"' in config
-        internal = set(re.findall(r'output_map \{ key: "(\w+)"', config)) - {"text_output"}
-        assert internal and all(name.startswith("_") for name in internal)
-    assert _tensors(_read("blip2_stream"), "input") == _tensors(_read("blip2"), "input")
-    assert "decoupled: true" in _read("blip2_llm") and "model_transaction_policy" not in _read("blip2_generate")
+    config = _read("blip2")
+    mapped = set(re.findall(r'input_map \{ key: "(\w+)"', config))
+    assert mapped == {"image", *LLM_INPUTS}
+    assert 'model_name: "blip2_generate"' in config
+    internal = set(re.findall(r'output_map \{ key: "(\w+)"', config)) - {"text_output"}
+    assert internal and all(name.startswith("_") for name in internal)
+    # The streaming front end offers exactly the public contract, and talks to the same LLM stage.
+    stream = _read("blip2_stream")
+    assert _tensors(stream, "input") == _tensors(config, "input")
+    assert _tensors(stream, "output") == _tensors(config, "output")
+    assert 'string_value: "blip2_llm"' in stream and 'string_value: "blip2_llm"' in _read("blip2_generate")
+    assert "decoupled: true" in _read("blip2_llm") and "decoupled: true" in stream
+    assert "model_transaction_policy" not in _read("blip2_generate")
 
 
 def test_t5_repository_mirrors_the_opt_one() -> None:
@@ -62,7 +66,7 @@ def test_t5_repository_mirrors_the_opt_one() -> None:
 
 
 def test_stage_models_batch_dynamically_and_stay_thin() -> None:
-    for model in ("blip2_vision", "blip2_llm", "blip2_generate"):
+    for model in ("blip2_vision", "blip2_llm", "blip2_generate", "blip2_stream"):
         config = _read(model)
         assert "dynamic_batching {" in config
         source = (REPO / model / "1" / "model.py").read_text()
