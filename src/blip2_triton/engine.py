@@ -272,8 +272,10 @@ class InflightEngine:
                 job.first_token_at = now
                 self.observer.on_first_token(now - job.submitted_at)
             done = self.stage.finish_token(job.row, token)
-            text = self.stage.text(job.row)
-            self._emit(job, text, final=done)
+            # Detokenising costs per step; only streams need the text before the end.
+            if done or job.on_piece is not None:
+                text = self.stage.text(job.row)
+                self._emit(job, text, final=done)
             if done:
                 self._finish(job, text)
             else:

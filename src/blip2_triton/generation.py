@@ -204,17 +204,26 @@ class LanguageStage:
                 torch.manual_seed(int(row.generator.initial_seed()))
             (row.generated,) = self._hf_generate([row], **self._hf_controls(row.request))
 
+    def _penalty(self, request: GenerationRequest) -> float | None:
+        penalty = request.repetition_penalty
+        penalty = penalty if penalty is not None else self.default_repetition_penalty
+        return penalty if penalty is not None and penalty != 1.0 else None
+
     def _next_tokens(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
-        tokens: list[int] = []
-        for row, row_logits in zip(rows, logits, strict=True):
+        # One arg-max over the whole batch serves every plain greedy row; only rows with their own processing
+        # (penalty, sampling) pay for a per-row pass. Per-row Python work dominates small models' steps.
+        tokens: list[int] = logits.argmax(-1).tolist()
+        for pos, row in enumerate(rows):
             req = row.request
-            scores = row_logits.float().unsqueeze(0)
-            penalty = req.repetition_penalty if req.repetition_penalty is not None else self.default_repetition_penalty
-            if penalty is not None and penalty != 1.0:
+            penalty = self._penalty(req)
+            if penalty is None and not req.do_sample:
+                continue
+            scores = logits[pos].float().unsqueeze(0)
+            if penalty is not None:
                 history = torch.tensor([row.input_ids + row.generated], device=scores.device)
                 scores = RepetitionPenaltyLogitsProcessor(penalty)(history, scores)
             if not req.do_sample:
-                tokens.append(int(scores.argmax(-1)))
+                tokens[pos] = int(scores.argmax(-1))
                 continue
             # Same warper order as HF's sampling: temperature, top-k, top-p.
             if req.temperature is not None and req.temperature != 1.0:
@@ -224,7 +233,7 @@ class LanguageStage:
             if req.top_p is not None and req.top_p < 1.0:
                 scores = TopPLogitsWarper(top_p=req.top_p)(None, scores)
             probs = torch.softmax(scores, dim=-1).cpu()
-            tokens.append(int(torch.multinomial(probs, 1, generator=row.generator)))
+            tokens[pos] = int(torch.multinomial(probs, 1, generator=row.generator))
         return tokens
 
     def finish_token(self, row: _Row, token: int) -> bool:

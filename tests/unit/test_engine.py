@@ -1,0 +1,116 @@
+"""The in-flight engine in-process: joins mid-flight, streaming, cancellation, limits."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from images import PROMPTS
+
+from blip2_triton.engine import CancelledError, EngineLimits, InflightEngine, Job
+from blip2_triton.errors import InvalidRequestError
+from blip2_triton.generation import LanguageStage
+from blip2_triton.options import ServerOptions
+from blip2_triton.requests import GenerationRequest, ImageRequest
+from blip2_triton.vision import VisionStage
+
+
+class Collector:
+    def __init__(self, count: int) -> None:
+        self.results: dict[int, str | Exception] = {}
+        self.pieces: dict[int, list[str]] = {i: [] for i in range(count)}
+        self.count = count
+        self.all_done = threading.Event()
+
+    def job(self, i: int, request: GenerationRequest, *, stream: bool = True, **kwargs) -> Job:
+        def done(result: str | Exception) -> None:
+            assert i not in self.results, "on_done must be called exactly once"
+            self.results[i] = result
+            if len(self.results) == self.count:
+                self.all_done.set()
+
+        return Job(request=request, on_piece=self.pieces[i].append if stream else None, on_done=done, **kwargs)
+
+
+@pytest.fixture(scope="module", params=["opt", "t5"])
+def setup(request, tiny_model_dir: Path, tiny_t5_model_dir: Path, hf_reference, t5_reference, sample_images):
+    model_dir, reference = (tiny_model_dir, hf_reference) if request.param == "opt" else (
+        tiny_t5_model_dir, t5_reference)
+    options = ServerOptions(model_id=str(model_dir))
+    vision, language = VisionStage(options), LanguageStage(options)
+    names = sorted(sample_images)
+    embeds = dict(zip(names, vision.run([ImageRequest(sample_images[n]) for n in names]), strict=True))
+    return language, embeds, reference
+
+
+def test_jobs_joining_mid_flight_match_the_reference(setup, sample_images) -> None:
+    language, embeds, reference = setup
+    cases = [(name, PROMPTS[i % 2], 3 + (i * 7) % 30) for i, name in enumerate(sorted(embeds) * 2)]
+    collector = Collector(len(cases))
+    engine = InflightEngine(language, limits=EngineLimits(max_active=5))
+    try:
+        for i, (name, prompt, n) in enumerate(cases):
+            engine.submit([collector.job(i, GenerationRequest(query_embeds=embeds[name], prompt=prompt, max_tokens=n),
+                                         stream=i % 3 != 0)])
+            time.sleep(0.002)  # trickle in, so jobs join a batch that is already decoding
+        assert collector.all_done.wait(120)
+    finally:
+        engine.stop()
+    for i, (name, prompt, n) in enumerate(cases):
+        assert collector.results[i] == reference(sample_images[name], prompt, n)
+        if i % 3 != 0:
+            assert "".join(collector.pieces[i]) == collector.results[i]
+        else:
+            assert collector.pieces[i] == []
+
+
+def test_invalid_job_fails_alone(setup) -> None:
+    language, embeds, _ = setup
+    emb = next(iter(embeds.values()))
+    collector = Collector(2)
+    engine = InflightEngine(language)
+    try:
+        engine.submit([collector.job(0, GenerationRequest(query_embeds=emb, max_tokens=0)),
+                       collector.job(1, GenerationRequest(query_embeds=emb, max_tokens=3))])
+        assert collector.all_done.wait(60)
+    finally:
+        engine.stop()
+    assert isinstance(collector.results[0], InvalidRequestError)
+    assert isinstance(collector.results[1], str)
+
+
+def test_cancellation_stops_a_job_and_frees_its_slot(setup) -> None:
+    language, embeds, _ = setup
+    if not language.decoder_only:
+        pytest.skip("encoder-decoder requests are generated whole, between steps")
+    emb = next(iter(embeds.values()))
+    cancel = threading.Event()
+    collector = Collector(3)
+    engine = InflightEngine(language, limits=EngineLimits(max_active=1, cancel_check_interval_s=0.0))
+    try:
+        engine.submit([collector.job(0, GenerationRequest(query_embeds=emb, max_tokens=256),
+                                     is_cancelled=cancel.is_set)])
+        engine.submit([collector.job(1, GenerationRequest(query_embeds=emb, max_tokens=256), job_id="j1")])
+        engine.submit([collector.job(2, GenerationRequest(query_embeds=emb, max_tokens=4))])
+        cancel.set()
+        engine.cancel("j1")
+        assert collector.all_done.wait(60)
+    finally:
+        engine.stop()
+    assert isinstance(collector.results[0], CancelledError)
+    assert isinstance(collector.results[1], CancelledError)
+    # max_active=1: job 2 could only run once the cancelled ones left.
+    assert isinstance(collector.results[2], str) and collector.results[2]
+    assert engine.active_count == 0
+
+
+def test_stopped_engine_takes_no_work(setup) -> None:
+    language, embeds, _ = setup
+    emb = next(iter(embeds.values()))
+    collector = Collector(1)
+    engine = InflightEngine(language)
+    engine.stop()
+    engine.submit([collector.job(0, GenerationRequest(query_embeds=emb, max_tokens=3))])
+    assert not collector.all_done.wait(0.5), "a stopped engine takes no more work"
