@@ -144,7 +144,7 @@ def test_controls_reach_the_server(triton_server: Any, sample_images: dict[str, 
         assert isinstance(sampled, str)
 
 
-def test_health_metadata_and_streaming(url: str, protocol: str) -> None:
+def test_health_and_metadata(url: str, protocol: str) -> None:
     with Blip2Client(url, protocol=protocol) as client:
         assert client.is_live()
         assert client.is_ready()
@@ -155,9 +155,10 @@ def test_health_metadata_and_streaming(url: str, protocol: str) -> None:
         assert inputs["image"] == "BYTES"
         assert inputs["max_tokens"] == "INT32"
         assert {t.name: t.datatype for t in meta.outputs} == {"text_output": "BYTES"}
-        # The server offers no streaming model (yet): a clear error, not a hang.
-        with pytest.raises(StreamingUnsupportedError, match="blip2_stream"):
-            client.stream(b"unused")
+        # Streaming needs gRPC; over HTTP a clear error, not a hang.
+        if protocol == "http":
+            with pytest.raises(StreamingUnsupportedError, match="grpc"):
+                client.stream(b"unused")
 
     async def run() -> None:
         async with AsyncBlip2Client(url, protocol=protocol) as client:
@@ -165,8 +166,26 @@ def test_health_metadata_and_streaming(url: str, protocol: str) -> None:
             assert await client.is_ready()
             await client.wait_until_ready(10)
             assert (await client.model_metadata()).name == "blip2"
-            with pytest.raises(StreamingUnsupportedError):
-                async for _ in client.stream(b"unused"):
-                    pass
+            if protocol == "http":
+                with pytest.raises(StreamingUnsupportedError):
+                    async for _ in client.stream(b"unused"):
+                        pass
 
     asyncio.run(run())
+
+
+def test_stream_without_a_streaming_model_is_a_clear_error(triton_server) -> None:
+    with Blip2Client(triton_server.grpc_url, protocol="grpc", stream_model_name="no_such_stream") as client, \
+            pytest.raises(StreamingUnsupportedError, match="no_such_stream"):
+        client.stream(b"unused")
+
+
+def test_async_stream_matches_the_reference(triton_server, sample_images, reference) -> None:
+    data = sample_images["gray_l_png"]
+
+    async def run() -> list[str]:
+        async with AsyncBlip2Client(triton_server.grpc_url, protocol="grpc") as client:
+            return [piece async for piece in client.stream(data, None, max_tokens=16)]
+
+    pieces = asyncio.run(run())
+    assert "".join(pieces) == reference(data, None, 16)
