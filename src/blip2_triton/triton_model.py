@@ -458,19 +458,25 @@ class _FrontEnd:
         self.pool = ThreadPoolExecutor(max_workers=int(self.params.get("max_inflight_requests") or 256),
                                        thread_name_prefix=f"blip2-{self.stage_name}")
 
-    def _tensors(self, request: Any, names: tuple[str, ...]) -> list[Any]:
-        tensors = (self.pb.get_input_tensor_by_name(request, n) for n in names)
-        return [t for t in tensors if t is not None]
+    def _read_inputs(self, request: Any) -> dict[str, Any]:
+        # Inputs are copied out on the execute() thread: the request's own tensors live in shared memory that
+        # Triton may reclaim once execute() returns, while the worker thread uses them later.
+        out = {}
+        for name in ("image", *self.input_names):
+            tensor = self.pb.get_input_tensor_by_name(request, name)
+            if tensor is not None:
+                out[name] = self.pb.Tensor(name, np.array(tensor.as_numpy(), copy=True))
+        return out
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
-            self.pool.submit(self._guarded, request, request.get_response_sender())
+            self.pool.submit(self._guarded, request, request.get_response_sender(), self._read_inputs(request))
         return None
 
-    def _guarded(self, request: Any, sender: Any) -> None:
+    def _guarded(self, request: Any, sender: Any, inputs: dict[str, Any]) -> None:
         pb = self.pb
         try:
-            final = self.handle(request, sender)
+            final = self.handle(request, sender, inputs)
         except Exception:
             log.exception("%s: request failed", self.stage_name)
             final = pb.InferenceResponse(error=pb.TritonError(f"{self.stage_name} failed; see server log"))
@@ -479,7 +485,7 @@ class _FrontEnd:
         else:
             sender.send(final, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
-    def handle(self, request: Any, sender: Any) -> Any:
+    def handle(self, request: Any, sender: Any, inputs: dict[str, Any]) -> Any:
         raise NotImplementedError
 
     def finalize(self) -> None:
@@ -492,9 +498,9 @@ class CollectorModel(_FrontEnd):
 
     stage_name = "generate"
 
-    def handle(self, request: Any, sender: Any) -> Any:
-        inputs = self._tensors(request, self.input_names)
-        return _bls_generate(self.pb, self.target, inputs, job_id=str(self._uuid()), stream=False)
+    def handle(self, request: Any, sender: Any, inputs: dict[str, Any]) -> Any:
+        tensors = [inputs[n] for n in self.input_names if n in inputs]
+        return _bls_generate(self.pb, self.target, tensors, job_id=str(self._uuid()), stream=False)
 
 
 class StreamModel(_FrontEnd):
@@ -535,15 +541,17 @@ class StreamModel(_FrontEnd):
                 except Exception:
                     log.exception("stream: passing on a cancellation failed")
 
-    def handle(self, request: Any, sender: Any) -> Any:
+    def handle(self, request: Any, sender: Any, inputs: dict[str, Any]) -> Any:
         pb = self.pb
-        image = self._tensors(request, ("image",))
+        if "image" not in inputs:
+            return pb.InferenceResponse(error=pb.TritonError("image: required input is missing",
+                                                             pb.TritonError.INVALID_ARG))
         vision = pb.InferenceRequest(model_name=self.vision, requested_output_names=["_query_embeds"],
-                                     inputs=image).exec()
+                                     inputs=[inputs["image"]]).exec()
         if vision.has_error():
             return pb.InferenceResponse(error=pb.TritonError(vision.error().message(), vision.error().code()))
         embeds = pb.get_output_tensor_by_name(vision, "_query_embeds")
-        inputs = [embeds, *self._tensors(request, self.input_names[1:])]
+        tensors = [embeds, *(inputs[n] for n in self.input_names[1:] if n in inputs)]
         job_id = str(self._uuid())
         with self._lock:
             self._watched[job_id] = request
@@ -552,7 +560,7 @@ class StreamModel(_FrontEnd):
             sender.send(pb.InferenceResponse(output_tensors=[pb.Tensor("text_output", tensor.as_numpy())]))
 
         try:
-            return _bls_generate(pb, self.target, inputs, job_id=job_id, stream=True, on_piece=piece)
+            return _bls_generate(pb, self.target, tensors, job_id=job_id, stream=True, on_piece=piece)
         finally:
             with self._lock:
                 self._watched.pop(job_id, None)
