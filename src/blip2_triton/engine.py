@@ -63,7 +63,9 @@ class EngineObserver:
 
     def on_finished(self, job: Job, outcome: str) -> None: ...
 
-    def on_active(self, active: int) -> None: ...
+    def on_active(self, active: int, waiting: int) -> None: ...
+
+    def on_admitted(self, waited_s: float) -> None: ...
 
 
 @dataclass
@@ -94,7 +96,7 @@ class InflightEngine:
         self._mask: torch.Tensor | None = None
         self._stopping = False
         self._cancelled_ids: set[str] = set()
-        self._reported_active = 0
+        self._reported = (0, 0)
         self._cancel_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="blip2-inflight-engine", daemon=True)
         self._thread.start()
@@ -141,8 +143,8 @@ class InflightEngine:
             self._finish(job, error)
         self._active, self._waiting = [], []
         self._cache, self._mask = None, None
-        self._reported_active = 0
-        self.observer.on_active(0)
+        self._reported = (0, 0)
+        self.observer.on_active(0, 0)
 
     def _finish(self, job: Job, result: str | Exception) -> None:
         if job.job_id is not None and self._cancelled_ids:
@@ -164,9 +166,10 @@ class InflightEngine:
         if admitted:
             self._prefill(admitted)
         self._trim_padding()
-        if len(self._active) != self._reported_active:
-            self._reported_active = len(self._active)
-            self.observer.on_active(self._reported_active)
+        counts = (len(self._active), len(self._waiting))
+        if counts != self._reported:
+            self._reported = counts
+            self.observer.on_active(*counts)
 
     def _budget(self, job: Job) -> int:
         assert job.row is not None and job.row.request.max_tokens is not None
@@ -193,6 +196,7 @@ class InflightEngine:
             if fits:
                 admitted.append(job)
                 used += self._budget(job)
+                self.observer.on_admitted(time.monotonic() - job.submitted_at)
             else:
                 self._waiting.append(job)
         if unstepped:

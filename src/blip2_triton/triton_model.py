@@ -173,6 +173,10 @@ class EngineMetrics:
             ("blip2_engine_step_sequences_total",
              "Sequences summed over forward passes; divided by steps it is the average executed batch size", counter),
             ("blip2_active_sequences", "Sequences decoding in the LLM stage right now", gauge),
+            ("blip2_waiting_sequences", "Sequences waiting for a slot in the LLM stage's running batch", gauge),
+            ("blip2_engine_queue_us_total",
+             "Time sequences waited for a slot in the running batch, summed (÷ admitted = mean)", counter),
+            ("blip2_engine_admitted_total", "Sequences admitted into the running batch", counter),
             ("blip2_time_to_first_token_us_total", "Submission-to-first-token time summed over requests", counter),
             ("blip2_first_tokens_total", "Requests that produced their first token", counter),
             ("blip2_requests_cancelled_total", "Generations stopped because their request was cancelled", counter),
@@ -192,8 +196,13 @@ def _engine_observer(metrics: EngineMetrics) -> Any:
             metrics.m["blip2_engine_step_sequences_total"].increment(active)
             metrics.m["blip2_generated_tokens_total"].increment(new_tokens)
 
-        def on_active(self, active: int) -> None:
+        def on_active(self, active: int, waiting: int) -> None:
             metrics.m["blip2_active_sequences"].set(active)
+            metrics.m["blip2_waiting_sequences"].set(waiting)
+
+        def on_admitted(self, waited_s: float) -> None:
+            metrics.m["blip2_engine_queue_us_total"].increment(int(waited_s * 1e6))
+            metrics.m["blip2_engine_admitted_total"].increment(1)
 
         def on_first_token(self, seconds: float) -> None:
             metrics.m["blip2_time_to_first_token_us_total"].increment(int(seconds * 1e6))

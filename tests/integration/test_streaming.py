@@ -142,6 +142,8 @@ def test_engine_metrics_count_tokens(triton_server, sample_images) -> None:
     assert metric(triton_server, "blip2_first_tokens_total", "blip2_llm") == first + 1
     assert metric(triton_server, "blip2_engine_steps_total", "blip2_llm") > steps
     assert 1 <= metric(triton_server, "blip2_generated_tokens_total", "blip2_llm") - tokens <= 6
+    assert metric(triton_server, "blip2_engine_admitted_total", "blip2_llm") >= first + 1
+    assert metric(triton_server, "blip2_waiting_sequences", "blip2_llm") == 0
 
 
 def test_static_scheduler_serves_the_same_text(tiny_model_dir, server_log_dir, sample_images, reference) -> None:
