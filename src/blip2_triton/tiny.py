@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,7 +40,7 @@ TINY_SEED = 1234
 _LOGIT_SCALE = 60.0
 
 
-def _build_tokenizer(out: Path):  # -> PreTrainedTokenizerFast
+def _build_tokenizer() -> PreTrainedTokenizerBase:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -68,7 +70,7 @@ def _build_tokenizer(out: Path):  # -> PreTrainedTokenizerFast
     )
 
 
-def _build_t5_tokenizer():  # -> PreTrainedTokenizerFast
+def _build_t5_tokenizer() -> PreTrainedTokenizerBase:
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -105,13 +107,53 @@ def _damp_unreadable_tokens(lm_head: torch.nn.Linear, tokenizer: PreTrainedToken
             lm_head.weight[token_id].mul_(0.02)
 
 
+@dataclass(frozen=True)
+class _Family:
+    build_tokenizer: Callable[[], PreTrainedTokenizerBase]
+    # Deliberately not 32 query tokens and not 224 px: code that hard-codes the published sizes fails here.
+    num_query_tokens: int
+    text_config: dict[str, object]
+    lm_std: float
+    logit_scale: float
+    generation: dict[str, int]
+    # Output rows to damp besides unreadable tokens (T5's <pad> is also its decoder start token: a random head
+    # that favours it generates nothing but padding).
+    damped: tuple[int, ...] = ()
+
+
+_FAMILIES = {
+    "opt": _Family(
+        build_tokenizer=lambda: _build_tokenizer(),
+        num_query_tokens=8,
+        text_config={
+            "model_type": "opt", "hidden_size": 64, "word_embed_proj_dim": 64, "ffn_dim": 256,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 512,
+            "bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 1, "tie_word_embeddings": False,
+            "do_layer_norm_before": True,
+        },
+        lm_std=0.08,
+        logit_scale=_LOGIT_SCALE,
+        generation={"bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 1},
+    ),
+    "t5": _Family(
+        build_tokenizer=lambda: _build_t5_tokenizer(),
+        num_query_tokens=6,
+        text_config={
+            "model_type": "t5", "d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_decoder_layers": 2,
+            "num_heads": 4, "feed_forward_proj": "gated-gelu", "is_encoder_decoder": True,
+            "tie_word_embeddings": False, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
+        },
+        lm_std=0.1,
+        logit_scale=_LOGIT_SCALE / 8,
+        generation={"decoder_start_token_id": 0, "eos_token_id": 1, "pad_token_id": 0},
+        damped=(0, 2),
+    ),
+}
+
+
 def write_tiny_model(
     out_dir: str | os.PathLike[str], *, family: str = "opt", seed: int = TINY_SEED
 ) -> Path:
-    if family == "t5":
-        return write_tiny_t5_model(out_dir, seed=seed)
-    if family != "opt":
-        raise ValueError(f"family must be 'opt' or 't5', got {family!r}")
     import torch
     from transformers import (
         Blip2Config,
@@ -121,56 +163,32 @@ def write_tiny_model(
         GenerationConfig,
     )
 
+    if family not in _FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(_FAMILIES)}, got {family!r}")
+    spec = _FAMILIES[family]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = _build_tokenizer(out)
     image_processor = BlipImageProcessor(
         size={"height": 64, "width": 64},
         image_mean=[0.48145466, 0.4578275, 0.40821073],
         image_std=[0.26862954, 0.26130258, 0.27577711],
         do_convert_rgb=True,
     )
-    # Deliberately not 32 query tokens and not 224 px: code that hard-codes the published sizes fails here.
-    num_query_tokens = 8
-    processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=num_query_tokens)
-    image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-    vocab_size = ((len(processor.tokenizer) + 63) // 64) * 64
-
+    processor = Blip2Processor(
+        image_processor=image_processor, tokenizer=spec.build_tokenizer(), num_query_tokens=spec.num_query_tokens
+    )
     config = Blip2Config(
         vision_config={
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "image_size": 64,
-            "patch_size": 16,
+            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "image_size": 64, "patch_size": 16,
         },
         qformer_config={
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "cross_attention_frequency": 1,
-            "vocab_size": 128,
-            "max_position_embeddings": 64,
+            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "cross_attention_frequency": 1, "vocab_size": 128, "max_position_embeddings": 64,
         },
-        text_config={
-            "model_type": "opt",
-            "vocab_size": vocab_size,
-            "hidden_size": 64,
-            "word_embed_proj_dim": 64,
-            "ffn_dim": 256,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "max_position_embeddings": 512,
-            "bos_token_id": 2,
-            "eos_token_id": 2,
-            "pad_token_id": 1,
-            "tie_word_embeddings": False,
-            "do_layer_norm_before": True,
-        },
-        num_query_tokens=num_query_tokens,
-        image_token_index=image_token_id,
+        text_config={**spec.text_config, "vocab_size": ((len(processor.tokenizer) + 63) // 64) * 64},
+        num_query_tokens=spec.num_query_tokens,
+        image_token_index=processor.tokenizer.convert_tokens_to_ids("<image>"),
     )
     torch.manual_seed(seed)
     model = Blip2ForConditionalGeneration(config).eval()
@@ -179,94 +197,18 @@ def write_tiny_model(
         # produce the same query embeddings; real-looking spread keeps captions image-dependent.
         for name, param in model.named_parameters():
             if param.dim() >= 2 and "norm" not in name:
-                param.normal_(0.0, 0.08 if name.startswith("language_model") else 0.15)
+                param.normal_(0.0, spec.lm_std if name.startswith("language_model") else 0.15)
         model.query_tokens.normal_(0.0, 1.0)
-        model.language_model.lm_head.weight.mul_(_LOGIT_SCALE)
-        _damp_unreadable_tokens(model.language_model.lm_head, processor.tokenizer)
-    model.generation_config = GenerationConfig(bos_token_id=2, eos_token_id=2, pad_token_id=1)
+        lm_head = model.language_model.lm_head
+        lm_head.weight.mul_(spec.logit_scale)
+        _damp_unreadable_tokens(lm_head, processor.tokenizer)
+        for token_id in spec.damped:
+            lm_head.weight[token_id].mul_(0.02)
+    model.generation_config = GenerationConfig(**spec.generation)
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     (out / "TINY_MODEL.json").write_text(
-        json.dumps({"seed": seed, "family": "opt", "generator": "blip2_triton.tiny"}) + "\n"
-    )
-    return out
-
-
-def _vision_and_qformer_configs() -> tuple[dict[str, int], dict[str, int]]:
-    vision = {
-        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "image_size": 64, "patch_size": 16,
-    }
-    qformer = {
-        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "cross_attention_frequency": 1, "vocab_size": 128, "max_position_embeddings": 64,
-    }
-    return vision, qformer
-
-
-def write_tiny_t5_model(out_dir: str | os.PathLike[str], *, seed: int = TINY_SEED) -> Path:
-    import torch
-    from transformers import (
-        Blip2Config,
-        Blip2ForConditionalGeneration,
-        Blip2Processor,
-        BlipImageProcessor,
-        GenerationConfig,
-    )
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    image_processor = BlipImageProcessor(
-        size={"height": 64, "width": 64},
-        image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711],
-        do_convert_rgb=True,
-    )
-    num_query_tokens = 6
-    processor = Blip2Processor(
-        image_processor=image_processor, tokenizer=_build_t5_tokenizer(), num_query_tokens=num_query_tokens
-    )
-    image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-    vision, qformer = _vision_and_qformer_configs()
-    config = Blip2Config(
-        vision_config=vision,
-        qformer_config=qformer,
-        text_config={
-            "model_type": "t5",
-            "vocab_size": ((len(processor.tokenizer) + 63) // 64) * 64,
-            "d_model": 64,
-            "d_kv": 16,
-            "d_ff": 128,
-            "num_layers": 2,
-            "num_decoder_layers": 2,
-            "num_heads": 4,
-            "feed_forward_proj": "gated-gelu",
-            "is_encoder_decoder": True,
-            "tie_word_embeddings": False,
-            "pad_token_id": 0,
-            "eos_token_id": 1,
-            "decoder_start_token_id": 0,
-        },
-        num_query_tokens=num_query_tokens,
-        image_token_index=image_token_id,
-    )
-    torch.manual_seed(seed)
-    model = Blip2ForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() >= 2 and "norm" not in name:
-                param.normal_(0.0, 0.1 if name.startswith("language_model") else 0.15)
-        model.query_tokens.normal_(0.0, 1.0)
-        model.language_model.lm_head.weight.mul_(_LOGIT_SCALE / 8)
-        _damp_unreadable_tokens(model.language_model.lm_head, processor.tokenizer)
-        # <pad> is also T5's decoder start token; a random head that favours it generates only padding.
-        for token_id in (0, 2):
-            model.language_model.lm_head.weight[token_id].mul_(0.02)
-    model.generation_config = GenerationConfig(decoder_start_token_id=0, eos_token_id=1, pad_token_id=0)
-    model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
-    (out / "TINY_MODEL.json").write_text(
-        json.dumps({"seed": seed, "family": "t5", "generator": "blip2_triton.tiny"}) + "\n"
+        json.dumps({"seed": seed, "family": family, "generator": "blip2_triton.tiny"}) + "\n"
     )
     return out
 
