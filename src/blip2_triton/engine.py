@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InvalidRequestError
-from .generation import LanguageStage, _Row
+from .generation import LanguageStage, _Row, select_rows
 from .requests import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -244,9 +244,7 @@ class InflightEngine:
             self._cache, self._mask = None, None
             return
         assert self._mask is not None
-        index = torch.tensor(keep, device=self._mask.device)
-        self._cache.batch_select_indices(index)
-        self._mask = self._mask.index_select(0, index)
+        self._mask = select_rows(self._cache, self._mask, keep)
 
     def _emit(self, job: Job, text: str, *, final: bool) -> None:
         if job.on_piece is None:
@@ -304,9 +302,7 @@ class InflightEngine:
         if not keep:
             return
         if len(keep) < len(jobs):
-            index = torch.tensor(keep, device=mask.device)
-            cache.batch_select_indices(index)
-            mask = mask.index_select(0, index)
+            mask = select_rows(cache, mask, keep)
         self._merge([jobs[i] for i in keep], cache, mask)
 
     def _merge(self, jobs: list[Job], cache: Any, mask: torch.Tensor) -> None:

@@ -30,6 +30,13 @@ from .requests import GenerationRequest
 log = logging.getLogger(__name__)
 
 
+def select_rows(cache: Any, mask: torch.Tensor, keep: list[int]) -> torch.Tensor:
+    """Keeps only the rows `keep` of a KV cache (in place) and its attention mask (returned)."""
+    index = torch.tensor(keep, device=mask.device)
+    cache.batch_select_indices(index)
+    return mask.index_select(0, index)
+
+
 @dataclass(eq=False)
 class _Row:
     request: GenerationRequest
@@ -295,9 +302,7 @@ class LanguageStage:
                 return
             if len(keep) < len(active):
                 # Retire finished rows from the KV cache so the remaining steps only pay for live sequences.
-                index = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(index)
-                mask = mask.index_select(0, index)
+                mask = select_rows(cache, mask, keep)
                 active = [active[k] for k in keep]
                 next_ids = [next_ids[k] for k in keep]
             mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
