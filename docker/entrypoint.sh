@@ -29,7 +29,28 @@ if [[ -n "${BLIP2_TRITON_ARGS:-}" ]]; then
     read -r -a extra_args <<<"${BLIP2_TRITON_ARGS}"
 fi
 
-exec "${TRITONSERVER:-tritonserver}" \
+# Triton 2.51 keeps reporting ready and live after a stage's Python stub process died, while every request fails,
+# and on SIGTERM fails ensemble requests still in flight. The watchdog wrapper (python -m blip2_triton.watchdog,
+# docs/ROBUSTNESS.md) kills the server when a stub dies, so the container exits (status 70) and the orchestrator
+# restarts it, and on SIGTERM drains in-flight requests before Triton stops its models. It runs tritonserver as
+# its child and forwards signals. BLIP2_WATCHDOG: 1 = required (the image sets it), 0 = off, unset = when
+# importable.
+watchdog=()
+case "${BLIP2_WATCHDOG:-auto}" in
+    0 | false | off) ;;
+    *)
+        if python3 -c "import blip2_triton.watchdog" 2>/dev/null; then
+            watchdog=(python3 -m blip2_triton.watchdog --)
+        elif [[ "${BLIP2_WATCHDOG:-auto}" == auto ]]; then
+            echo "entrypoint: blip2_triton is not importable; running tritonserver without the stub watchdog" >&2
+        else
+            echo "entrypoint: BLIP2_WATCHDOG=${BLIP2_WATCHDOG} but blip2_triton.watchdog is not importable" >&2
+            exit 1
+        fi
+        ;;
+esac
+
+exec "${watchdog[@]}" "${TRITONSERVER:-tritonserver}" \
     --model-repository="${model_repository}" \
     --model-control-mode=none \
     --strict-readiness=true \

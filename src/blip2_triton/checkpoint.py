@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,6 +27,21 @@ from .errors import ConfigurationError
 from .options import ServerOptions
 
 log = logging.getLogger(__name__)
+
+# Pickle weights (`pytorch_model.bin`) can run arbitrary code while loading; only safetensors are read unless
+# the operator opts in for a checkpoint they trust. Checkpoint code (`trust_remote_code`) is never run.
+ALLOW_PICKLE_ENV = "BLIP2_ALLOW_PICKLE"
+
+
+def pickle_allowed(env: Mapping[str, str] | None = None) -> bool:
+    value = (os.environ if env is None else env).get(ALLOW_PICKLE_ENV, "")
+    return value.strip().lower() in ("1", "true", "yes")
+
+
+def _has_only_pickle_weights(source: str) -> bool:
+    path = Path(source)
+    return path.is_dir() and not any(path.glob("*.safetensors")) and any(path.glob("*.bin"))
+
 
 # Checkpoint prefixes of the vision stage: everything `get_image_features` touches.
 VISION_PREFIXES = ("vision_model.", "query_tokens", "qformer.", "language_projection.")
@@ -167,15 +183,27 @@ def load_stage(stage: str, options: ServerOptions) -> LoadedStage:
     dtype = resolve_dtype(options.dtype, device)
     quant = quantization_config(options, dtype)
     cls = Blip2VisionStageModel if stage == "vision" else Blip2LanguageStageModel
-    kwargs: dict[str, Any] = {"dtype": dtype}
+    allow_pickle = pickle_allowed()
+    # None lets transformers fall back to .bin when no safetensors exist; True refuses it.
+    kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": None if allow_pickle else True,
+                              "trust_remote_code": False}
+    if allow_pickle:
+        log.warning("%s=1: pickle (.bin) weights may be loaded; only do this for checkpoints you trust",
+                    ALLOW_PICKLE_ENV)
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": device.index if device.type == "cuda" and device.index is not None
                                 else (0 if device.type == "cuda" else "cpu")}
     try:
         model = cls.from_pretrained(source, **kwargs)
-        processor = Blip2Processor.from_pretrained(source)
+        processor = Blip2Processor.from_pretrained(source, trust_remote_code=False)
     except OSError as e:
+        if not allow_pickle and _has_only_pickle_weights(source):
+            raise ConfigurationError(
+                f"checkpoint {source!r} has only pickle (.bin) weights, which are refused because loading them can "
+                f"run code; convert them to safetensors, or set {ALLOW_PICKLE_ENV}=1 (unsafe) for a trusted "
+                "checkpoint"
+            ) from e
         raise ConfigurationError(f"cannot load BLIP-2 checkpoint {source!r}: {e}") from e
     if quant is None:
         model = model.to(device)

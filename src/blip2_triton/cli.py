@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from .options import DEVICES, DTYPES, QUANTIZATIONS
@@ -21,6 +22,7 @@ def _absolute_if_local(model_id: str | None) -> str | None:
 
 def _serve(args: argparse.Namespace) -> int:
     from .launcher import LauncherError, TritonServer
+    from .watchdog import FAULT_EXIT_CODE
 
     server = TritonServer(
         model_repository=args.model_repository,
@@ -37,6 +39,7 @@ def _serve(args: argparse.Namespace) -> int:
         exit_timeout_s=args.exit_timeout_secs,
         startup_timeout_s=args.startup_timeout_s,
         extra_args=args.triton_args,
+        watchdog=not args.no_watchdog,
     )
     stop = threading.Event()
 
@@ -45,25 +48,53 @@ def _serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    try:
-        server.start()
-    except LauncherError as e:
-        print(f"blip2-triton: {e}", file=sys.stderr)
-        return 1
-    print(
-        f"blip2-triton: ready  http={server.http_url}  grpc={server.grpc_url}  metrics={server.metrics_url}",
-        file=sys.stderr,
-        flush=True,
-    )
-    assert server.process is not None
-    while not stop.is_set() and server.process.poll() is None:
-        stop.wait(0.5)
-    if server.process.poll() is not None:
-        print(f"blip2-triton: tritonserver exited with code {server.process.returncode}", file=sys.stderr)
-        return server.process.returncode or 1
-    print("blip2-triton: stopping (draining in-flight requests)", file=sys.stderr, flush=True)
-    code = server.stop()
-    return 0 if code in (0, -signal.SIGTERM) else int(code or 1)
+
+    def failure_code() -> int:
+        if server.fault:
+            return FAULT_EXIT_CODE
+        code = server.process.returncode if server.process is not None else None
+        return code if code is not None and code > 0 else 1
+
+    # Supervisor loop: every pass starts tritonserver and waits for a signal (drain and exit) or for the server
+    # to end (the watchdog killed it, or it crashed): restart within the budget, else exit non-zero.
+    restarts: list[float] = []
+    while True:
+        try:
+            server.start()
+            print(
+                f"blip2-triton: ready  http={server.http_url}  grpc={server.grpc_url}  metrics={server.metrics_url}",
+                file=sys.stderr,
+                flush=True,
+            )
+        except LauncherError as e:
+            print(f"blip2-triton: {e}", file=sys.stderr, flush=True)
+            if not restarts and not args.max_restarts:
+                return 1
+        process = server.process
+        assert process is not None
+        while not stop.is_set() and process.poll() is None:
+            stop.wait(0.2)
+        if process.poll() is None:
+            print("blip2-triton: stopping (draining in-flight requests)", file=sys.stderr, flush=True)
+            code = server.stop()
+            return 0 if code in (0, -signal.SIGTERM) else int(code or 1)
+        reason = server.fault or f"tritonserver exited with code {process.returncode}"
+        print(f"blip2-triton: {reason}", file=sys.stderr, flush=True)
+        now = time.monotonic()
+        restarts = [t for t in restarts if now - t < args.restart_window_s]
+        if stop.is_set() or len(restarts) >= args.max_restarts:
+            if args.max_restarts and not stop.is_set():
+                print(f"blip2-triton: {len(restarts)} restarts within {args.restart_window_s:.0f} s; giving up",
+                      file=sys.stderr, flush=True)
+            server.stop()
+            return failure_code()
+        restarts.append(now)
+        print(f"blip2-triton: restarting tritonserver ({len(restarts)}/{args.max_restarts} within "
+              f"{args.restart_window_s:.0f} s)", file=sys.stderr, flush=True)
+        # A server that fails at once would otherwise spin through its restarts in seconds.
+        if stop.wait(min(2.0 ** (len(restarts) - 1), 30.0)):
+            server.stop()
+            return failure_code()
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
@@ -89,10 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-port", type=int, default=8000)
     serve.add_argument("--grpc-port", type=int, default=8001)
     serve.add_argument("--metrics-port", type=int, default=8002)
-    serve.add_argument("--host", default="0.0.0.0", help="address to bind HTTP and gRPC to")
+    serve.add_argument("--host", default="0.0.0.0", help="address to bind HTTP and gRPC to")  # noqa: S104
     serve.add_argument("--model-repository", default=None)
     serve.add_argument("--exit-timeout-secs", type=int, default=30)
     serve.add_argument("--startup-timeout-s", type=float, default=1800.0)
+    serve.add_argument("--max-restarts", type=int, default=0,
+                       help="restart tritonserver when it dies or a stage's stub process dies, at most this many "
+                            "times within --restart-window-s (default 0: exit with an error and let the "
+                            "orchestrator restart the replica)")
+    serve.add_argument("--restart-window-s", type=float, default=600.0)
+    serve.add_argument("--no-watchdog", action="store_true",
+                       help="do not watch the stage stub processes (a dead stub then fails requests until restart)")
     serve.add_argument("triton_args", nargs="*", help="extra tritonserver arguments, after `--`")
     serve.set_defaults(func=_serve)
     tiny = sub.add_parser("tiny-model", help="write a tiny random-weight BLIP-2 checkpoint (OPT or FlanT5)")

@@ -8,13 +8,15 @@ directory, never in site-packages).
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -24,12 +26,28 @@ from pathlib import Path
 from types import TracebackType
 
 from .options import default_cache_dir, env_var
+from .watchdog import Endpoints, StubWatchdog, drain_and_stop, kill_server, stub_processes
+
+log = logging.getLogger(__name__)
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 
 
 class LauncherError(RuntimeError):
     pass
+
+
+# Triton's admin APIs: model load/unload and repository index, shared-memory registration, trace and log
+# settings. Inference callers must not reach them; Triton cannot switch them off, only require a header.
+RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
+ADMIN_KEY_HEADER = "triton-admin-key"
+# Same variable as docker/entrypoint.sh: the operator's key; unset means a random key, i.e. the APIs closed.
+ADMIN_KEY_ENV = "TRITON_ADMIN_KEY"
+
+
+def restricted_api_args(admin_key: str) -> list[str]:
+    spec = f"{','.join(RESTRICTED_APIS)}:{ADMIN_KEY_HEADER}={admin_key}"
+    return [f"--http-restricted-api={spec}", f"--grpc-restricted-protocol={spec}"]
 
 
 def _find_repository(env_name: str, candidates: tuple[Path, ...], ensemble: str) -> Path:
@@ -146,6 +164,11 @@ class TritonServer:
         log_path: str | os.PathLike[str] | None = None,
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        restrict_admin_apis: bool = True,
+        admin_key: str | None = None,
+        watchdog: bool = True,
+        watchdog_interval_s: float = 0.5,
+        drain_quiet_s: float = 1.0,
     ) -> None:
         self.model_repository = Path(model_repository) if model_repository else default_model_repository()
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
@@ -162,7 +185,19 @@ class TritonServer:
         if self.with_t5:
             self.repositories.append(default_t5_model_repository())
         self.extra_env = dict(env or {})
+        self.restrict_admin_apis = restrict_admin_apis
+        # Known to whoever started the server (tests, an operator's TRITON_ADMIN_KEY); random otherwise.
+        self.admin_key = admin_key or os.environ.get(ADMIN_KEY_ENV) or secrets.token_hex(32)
+        self.watchdog_enabled = watchdog
+        self.watchdog_interval_s = watchdog_interval_s
+        self.drain_quiet_s = drain_quiet_s
+        # Why the watchdog ended the server (a dead stub), or None.
+        self.fault: str | None = None
+        self.fault_event = threading.Event()
         self.process: subprocess.Popen[bytes] | None = None
+        self._watchdog: StubWatchdog | None = None
+        self._stop_lock = threading.Lock()
+        self._stop_code: int | None = None
         self._log_file = None
 
     @property
@@ -192,11 +227,20 @@ class TritonServer:
             # Model control stays off: clients cannot load/unload models on a serving replica.
             "--model-control-mode=none",
             "--log-verbose=0",
+            # Each Python stub starts with this much shared memory for tensors. Growing the region remaps it
+            # while the front ends' worker threads may hold tensors in it; a region that never needs to grow
+            # under normal load avoids that (pages are only used when touched).
+            "--backend-config=python,shm-default-byte-size=67108864",
+            "--backend-config=python,shm-growth-byte-size=16777216",
         ]
-        if self.host not in ("0.0.0.0", ""):
+        if self.host not in ("0.0.0.0", ""):  # noqa: S104  (a wildcard needs no address flag)
             cmd += [f"--http-address={self.host}", f"--grpc-address={self.host}"]
         if install.backend_directory is not None:
             cmd.append(f"--backend-directory={install.backend_directory}")
+        user_restricts = any(a.startswith(("--http-restricted-api", "--grpc-restricted-protocol"))
+                             for a in self.extra_args)
+        if self.restrict_admin_apis and not user_restricts:
+            cmd += restricted_api_args(self.admin_key)
         return cmd + self.extra_args
 
     def environment(self, install: TritonInstall) -> dict[str, str]:
@@ -214,6 +258,7 @@ class TritonServer:
         return env
 
     def start(self) -> TritonServer:
+        """Starts tritonserver and waits until it is ready; callable again after the server ended."""
         install = find_tritonserver()
         cmd = self.command(install)
         stdout = None
@@ -221,7 +266,10 @@ class TritonServer:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log_file = open(self.log_path, "ab")  # noqa: SIM115  (closed in stop())
             stdout = self._log_file
-        self.process = subprocess.Popen(
+        self.fault = None
+        self.fault_event.clear()
+        self._stop_code = None
+        self.process = subprocess.Popen(  # noqa: S603  (our own command line: the tritonserver binary + flags)
             cmd, env=self.environment(install), stdout=stdout, stderr=subprocess.STDOUT if stdout else None
         )
         try:
@@ -229,11 +277,29 @@ class TritonServer:
         except BaseException:
             self.stop()
             raise
+        if self.watchdog_enabled:
+            self._watchdog = StubWatchdog(self.process.pid, self._on_fault, interval_s=self.watchdog_interval_s)
+            self._watchdog.start()
         return self
+
+    def _on_fault(self, reason: str) -> None:
+        # Runs on the watchdog thread: end the replica now so probes fail and a supervisor can restart it.
+        log.error("tritonserver: %s; killing tritonserver", reason)
+        self.fault = reason
+        proc, watchdog = self.process, self._watchdog
+        if proc is not None:
+            kill_server(proc, list(watchdog.stubs.values()) if watchdog else [])
+        self.fault_event.set()
+
+    def stub_pids(self) -> dict[str, int]:
+        """Model instance name -> stub pid of the running server (for fault tests and diagnostics)."""
+        if self.process is None:
+            return {}
+        return {s.instance: s.pid for s in stub_processes(self.process.pid).values()}
 
     def is_ready(self, timeout_s: float = 2.0) -> bool:
         try:
-            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=timeout_s) as r:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=timeout_s) as r:  # noqa: S310
                 return r.status == 200
         except (urllib.error.URLError, OSError):
             return False
@@ -256,20 +322,31 @@ class TritonServer:
         return "\n--- tritonserver log tail ---\n" + "\n".join(tail)
 
     def stop(self, timeout_s: float | None = None) -> int | None:
+        """Graceful stop: in-flight requests finish (see watchdog.drain_and_stop), new ones are refused."""
+        with self._stop_lock:
+            return self._stop(timeout_s)
+
+    def _stop(self, timeout_s: float | None) -> int | None:
         proc = self.process
         if proc is None:
             return None
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout_s if timeout_s is not None else self.exit_timeout_s + 15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host  # noqa: S104  (wildcard -> loopback)
+            endpoints = Endpoints((host, self.http_port), f"http://{host}:{self.metrics_port}/metrics")
+            # 0 also when the drained server had to be ended because idle client connections held it.
+            self._stop_code = drain_and_stop(
+                proc,
+                endpoints,
+                exit_timeout_s=timeout_s if timeout_s is not None else self.exit_timeout_s,
+                quiet_s=self.drain_quiet_s,
+            )
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
-        return proc.returncode
+        return self._stop_code if self._stop_code is not None else proc.returncode
 
     def __enter__(self) -> TritonServer:
         return self.start()

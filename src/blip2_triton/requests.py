@@ -10,6 +10,10 @@ import numpy as np
 from .errors import InvalidRequestError
 from .options import ServerOptions
 
+# Upper bound on the UTF-8 size of one token of the BPE vocabularies BLIP-2 uses (OPT/GPT-2's longest are runs of
+# 64 repeated characters; T5's sentencepiece pieces are shorter).
+MAX_BYTES_PER_TOKEN = 128
+
 
 @dataclass
 class ImageRequest:
@@ -58,6 +62,14 @@ class GenerationRequest:
             raise InvalidRequestError("_query_embeds: expected finite values, got NaN or inf")
         if self.prompt is not None and "\x00" in self.prompt:
             raise InvalidRequestError("text_input: NUL characters are not allowed")
+        if self.prompt is not None:
+            # Checked before tokenizing: a multi-megabyte prompt would cost the whole batch seconds of CPU only to
+            # be refused by the token limit. No BPE token is longer than this, so every refused prompt is one the
+            # token limit would refuse too.
+            limit = options.max_prompt_tokens * MAX_BYTES_PER_TOKEN
+            size = len(self.prompt.encode("utf-8", errors="surrogatepass"))
+            if size > limit:
+                raise InvalidRequestError(f"text_input: expected at most {limit} bytes, got {size}")
         if self.max_tokens is None:
             self.max_tokens = options.default_max_tokens
         if not 1 <= self.max_tokens <= options.max_max_tokens:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import warnings
 
 import numpy as np
@@ -19,18 +20,31 @@ from .requests import ImageRequest
 log = logging.getLogger(__name__)
 
 ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"})
+# A progressive JPEG re-walks every block of the image once per scan, so a small file with thousands of tiny
+# scans costs minutes of CPU at the pixel limit. Encoders write about 10; libjpeg-turbo's own tools cap at 500.
+MAX_JPEG_SCANS = 500
+_JPEG_SOS = b"\xff\xda"
+# Decoder messages may name files or objects of the server process; clients get them without.
+_UNSAFE_DETAIL = re.compile(r"(?:[A-Za-z]:)?[/\\][^\s:;,)]+|<[^>]*>|0x[0-9a-fA-F]+")
+
+
+def _client_detail(error: BaseException) -> str:
+    text = _UNSAFE_DETAIL.sub("…", str(error)).strip()
+    return (text[:160] + "…" if len(text) > 160 else text) or type(error).__name__
 
 
 def decode_image(request: ImageRequest, options: ServerOptions) -> Image.Image:
     """Decodes like the HF reference (`Image.open(f).convert("RGB")`), within the configured limits.
 
-    Animated images yield their first frame; EXIF orientation is not applied, as in the reference.
+    Animated images yield their first frame; EXIF orientation is not applied, as in the reference. No draft or
+    reduced decoding: an image within the limits decodes to exactly the reference's pixels.
     """
     request.validate(options)
     try:
         with warnings.catch_warnings():
-            # PIL's own bomb check warns at its default limit; ours below is the one that decides.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # PIL warns about corrupt metadata and at its own bomb limit (ours below decides); per-request
+            # warnings from untrusted input would only flood the server log.
+            warnings.simplefilter("ignore")
             img = Image.open(io.BytesIO(request.data))
             fmt = img.format or "unknown"
             if fmt not in ACCEPTED_FORMATS:
@@ -44,6 +58,11 @@ def decode_image(request: ImageRequest, options: ServerOptions) -> Image.Image:
                 raise InvalidRequestError(
                     f"image: expected at most {options.max_image_pixels} pixels, got {width}x{height}"
                 )
+            if fmt in ("JPEG", "MPO"):
+                # Stuffing turns every 0xFF of entropy-coded data into FF 00, so FF DA is always a marker.
+                scans = request.data.count(_JPEG_SOS)
+                if scans > MAX_JPEG_SCANS:
+                    raise InvalidRequestError(f"image: expected at most {MAX_JPEG_SCANS} JPEG scans, got {scans}")
             img.load()
             return img.convert("RGB")
     except InvalidRequestError:
@@ -55,8 +74,13 @@ def decode_image(request: ImageRequest, options: ServerOptions) -> Image.Image:
         ) from e
     except UnidentifiedImageError as e:
         raise InvalidRequestError("image: bytes are not a supported image file") from e
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise InvalidRequestError(f"image: corrupt or truncated image data ({e})") from e
+    except MemoryError:
+        # Within the pixel limit this is the server running short, not the request's fault.
+        raise
+    except Exception as e:
+        # Any other decoder failure on untrusted bytes (PIL raises OSError, SyntaxError, ValueError, EOFError,
+        # struct.error, IndexError, ... on malformed files) is this request's problem alone.
+        raise InvalidRequestError(f"image: corrupt or truncated image data ({_client_detail(e)})") from e
 
 
 class VisionStage:
