@@ -73,6 +73,12 @@ def _from_server_exception(exc: InferenceServerException) -> Blip2Error:
     return Blip2Error(message, status=status)
 
 
+def _is_closed_connection(exc: BaseException) -> bool:
+    # geventhttpclient's HTTPConnectionClosed (a server that stops or drains closes the connection mid-request)
+    # is an http.client.HTTPException, not an OSError.
+    return type(exc).__name__ in ("HTTPConnectionClosed", "RemoteDisconnected", "IncompleteRead")
+
+
 def _is_aiohttp_connection_error(exc: BaseException) -> bool:
     aiohttp = sys.modules.get("aiohttp")
     return aiohttp is not None and isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError))
@@ -100,6 +106,6 @@ def map_error(exc: BaseException) -> Blip2Error:
     # Checked before connection errors: aiohttp's ServerTimeoutError is both.
     if isinstance(exc, _TIMEOUT_TYPES):
         return DeadlineExceededError(str(exc) or "deadline exceeded")
-    if isinstance(exc, OSError) or _is_aiohttp_connection_error(exc):
+    if isinstance(exc, OSError) or _is_aiohttp_connection_error(exc) or _is_closed_connection(exc):
         return ServerUnavailableError(str(exc) or type(exc).__name__)
     return Blip2Error(f"{type(exc).__name__}: {exc}")

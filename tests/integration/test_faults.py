@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from blip2_client import Blip2Client, Blip2Error, InvalidInputError, ServerUnavailableError
+from blip2_client import Blip2Client, ServerUnavailableError
 from triton_helpers import Clients, start_server
 
 from blip2_triton.launcher import free_port
@@ -218,9 +218,8 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(
             time.sleep(0.5)
             # New HTTP connections are refused at once: readiness probes and HTTP clients see the replica gone.
             assert http_status(f"{server.http_url}/v2/health/ready") != 200
-            with Blip2Client(server.http_url, protocol="http") as client, pytest.raises(Blip2Error) as refused:
+            with Blip2Client(server.http_url, protocol="http") as client, pytest.raises(ServerUnavailableError):
                 client.caption(data, max_tokens=3)
-            assert not isinstance(refused.value, InvalidInputError)
             # gRPC requests arriving during the drain are still served (Triton 2.51 cannot refuse them while
             # keeping ensembles in flight) or, once the drain is over, refused as unavailable.
             late = pool.submit(clients["grpc"].infer, data, None, max_tokens=5)

@@ -113,3 +113,11 @@ def test_raw_grpc_errors(code: grpc.StatusCode, expected: type[Blip2Error]) -> N
 def test_blip2_errors_pass_through() -> None:
     err = InvalidInputError("x")
     assert map_error(err) is err
+
+
+def test_a_connection_closed_mid_request_is_unavailable() -> None:
+    from blip2_client._errors import ServerUnavailableError as Unavailable
+    from blip2_client._errors import map_error as mapped
+    from geventhttpclient.response import HTTPConnectionClosed
+
+    assert isinstance(mapped(HTTPConnectionClosed("connection closed.")), Unavailable)
