@@ -1,0 +1,184 @@
+"""GPU check for one H100/H200-class GPU: blip2-opt-2.7b's exact shapes, random weights, float16, no downloads.
+
+    .venv/bin/python bench/gpu_check.py                                # on the GPU machine (< 8 min)
+    .venv/bin/python bench/gpu_check.py --device cpu --tiny-shapes     # smoke test anywhere (seconds)
+
+Runs the serving code's own stages in-process (`VisionStage` + `LanguageStage`, one shared model) and prints
+one JSON object:
+  single_request   latency of one request generating 16 tokens (vision + LLM, and each part), plus HF
+                   `generate` on the same model for comparison (TensorRT-LLM publishes 41.9 ms for this case)
+  concurrency_32   requests/s and tokens/s with 32 requests batched through both stages
+Generation never stops early (the EOS logit is pinned at zero), so every request does the same work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import random_blip2
+from bench_throughput import pattern_jpeg, tagged
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    return {
+        "median_ms": round(statistics.median(ordered) * 1e3, 2),
+        "min_ms": round(ordered[0] * 1e3, 2),
+        "max_ms": round(ordered[-1] * 1e3, 2),
+        "runs": len(ordered),
+    }
+
+
+def build_stages(shapes: random_blip2.Shapes, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any, Any]:
+    from blip2_triton.checkpoint import LoadedStage, count_parameters
+    from blip2_triton.generation import LanguageStage
+    from blip2_triton.options import ServerOptions
+    from blip2_triton.vision import VisionStage
+
+    model, processor = random_blip2.build_model(shapes, dtype=dtype, device=device)
+    count, nbytes = count_parameters(model)
+    loaded = LoadedStage(model, processor, model.config, f"random:{shapes.name}", device, dtype, count, nbytes)
+    dtype_name = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype]
+    # No cache: every request must pay the vision stage, as a new image would.
+    options = ServerOptions(dtype=dtype_name, device=device.type, embedding_cache_bytes=0)
+    options.validate()
+    return VisionStage(options, loaded=loaded), LanguageStage(options, loaded=loaded), loaded
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
+                   help="default float16 on cuda, float32 on cpu")
+    p.add_argument("--tiny-shapes", action="store_true", help="a tiny model, for a smoke test")
+    p.add_argument("--tokens", type=int, default=16)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--latency-runs", type=int, default=10)
+    p.add_argument("--batches", type=int, default=3)
+    p.add_argument("--budget-s", type=float, default=420.0, help="skip remaining phases past this (8 min limit)")
+    p.add_argument("--output", type=Path, default=None, help="also write the JSON here")
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("no CUDA device is visible; use --device cpu --tiny-shapes for a smoke test")
+    dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
+    shapes = random_blip2.TINY if args.tiny_shapes else random_blip2.OPT_2_7B
+    torch.manual_seed(0)
+
+    from blip2_triton.requests import GenerationRequest, ImageRequest
+
+    report: dict[str, Any] = {
+        "shapes": shapes.name, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__, "tokens": args.tokens, "concurrency": args.concurrency,
+    }
+    if device.type == "cuda":
+        report["gpu"] = torch.cuda.get_device_name(device)
+    vision, llm, loaded = build_stages(shapes, device, dtype)
+    report["parameters"] = loaded.parameter_count
+    report["build_s"] = round(time.perf_counter() - t0, 1)
+    base = [pattern_jpeg(seed, 640, 480) for seed in range(8)]
+    counter = iter(range(10**9))
+
+    def images(n: int) -> list[bytes]:
+        # New bytes every time (a JPEG comment), as distinct user images would be.
+        return [tagged(base[i % len(base)], f"gpu-check-{next(counter)}") for i in range(n)]
+
+    def one(image: bytes) -> tuple[float, float, str]:
+        t = time.perf_counter()
+        (emb,) = vision.run([ImageRequest(image)])
+        _sync(device)
+        t_vision = time.perf_counter() - t
+        (text,) = llm.run([GenerationRequest(query_embeds=emb, max_tokens=args.tokens)])
+        _sync(device)
+        return t_vision, time.perf_counter() - t, str(text)
+
+    def batch(n: int) -> float:
+        t = time.perf_counter()
+        embeds = vision.run([ImageRequest(b) for b in images(n)])
+        texts = llm.run([GenerationRequest(query_embeds=e, max_tokens=args.tokens) for e in embeds])
+        _sync(device)
+        assert all(isinstance(x, str) for x in texts), texts
+        return time.perf_counter() - t
+
+    # Warm-up: kernel selection, allocator growth and lazy initialisation belong to no measured request.
+    for image in images(2):
+        one(image)
+    batch(args.concurrency)
+    report["warmup_done_s"] = round(time.perf_counter() - t0, 1)
+
+    vision_s, total_s = [], []
+    for image in images(args.latency_runs):
+        t_vision, t_total, text = one(image)
+        vision_s.append(t_vision)
+        total_s.append(t_total)
+    llm_s = [t - v for t, v in zip(total_s, vision_s, strict=True)]
+    report["single_request"] = {
+        "end_to_end": _percentiles(total_s),
+        "vision": _percentiles(vision_s),
+        "llm": _percentiles(llm_s),
+        "llm_ms_per_token": round(statistics.median(llm_s) * 1e3 / args.tokens, 2),
+        "sample_text": text,
+    }
+
+    if time.perf_counter() - t0 < args.budget_s:
+        report["single_request"]["hf_generate"] = hf_generate_latency(loaded, base[0], args.tokens, device, runs=5)
+
+    times = []
+    for _ in range(args.batches):
+        if time.perf_counter() - t0 > args.budget_s:
+            report["skipped"] = "concurrency batches cut short by --budget-s"
+            break
+        times.append(batch(args.concurrency))
+    if times:
+        n = args.concurrency * len(times)
+        report["concurrency_32"] = {
+            "requests_per_s": round(n / sum(times), 2),
+            "tokens_per_s": round(n * args.tokens / sum(times), 1),
+            "batch_latency": _percentiles(times),
+        }
+    if device.type == "cuda":
+        report["max_memory_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    report["total_s"] = round(time.perf_counter() - t0, 1)
+    text_out = json.dumps(report, indent=2)
+    print(text_out)
+    if args.output:
+        args.output.write_text(text_out + "\n")
+    return report
+
+
+@torch.inference_mode()
+def hf_generate_latency(loaded: Any, image: bytes, tokens: int, device: torch.device, runs: int) -> dict[str, Any]:
+    """The reference path on the same weights: processor + `Blip2ForConditionalGeneration.generate`."""
+    from PIL import Image
+
+    processor, model = loaded.processor, loaded.model
+    times = []
+    for i in range(runs + 1):
+        t = time.perf_counter()
+        inputs = processor(images=Image.open(io.BytesIO(image)).convert("RGB"), return_tensors="pt").to(device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
+        model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens)
+        _sync(device)
+        if i:  # the first call is warm-up
+            times.append(time.perf_counter() - t)
+    return _percentiles(times)
+
+
+if __name__ == "__main__":
+    main()
