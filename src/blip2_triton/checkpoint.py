@@ -49,7 +49,9 @@ LLM_PREFIXES = ("language_model.",)
 
 
 def tiny_dirname(family: str) -> str:
-    return f"tiny-blip2-{family}"
+    from .tiny import TINY_VERSION
+
+    return f"tiny-blip2-{family}-v{TINY_VERSION}"
 
 
 def ensure_tiny_model(cache_dir: Path, family: str = "opt") -> Path:

@@ -34,6 +34,8 @@ _CORPUS = (
 )
 
 TINY_SEED = 1234
+# Bumped whenever the generator's output changes, so a cached embedded default from an older release is not reused.
+TINY_VERSION = 2
 # Logit scale for the output head: random heads produce logits of ~1e-2 spread, where greedy picks
 # would flip on float noise between batched and single-request execution. A large scale gives the top
 # two candidates margins orders of magnitude above that noise, which the equality tests rely on.
@@ -208,7 +210,8 @@ def write_tiny_model(
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     (out / "TINY_MODEL.json").write_text(
-        json.dumps({"seed": seed, "family": family, "generator": "blip2_triton.tiny"}) + "\n"
+        json.dumps({"seed": seed, "family": family, "version": TINY_VERSION, "generator": "blip2_triton.tiny"})
+        + "\n"
     )
     return out
 

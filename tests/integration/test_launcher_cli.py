@@ -14,6 +14,7 @@ import pytest
 import tritonclient.http as httpclient
 from triton_helpers import infer
 
+from blip2_triton.checkpoint import tiny_dirname
 from blip2_triton.launcher import free_port
 
 
@@ -53,7 +54,7 @@ def test_serve_without_arguments_serves_the_tiny_model(tmp_path: Path, sample_im
         assert infer(client, data, None, max_tokens=9) == reference(data, None, 9)
         # An open keep-alive connection would hold Triton's shutdown for the whole exit timeout.
         client.close()
-        assert (tmp_path / "cache" / "tiny-blip2-opt" / "model.safetensors").exists()
+        assert (tmp_path / "cache" / tiny_dirname("opt") / "model.safetensors").exists()
     finally:
         code = _stop(proc)
     assert code == 0, (tmp_path / "serve.log").read_text()[-2000:]

@@ -3,8 +3,8 @@ from pathlib import Path
 from safetensors.torch import load_file
 from transformers import Blip2Config, Blip2Processor
 
-from blip2_triton.checkpoint import ensure_tiny_model
-from blip2_triton.tiny import write_tiny_model
+from blip2_triton.checkpoint import ensure_tiny_model, tiny_dirname
+from blip2_triton.tiny import TINY_VERSION, write_tiny_model
 
 
 def test_tiny_model_is_deterministic_and_complete(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -24,4 +24,6 @@ def test_embedded_default_is_generated_once(tmp_path: Path) -> None:
     stamp = (first / "model.safetensors").stat().st_mtime_ns
     assert ensure_tiny_model(tmp_path) == first
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp
-    assert [p.name for p in tmp_path.iterdir()] == ["tiny-blip2-opt"]
+    assert [p.name for p in tmp_path.iterdir()] == [tiny_dirname("opt")]
+    # A cache written by another generator version is not reused.
+    assert tiny_dirname("opt").endswith(f"-v{TINY_VERSION}")
