@@ -130,6 +130,14 @@ def test_supervisor_restarts_the_replica_after_a_stub_dies(
         stub = stub_of(triton, "blip2_vision")
         regions = [s.shm_region for s in stubs.values() if s.shm_region]
         assert regions and all((Path("/dev/shm") / r).exists() for r in regions)
+        # Region names repeat in the restarted server, so "removed" means: gone, or a different file now.
+        inodes = {r: (Path("/dev/shm") / r).stat().st_ino for r in regions}
+
+        def old_region_left(region: str) -> bool:
+            try:
+                return (Path("/dev/shm") / region).stat().st_ino == inodes[region]
+            except FileNotFoundError:
+                return False
 
         killed = time.monotonic()
         os.kill(stub.pid, signal.SIGKILL)
@@ -140,10 +148,16 @@ def test_supervisor_restarts_the_replica_after_a_stub_dies(
         print(f"stub death -> readiness gone in {detection_s:.2f} s")
         # The broken server and its other stubs are gone, with their shared-memory regions.
         deadline = time.monotonic() + 5
-        while not all(gone(pid) for pid in (triton, *stubs)) and time.monotonic() < deadline:
+
+        def cleaned() -> bool:
+            # The watchdog unlinks the regions right after the processes exit: wait for both.
+            processes_gone = all(gone(pid) for pid in (triton, *stubs))
+            return processes_gone and not any(old_region_left(r) for r in regions)
+
+        while not cleaned() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert all(gone(pid) for pid in (triton, *stubs))
-        assert not any((Path("/dev/shm") / r).exists() for r in regions)
+        assert not any(old_region_left(r) for r in regions)
 
         _wait_for_log(proc, log, "blip2-triton: ready", 2, 300)
         text = log.read_text()
