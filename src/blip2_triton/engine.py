@@ -206,6 +206,7 @@ class InflightEngine:
     def _run_static(self, jobs: list[Job]) -> None:
         # One batched `LanguageStage.run` between two steps of the running batch.
         results = self.stage.run([j.request for j in jobs])
+        self.observer.on_step(len(jobs), 0)
         for job, result in zip(jobs, results, strict=True):
             if isinstance(result, str):
                 self._emit(job, result, final=True)

@@ -366,6 +366,9 @@ class LanguageModel(StageModel):
                 _Responder(self.pb, sender, 1, stream=False, errors_as_data=as_data).done(0, e)
                 continue
             responder = _Responder(self.pb, sender, len(rows), stream=stream, errors_as_data=as_data)
+            if job_id is not None:
+                # An empty acknowledgement lets the BLS caller's exec() return now rather than at the first text.
+                sender.send(self.pb.InferenceResponse(output_tensors=[]))
             if self.engine is None:
                 static.append((responder, rows))
                 continue
@@ -405,10 +408,9 @@ class LanguageModel(StageModel):
             self.engine.stop()
 
 
-def _bls_generate(pb: Any, target: str, inputs: list[Any], *, job_id: str, stream: bool,
-                  on_piece: Callable[[Any], None] | None = None) -> Any:
-    """Runs one request through the decoupled LLM stage via BLS. Streams text pieces (output tensors) to
-    `on_piece`; returns the final InferenceResponse to send (text, or the error with its class restored)."""
+def _bls_start(pb: Any, target: str, inputs: list[Any], *, job_id: str, stream: bool) -> Any:
+    """Sends one request to the decoupled LLM stage through BLS; returns its response iterator. The stage
+    acknowledges BLS jobs at once (an empty response), so this returns before generation ends."""
     rows = inputs[0].as_numpy().shape[0]
     bls = pb.InferenceRequest(
         model_name=target,
@@ -419,9 +421,16 @@ def _bls_generate(pb: Any, target: str, inputs: list[Any], *, job_id: str, strea
             pb.Tensor("_job_id", np.full((rows, 1), job_id.encode(), dtype=np.object_)),
         ],
     )
+    return bls.exec(decoupled=True)
+
+
+def _bls_collect(pb: Any, target: str, responses: Any, *, stream: bool,
+                 on_piece: Callable[[Any], bool] | None = None) -> Any:
+    """Reads an LLM-stage response stream. Streams text pieces (output tensors) to `on_piece`, which returns
+    False to stop early; returns the final InferenceResponse to send (text, or the error with its class)."""
     codes = {v: k for k, v in ERROR_CODES.items()}
     final = None
-    for response in bls.exec(decoupled=True):
+    for response in responses:
         if response.has_error():
             log.error("%s failed: %s", target, response.error().message())
             return pb.InferenceResponse(error=pb.TritonError("generation failed; see server log"))
@@ -434,7 +443,8 @@ def _bls_generate(pb: Any, target: str, inputs: list[Any], *, job_id: str, strea
             message = tensor.as_numpy().reshape(-1)[0].decode("utf-8", "replace")
             return pb.InferenceResponse(error=pb.TritonError(message, getattr(pb.TritonError, name)))
         if stream and on_piece is not None:
-            on_piece(tensor)
+            if not on_piece(tensor):
+                return None
         else:
             final = pb.InferenceResponse(output_tensors=[pb.Tensor("text_output", tensor.as_numpy())])
     if stream:
@@ -443,8 +453,9 @@ def _bls_generate(pb: Any, target: str, inputs: list[Any], *, job_id: str, strea
 
 
 class _FrontEnd:
-    """Common part of the weightless models in front of the LLM stage: a worker thread per request, so
-    `execute` returns at once and requests keep flowing into the in-flight batch."""
+    """Common part of the weightless models in front of the LLM stage. Single-threaded on purpose: the Python
+    backend's stub is not safe for BLS calls and response senders driven from worker threads (stubs crashed
+    under load that way), so concurrency comes from several instances and from the LLM stage's engine."""
 
     stage_name = "frontend"
 
@@ -453,7 +464,6 @@ class _FrontEnd:
 
     def initialize(self, args: dict[str, Any]) -> None:
         import uuid
-        from concurrent.futures import ThreadPoolExecutor
 
         from .serving import LLM_INPUTS
 
@@ -463,53 +473,40 @@ class _FrontEnd:
         self.target = self.params.get("llm_model") or "blip2_llm"
         self.input_names = LLM_INPUTS
         self._uuid = uuid.uuid4
-        # One thread per in-flight request: each waits on its BLS response stream.
-        self.pool = ThreadPoolExecutor(max_workers=int(self.params.get("max_inflight_requests") or 256),
-                                       thread_name_prefix=f"blip2-{self.stage_name}")
 
-    def _read_inputs(self, request: Any) -> dict[str, Any]:
-        # Inputs are copied out on the execute() thread: the request's own tensors live in shared memory that
-        # Triton may reclaim once execute() returns, while the worker thread uses them later.
-        out = {}
-        for name in ("image", *self.input_names):
-            tensor = self.pb.get_input_tensor_by_name(request, name)
-            if tensor is not None:
-                out[name] = self.pb.Tensor(name, np.array(tensor.as_numpy(), copy=True))
-        return out
+    def _inputs(self, request: Any, names: tuple[str, ...]) -> list[Any]:
+        tensors = (self.pb.get_input_tensor_by_name(request, n) for n in names)
+        return [t for t in tensors if t is not None]
 
-    def execute(self, requests: list[Any]) -> None:
-        for request in requests:
-            self.pool.submit(self._guarded, request, request.get_response_sender(), self._read_inputs(request))
-        return None
-
-    def _guarded(self, request: Any, sender: Any, inputs: dict[str, Any]) -> None:
-        pb = self.pb
-        try:
-            final = self.handle(request, sender, inputs)
-        except Exception:
-            log.exception("%s: request failed", self.stage_name)
-            final = pb.InferenceResponse(error=pb.TritonError(f"{self.stage_name} failed; see server log"))
-        if final is None:
-            sender.send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        else:
-            sender.send(final, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-
-    def handle(self, request: Any, sender: Any, inputs: dict[str, Any]) -> Any:
-        raise NotImplementedError
-
-    def finalize(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+    def _failed(self, stage: str) -> Any:
+        log.exception("%s: request failed", stage)
+        return self.pb.InferenceResponse(error=self.pb.TritonError(f"{stage} failed; see server log"))
 
 
 class CollectorModel(_FrontEnd):
-    """`blip2_generate`: the non-decoupled LLM step of the `blip2` ensemble. Forwards each request to the
-    decoupled LLM stage and answers with the collected text (Triton's response sender in default mode)."""
+    """`blip2_generate`: the non-decoupled LLM step of the `blip2` ensemble. Sends every request of its batch to
+    the decoupled LLM stage first (they join the engine's running batch), then collects the texts."""
 
     stage_name = "generate"
 
-    def handle(self, request: Any, sender: Any, inputs: dict[str, Any]) -> Any:
-        tensors = [inputs[n] for n in self.input_names if n in inputs]
-        return _bls_generate(self.pb, self.target, tensors, job_id=str(self._uuid()), stream=False)
+    def execute(self, requests: list[Any]) -> list[Any]:
+        started: list[Any] = []
+        for request in requests:
+            try:
+                started.append(_bls_start(self.pb, self.target, self._inputs(request, self.input_names),
+                                          job_id=str(self._uuid()), stream=False))
+            except Exception:
+                started.append(self._failed(self.stage_name))
+        responses = []
+        for item in started:
+            if isinstance(item, self.pb.InferenceResponse):
+                responses.append(item)
+                continue
+            try:
+                responses.append(_bls_collect(self.pb, self.target, item, stream=False))
+            except Exception:
+                responses.append(self._failed(self.stage_name))
+        return responses
 
 
 class StreamModel(_FrontEnd):
@@ -520,59 +517,63 @@ class StreamModel(_FrontEnd):
     stage_name = "stream"
 
     def initialize(self, args: dict[str, Any]) -> None:
-        import threading
-
         super().initialize(args)
         self.vision = self.params.get("vision_model") or "blip2_vision"
-        self._watched: dict[str, Any] = {}
-        self._lock = threading.Lock()
-        threading.Thread(target=self._watch_cancellation, name="blip2-stream-cancel", daemon=True).start()
 
-    def _watch_cancellation(self) -> None:
+    def execute(self, requests: list[Any]) -> None:
+        pb = self.pb
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                final = self._stream_one(request, sender)
+            except Exception:
+                final = self._failed(self.stage_name)
+            if final is None:
+                sender.send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            else:
+                sender.send(final, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+
+    def _cancel(self, job_id: str) -> None:
+        control = self.pb.InferenceRequest(
+            model_name=self.target, requested_output_names=["text_output"],
+            inputs=[self.pb.Tensor("_cancel_id", np.array([[f"{job_id}/0".encode()]], dtype=np.object_))],
+        )
+        for _ in control.exec(decoupled=True):
+            pass
+
+    def _stream_one(self, request: Any, sender: Any) -> Any:
         import time
 
-        while True:
-            time.sleep(0.05)
-            with self._lock:
-                watched = list(self._watched.items())
-            for job_id, request in watched:
-                if not request.is_cancelled():
-                    continue
-                with self._lock:
-                    self._watched.pop(job_id, None)
-                try:
-                    control = self.pb.InferenceRequest(
-                        model_name=self.target, requested_output_names=["text_output"],
-                        inputs=[self.pb.Tensor("_cancel_id", np.array([[f"{job_id}/0".encode()]], dtype=np.object_))],
-                    )
-                    for _ in control.exec(decoupled=True):
-                        pass
-                except Exception:
-                    log.exception("stream: passing on a cancellation failed")
-
-    def handle(self, request: Any, sender: Any, inputs: dict[str, Any]) -> Any:
         pb = self.pb
-        if "image" not in inputs:
+        image = self._inputs(request, ("image",))
+        if not image:
             return pb.InferenceResponse(error=pb.TritonError("image: required input is missing",
                                                              pb.TritonError.INVALID_ARG))
         vision = pb.InferenceRequest(model_name=self.vision, requested_output_names=["_query_embeds"],
-                                     inputs=[inputs["image"]]).exec()
+                                     inputs=image).exec()
         if vision.has_error():
             return pb.InferenceResponse(error=pb.TritonError(vision.error().message(), vision.error().code()))
         embeds = pb.get_output_tensor_by_name(vision, "_query_embeds")
-        tensors = [embeds, *(inputs[n] for n in self.input_names[1:] if n in inputs)]
         job_id = str(self._uuid())
-        with self._lock:
-            self._watched[job_id] = request
+        responses = _bls_start(pb, self.target, [embeds, *self._inputs(request, self.input_names[1:])],
+                               job_id=job_id, stream=True)
+        checked = [time.monotonic()]
 
-        def piece(tensor: Any) -> None:
+        def piece(tensor: Any) -> bool:
+            now = time.monotonic()
+            # Asking Triton is an IPC round trip; once every 50 ms is enough to stop within a few steps.
+            if now - checked[0] >= 0.05:
+                checked[0] = now
+                if request.is_cancelled():
+                    self._cancel(job_id)
+                    for _ in responses:  # drain: the stage ends the cancelled job's stream itself
+                        pass
+                    return False
             sender.send(pb.InferenceResponse(output_tensors=[pb.Tensor("text_output", tensor.as_numpy())]))
+            return True
 
-        try:
-            return _bls_generate(pb, self.target, tensors, job_id=job_id, stream=True, on_piece=piece)
-        finally:
-            with self._lock:
-                self._watched.pop(job_id, None)
+        return _bls_collect(pb, self.target, responses, stream=True, on_piece=piece)
 
 
 def python_model(cls: Callable[[Any], Any]) -> type:

@@ -12,7 +12,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from images import PROMPTS
 from transformers import Blip2ForConditionalGeneration
-from triton_helpers import Clients, infer, model_stats
+from triton_helpers import Clients, engine_counts, infer, model_stats
 from tritonclient.utils import InferenceServerException
 
 MAX_TOKENS = 12
@@ -50,19 +50,23 @@ def test_one_by_one_matches_hf(clients, sample_images, reference) -> None:
 
 def test_concurrent_matches_hf_and_batches(clients, triton_server, sample_images, reference) -> None:
     cases = _cases(sample_images)
-    before = {m: model_stats(triton_server.http_hostport, m) for m in ("blip2_vision", "blip2_llm")}
+    vision_before = model_stats(triton_server.http_hostport, "blip2_vision")
+    engine_before = engine_counts(triton_server, "blip2_llm")
     # 32 requests in flight at once: every case once, sent from 32 threads.
     with ThreadPoolExecutor(max_workers=32) as pool:
         got = list(pool.map(lambda c: clients.infer(c[1], c[2], max_tokens=c[3]), cases))
-    after = {m: model_stats(triton_server.http_hostport, m) for m in ("blip2_vision", "blip2_llm")}
+    vision_after = model_stats(triton_server.http_hostport, "blip2_vision")
+    engine_after = engine_counts(triton_server, "blip2_llm")
     want = [reference(data, prompt, n) for _, data, prompt, n in cases]
     assert got == want
-    for model in ("blip2_vision", "blip2_llm"):
-        inferences = after[model][0] - before[model][0]
-        executions = after[model][1] - before[model][1]
-        assert inferences == len(cases)
-        # Fewer executions than inferences means Triton ran batches larger than one.
-        assert executions < inferences, f"{model}: {executions} executions for {inferences} inferences"
+    inferences, executions = (a - b for a, b in zip(vision_after, vision_before, strict=True))
+    assert inferences == len(cases)
+    # Fewer executions than inferences means Triton ran batches larger than one.
+    assert executions < inferences, f"blip2_vision: {executions} executions for {inferences} inferences"
+    # The LLM stage batches inside its in-flight engine (Triton hands requests over one by one, at once):
+    # its forward passes ran more than one sequence on average.
+    sequences, steps = (a - b for a, b in zip(engine_after, engine_before, strict=True))
+    assert steps > 0 and sequences / steps > 1.0, f"blip2_llm engine: {sequences} sequences in {steps} passes"
 
 
 def test_mixed_controls_in_one_batch(triton_server, sample_images, reference) -> None:

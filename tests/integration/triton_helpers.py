@@ -92,3 +92,19 @@ def start_server(log_dir: Path, name: str, **kwargs: object) -> TritonServer:
         **kwargs,  # type: ignore[arg-type]
     )
     return server.start()
+
+
+def engine_counts(server: Any, llm_model: str) -> tuple[float, float]:
+    """(sequences, forward passes) of an LLM stage's engine, from its metrics."""
+    import re
+    import urllib.request
+
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
+        text = r.read().decode()
+
+    def value(name: str) -> float:
+        match = re.search(rf'^{name}\{{[^}}]*model="{llm_model}"[^}}]*\}} (\S+)$', text, re.M)
+        assert match, f"{name} for {llm_model} not exported"
+        return float(match.group(1))
+
+    return value("blip2_engine_step_sequences_total"), value("blip2_engine_steps_total")
