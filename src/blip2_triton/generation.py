@@ -145,8 +145,8 @@ class LanguageStage:
             results[i] = self.text(row)
         return results
 
-    def _hf_generate(self, rows: list[_Row], **kwargs: object) -> list[list[int]]:
-        """HF `generate` over rows of one kind; returns each row's new tokens, cut at EOS and at its max_tokens."""
+    def _left_padded(self, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The rows' input embeddings, attention mask and token ids as one left-padded batch."""
         width = max(len(r.input_ids) for r in rows)
         pad_embed = self.embed_tokens(torch.tensor([self.pad_token_id], device=self.device))[0]
         embeds = pad_embed.expand(len(rows), width, -1).clone()
@@ -154,10 +154,17 @@ class LanguageStage:
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long, device=self.device)
         for b, row in enumerate(rows):
             n = len(row.input_ids)
-            # Left padding, as HF batches decoder-only generation; encoders ignore masked positions either way.
+            # Left padding keeps every row's newest token in the last column, as HF batches decoder-only LMs;
+            # encoders ignore masked positions either way.
             embeds[b, width - n:] = self._inputs_embeds(row)
             mask[b, width - n:] = 1
             ids[b, width - n:] = torch.tensor(row.input_ids, device=self.device)
+        return embeds, mask, ids
+
+    def _hf_generate(self, rows: list[_Row], **kwargs: object) -> list[list[int]]:
+        """HF `generate` over rows of one kind; returns each row's new tokens, cut at EOS and at its max_tokens."""
+        embeds, mask, ids = self._left_padded(rows)
+        width = mask.shape[1]
         inputs: dict[str, torch.Tensor] = {"inputs_embeds": embeds, "attention_mask": mask}
         if self.decoder_only:
             inputs["input_ids"] = ids
@@ -259,15 +266,7 @@ class LanguageStage:
     @torch.inference_mode()
     def prefill(self, rows: list[_Row]) -> tuple[Any, torch.Tensor, torch.Tensor]:
         """Runs the prompts of `rows` as one left-padded batch: (KV cache, attention mask, last-position logits)."""
-        width = max(len(r.input_ids) for r in rows)
-        pad_embed = self.embed_tokens(torch.tensor([self.pad_token_id], device=self.device))[0]
-        embeds = pad_embed.expand(len(rows), width, -1).clone()
-        mask = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
-        for b, row in enumerate(rows):
-            n = len(row.input_ids)
-            # Left padding keeps every row's newest token in the last column, as HF batches decoder-only LMs.
-            embeds[b, width - n:] = self._inputs_embeds(row)
-            mask[b, width - n:] = 1
+        embeds, mask, _ = self._left_padded(rows)
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
         out = self.lm(
             inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,

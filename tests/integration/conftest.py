@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from triton_helpers import start_server
@@ -26,3 +27,14 @@ def triton_server(tiny_model_dir: Path, tiny_t5_model_dir: Path, server_log_dir:
         yield server
     finally:
         server.stop()
+
+
+# Client tests run over both protocols against the session server.
+@pytest.fixture(params=["grpc", "http"])
+def protocol(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def url(triton_server: Any, protocol: str) -> str:
+    return triton_server.grpc_url if protocol == "grpc" else triton_server.http_url

@@ -23,16 +23,6 @@ from tritonclient.utils import InferenceServerException
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(params=["grpc", "http"])
-def protocol(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
-@pytest.fixture
-def url(triton_server: Any, protocol: str) -> str:
-    return triton_server.grpc_url if protocol == "grpc" else triton_server.http_url
-
-
 @pytest.fixture
 def dead_url(protocol: str) -> str:
     # Bound then released: nothing listens there for the test's short life.

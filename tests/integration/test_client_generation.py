@@ -29,16 +29,6 @@ QUESTION = "what color is the car?"
 PROMPT = "a photo of"
 
 
-@pytest.fixture(params=["grpc", "http"])
-def protocol(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
-@pytest.fixture
-def url(triton_server: Any, protocol: str) -> str:
-    return triton_server.grpc_url if protocol == "grpc" else triton_server.http_url
-
-
 @pytest.fixture(scope="module")
 def few(sample_images: dict[str, bytes]) -> dict[str, bytes]:
     names = ["rgb_jpeg", "rgba_png", "gray_l_png", "tiny_1x1"]
