@@ -59,7 +59,7 @@ OPTIONS: list[tuple[str, type, Any, str]] = [
     ("grpc-url", str, "", "host:port of Triton's gRPC endpoint (default: --host's hostname, port 8001)"),
     ("metrics-url", str, "", "Triton metrics URL (default: http://<--host hostname>:8002/metrics); 'none' disables"),
     ("model-name", str, "blip2", "model the users infer against"),
-    ("stage-models", str, "blip2_vision,blip2_generate,blip2_llm", "comma-separated stage models to report"),
+    ("stage-models", str, "blip2_vision,blip2_llm", "comma-separated stage models to report"),
     ("vqa-ratio", float, 0.5, "fraction of requests that carry a prompt (0 = captions only, 1 = VQA only)"),
     (
         "repeat-ratio",

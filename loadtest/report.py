@@ -21,7 +21,7 @@ from typing import Any
 from loadtest import prom
 
 REPORT_FORMAT = "blip2-capacity-report/1"
-DEFAULT_STAGE_MODELS = ("blip2_vision", "blip2_generate", "blip2_llm")
+DEFAULT_STAGE_MODELS = ("blip2_vision", "blip2_llm")
 PERCENTILES = (50, 90, 95, 99)
 
 # Report column suffix -> cumulative Triton counter that is divided by Δ successful requests of the same model.

@@ -31,7 +31,7 @@ class Workload:
     repeat_ratio: float = 0.0
     max_tokens: int | None = None
     model: str = "blip2"
-    stage_models: list[str] = field(default_factory=lambda: ["blip2_vision", "blip2_generate", "blip2_llm"])
+    stage_models: list[str] = field(default_factory=lambda: ["blip2_vision", "blip2_llm"])
     grpc_url: str = "127.0.0.1:8001"
     metrics_url: str | None = None
     request_timeout: float = 120.0

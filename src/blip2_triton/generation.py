@@ -23,6 +23,7 @@ from transformers.generation.logits_process import (
 )
 
 from .checkpoint import LoadedStage, load_stage
+from .compute_lock import ComputeLock
 from .errors import InvalidRequestError
 from .options import ServerOptions
 from .requests import GenerationRequest
@@ -73,10 +74,14 @@ class LanguageStage:
         self.default_repetition_penalty = gen.repetition_penalty
         self.max_positions = int(getattr(config.text_config, "max_position_embeddings", 2048))
         self.device = self.loaded.device
+        self.compute = ComputeLock.for_stage(options.compute_lock, str(self.device), options.compute_lock_file)
         self.embed_tokens = self.lm.get_input_embeddings()
         # transformers 5.x renames `past_key_values` to `cache` (the old name goes in 5.40).
         params = inspect.signature(self.lm.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        # Prefill needs the logits of the last position only; the vocabulary projection of every prompt position
+        # would cost more than the rest of the prefill (as HF generate does, when the model supports it).
+        self._prefill_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
     @property
     def embeds_shape(self) -> tuple[int, int]:
@@ -168,7 +173,9 @@ class LanguageStage:
         inputs: dict[str, torch.Tensor] = {"inputs_embeds": embeds, "attention_mask": mask}
         if self.decoder_only:
             inputs["input_ids"] = ids
-        out = self.lm.generate(**inputs, max_new_tokens=max(int(r.request.max_tokens or 0) for r in rows), **kwargs)
+        with self.compute:
+            out = self.lm.generate(**inputs, max_new_tokens=max(int(r.request.max_tokens or 0) for r in rows),
+                                   **kwargs)
         # Decoder-only output repeats the prompt; encoder-decoder output starts with the decoder start token.
         new = out[:, width:] if self.decoder_only else out[:, 1:]
         results = []
@@ -268,23 +275,25 @@ class LanguageStage:
         """Runs the prompts of `rows` as one left-padded batch: (KV cache, attention mask, last-position logits)."""
         embeds, mask, _ = self._left_padded(rows)
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        out = self.lm(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
-            **{self._cache_kwarg: None},
-        )
+        with self.compute:
+            out = self.lm(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
+                **{self._cache_kwarg: None}, **self._prefill_kwargs,
+            )
         return out.past_key_values, mask, out.logits[:, -1, :]
 
     @torch.inference_mode()
     def step(self, cache: Any, mask: torch.Tensor, tokens: list[int]) -> torch.Tensor:
         """Feeds one token per row; `mask` must already include the new column. Returns next-token logits."""
         positions = (mask.sum(-1, keepdim=True) - 1)
-        out = self.lm(
-            input_ids=torch.tensor(tokens, device=self.device).unsqueeze(-1),
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            **{self._cache_kwarg: cache},
-        )
+        with self.compute:
+            out = self.lm(
+                input_ids=torch.tensor(tokens, device=self.device).unsqueeze(-1),
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                **{self._cache_kwarg: cache},
+            )
         return out.logits[:, -1, :]
 
     @torch.inference_mode()

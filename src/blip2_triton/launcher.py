@@ -228,7 +228,7 @@ class TritonServer:
             "--model-control-mode=none",
             "--log-verbose=0",
             # Each Python stub starts with this much shared memory for tensors. Growing the region remaps it
-            # while the front ends' worker threads may hold tensors in it; a region that never needs to grow
+            # while the LLM engine's thread may hold tensors in it; a region that never needs to grow
             # under normal load avoids that (pages are only used when touched).
             "--backend-config=python,shm-default-byte-size=67108864",
             "--backend-config=python,shm-growth-byte-size=16777216",

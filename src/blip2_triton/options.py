@@ -34,9 +34,12 @@ ENV_VARS = {
     "max_active_sequences": "BLIP2_MAX_ACTIVE_SEQUENCES",
     "max_kv_tokens": "BLIP2_MAX_KV_TOKENS",
     "embedding_cache_bytes": "BLIP2_EMBEDDING_CACHE_BYTES",
+    "compute_lock": "BLIP2_COMPUTE_LOCK",
+    "compute_lock_file": "BLIP2_COMPUTE_LOCK_FILE",
 }
 FAMILIES = ("opt", "t5")
 SCHEDULERS = ("inflight", "static")
+COMPUTE_LOCKS = ("auto", "on", "off")
 
 
 def env_var(name: str, prefix: str = DEFAULT_ENV_PREFIX) -> str:
@@ -70,11 +73,15 @@ class ServerOptions:
     max_kv_tokens: int = 65536
     # Vision-stage image-embedding cache budget (blip2_triton.embedding_cache); 0 disables it.
     embedding_cache_bytes: int = 256 * 1024 * 1024
+    # Stage processes take turns for forward passes (blip2_triton.compute_lock); `auto`: on CPU devices only.
+    compute_lock: str = "auto"
+    # Shared by every stage process of a host; empty: blip2-triton-compute-<uid>.lock in the temp directory.
+    compute_lock_file: str = ""
 
     def validate(self) -> None:
         for name, allowed in (
             ("dtype", DTYPES), ("device", DEVICES), ("quantization", QUANTIZATIONS), ("tiny_family", FAMILIES),
-            ("scheduler", SCHEDULERS),
+            ("scheduler", SCHEDULERS), ("compute_lock", COMPUTE_LOCKS),
         ):
             value = getattr(self, name)
             if value not in allowed:

@@ -215,73 +215,55 @@ def _engine_observer(metrics: EngineMetrics) -> Any:
     return Observer()
 
 
-# Error classes sent to `blip2_generate` in the `_error_code` output: Triton 2.51 delivers every error of a
-# decoupled BLS response as INTERNAL, so the class travels as data and the collector re-raises it.
-ERROR_CODES = {"INVALID_ARG": 1, "CANCELLED": 2, "INTERNAL": 3}
-
-
 class _Responder:
-    """Collects the rows of one Triton request and answers it once all are done (or streams its one row)."""
+    """Collects the rows of one Triton request and answers it once, when all rows are done (or one failed)."""
 
-    def __init__(self, pb: Any, sender: Any, rows: int, stream: bool, errors_as_data: bool = False) -> None:
+    def __init__(self, pb: Any, sender: Any, rows: int) -> None:
         import threading
 
-        self.pb, self.sender, self.stream = pb, sender, stream
-        self.rows = rows
-        self.errors_as_data = errors_as_data
+        self.pb, self.sender = pb, sender
         self.results: list[str | None] = [None] * rows
         self.remaining = rows
-        self.failed = False
+        self.answered = False
         self.lock = threading.Lock()
 
-    def piece(self, text: str) -> None:
-        from .serving import text_output
-
-        self.sender.send(self.pb.InferenceResponse(output_tensors=[self.pb.Tensor("text_output", text_output([text]))]))
-
     def done(self, index: int, result: str | Exception) -> None:
-        from .engine import CancelledError
         from .serving import text_output
 
         with self.lock:
-            if self.failed:
+            if self.answered:
                 return
             if isinstance(result, Exception):
-                self.failed = True
-                if isinstance(result, InvalidRequestError):
-                    code, message = "INVALID_ARG", str(result)
-                elif isinstance(result, CancelledError):
-                    code, message = "CANCELLED", str(result)
-                else:
-                    log.error("generation failed: %r", result)
-                    code, message = "INTERNAL", "llm stage failed; see server log"
-                if self.errors_as_data:
-                    response = self.pb.InferenceResponse(output_tensors=[
-                        self.pb.Tensor("text_output", text_output([message] * self.rows)),
-                        self.pb.Tensor("_error_code", np.full((self.rows, 1), ERROR_CODES[code], dtype=np.int32)),
-                    ])
-                else:
-                    error = self.pb.TritonError(message, getattr(self.pb.TritonError, code))
-                    response = self.pb.InferenceResponse(error=error)
+                response = self.pb.InferenceResponse(error=_triton_error(self.pb, result))
             else:
                 self.results[index] = result
                 self.remaining -= 1
                 if self.remaining:
                     return
-                if self.stream:
-                    self.sender.send(flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-                    return
                 texts = [r or "" for r in self.results]
-                response = self.pb.InferenceResponse(
-                    output_tensors=[self.pb.Tensor("text_output", text_output(texts))]
-                )
+                response = self.pb.InferenceResponse(output_tensors=[self.pb.Tensor("text_output", text_output(texts))])
+            self.answered = True
         self.sender.send(response, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
 
+def _triton_error(pb: Any, error: Exception) -> Any:
+    from .engine import CancelledError
+
+    if isinstance(error, InvalidRequestError):
+        return pb.TritonError(str(error), pb.TritonError.INVALID_ARG)
+    if isinstance(error, CancelledError):
+        return pb.TritonError(str(error), pb.TritonError.CANCELLED)
+    log.error("generation failed: %r", error)
+    return pb.TritonError("llm stage failed; see server log")
+
+
 class LanguageModel(StageModel):
-    """The LLM stage: a decoupled model whose responses go out from the engine thread as each request finishes
-    (or, streaming, as each piece of text is decoded). `execute` only queues work and returns at once, so Triton
-    keeps feeding new requests into the running batch."""
+    """The LLM stage. A plain (non-decoupled) model whose answers go out through each request's response sender
+    from the engine thread as that request finishes: `execute` only queues work and returns at once, so Triton
+    keeps feeding new requests into the running batch while the ensemble still calls it with ordinary infer.
+
+    Besides generation requests it takes stream control messages from the `blip2_stream` front end (see
+    `streams.py`): `_job_id` starts a streamed job, `_poll_id` asks for its next text, `_cancel_id` stops it."""
 
     stage_name = "llm"
 
@@ -293,7 +275,10 @@ class LanguageModel(StageModel):
         self.engine: Any = None
 
     def initialize(self, args: dict[str, Any]) -> None:
+        from .streams import StreamHub
+
         super().initialize(args)
+        self.streams = StreamHub()
         if self.options.scheduler == "inflight":
             from .engine import EngineLimits, InflightEngine
 
@@ -304,6 +289,7 @@ class LanguageModel(StageModel):
                     max_active=self.options.max_active_sequences, max_kv_tokens=self.options.max_kv_tokens
                 ),
                 observer=_engine_observer(self._metrics),
+                on_iteration=self.streams.expire_polls,
             )
         log.info("%s: scheduler=%s", args.get("model_name"), self.options.scheduler)
 
@@ -333,57 +319,84 @@ class LanguageModel(StageModel):
         if tensor is None:
             return None
         value = tensor.as_numpy().reshape(-1)[0]
-        return value.decode() if isinstance(value, bytes) else str(value)
+        return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
-    def _stream_flag(self, request: Any) -> bool:
-        tensor = self.pb.get_input_tensor_by_name(request, "_stream")
-        # Absent means streaming: the `blip2_stream` ensemble passes nothing; `blip2_generate` sends False.
-        return True if tensor is None else bool(tensor.as_numpy().reshape(-1)[0])
+    def _send(self, sender: Any, *, error: Exception | None = None, text: str | None = None,
+              done: bool | None = None) -> None:
+        from .serving import text_output
+
+        if error is not None:
+            response = self.pb.InferenceResponse(error=_triton_error(self.pb, error))
+        else:
+            tensors = [self.pb.Tensor("text_output", text_output([text or ""]))]
+            if done is not None:
+                tensors.append(self.pb.Tensor("_done", np.array([[done]], dtype=np.bool_)))
+            response = self.pb.InferenceResponse(output_tensors=tensors)
+        sender.send(response, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def execute(self, requests: list[Any]) -> None:  # type: ignore[override]
-        from .engine import Job
-
-        static: list[tuple[_Responder, list[Any]]] = []
+        static: list[tuple[Any, list[Any]]] = []
         for request in requests:
             sender = request.get_response_sender()
-            cancel_id = self._string_input(request, "_cancel_id")
-            if cancel_id is not None:
-                # Control message from a BLS front end whose client cancelled: stop that job.
-                if self.engine is not None:
-                    self.engine.cancel(cancel_id)
-                sender.send(flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-                continue
-            stream = self._stream_flag(request)
-            job_id = self._string_input(request, "_job_id")
-            # Requests from our BLS front ends get errors as data: Triton 2.51 reports every error of a decoupled
-            # BLS response as INTERNAL, which would turn a bad request into a server error.
-            as_data = job_id is not None or not stream
             try:
-                rows = self.parse(self._inputs(request))
-                if stream and len(rows) != 1:
-                    raise InvalidRequestError(f"streaming: expected 1 row per request, got {len(rows)}")
+                work = self._accept(request, sender)
             except InvalidRequestError as e:
-                _Responder(self.pb, sender, 1, stream=False, errors_as_data=as_data).done(0, e)
+                self._send(sender, error=e)
                 continue
-            responder = _Responder(self.pb, sender, len(rows), stream=stream, errors_as_data=as_data)
-            if job_id is not None:
-                # An empty acknowledgement lets the BLS caller's exec() return now rather than at the first text.
-                sender.send(self.pb.InferenceResponse(output_tensors=[]))
-            if self.engine is None:
-                static.append((responder, rows))
+            except Exception as e:
+                log.exception("llm: request failed")
+                self._send(sender, error=e)
                 continue
-            self.engine.submit([
-                Job(
-                    request=row,
-                    on_piece=responder.piece if stream else None,
-                    on_done=lambda result, i=i, r=responder: r.done(i, result),
-                    is_cancelled=request.is_cancelled,
-                    job_id=f"{job_id}/{i}" if job_id is not None else None,
-                )
-                for i, row in enumerate(rows)
-            ])
+            if work is not None:
+                static.append(work)
         if static:
             self._run_static(static)
+        return None
+
+    def _accept(self, request: Any, sender: Any) -> tuple[Any, list[Any]] | None:
+        from .engine import CancelledError, Job
+
+        poll_id = self._string_input(request, "_poll_id")
+        if poll_id is not None:
+            self.streams.poll(poll_id, lambda text, done, error: self._send(sender, error=error, text=text,
+                                                                            done=done))
+            return None
+        cancel_id = self._string_input(request, "_cancel_id")
+        if cancel_id is not None:
+            if self.engine is not None:
+                self.engine.cancel(cancel_id)
+            self.streams.discard(cancel_id, CancelledError("request cancelled"))
+            self._send(sender, text="", done=True)
+            return None
+        stream_id = self._string_input(request, "_job_id")
+        rows = self.parse(self._inputs(request))
+        if stream_id is not None:
+            if len(rows) != 1:
+                raise InvalidRequestError(f"streaming: expected 1 row per request, got {len(rows)}")
+            self.streams.open(stream_id)
+            # Acknowledged at once: the front end's BLS call returns and it starts polling.
+            self._send(sender, text="", done=False)
+            if self.engine is None:
+                result = self.stage.run(rows)[0]
+                if isinstance(result, str):
+                    self.streams.piece(stream_id, result)
+                self.streams.finish(stream_id, result)
+                return None
+            self.engine.submit([Job(
+                request=rows[0],
+                on_piece=lambda piece: self.streams.piece(stream_id, piece),
+                on_done=lambda result: self.streams.finish(stream_id, result),
+                job_id=stream_id,
+            )])
+            return None
+        responder = _Responder(self.pb, sender, len(rows))
+        if self.engine is None:
+            return responder, rows
+        self.engine.submit([
+            Job(request=row, on_piece=None, on_done=lambda result, i=i: responder.done(i, result),
+                is_cancelled=request.is_cancelled)
+            for i, row in enumerate(rows)
+        ])
         return None
 
     def _run_static(self, batch: list[tuple[_Responder, list[Any]]]) -> None:
@@ -397,67 +410,24 @@ class LanguageModel(StageModel):
         pos = 0
         for responder, rs in batch:
             for i in range(len(rs)):
-                result = results[pos]
+                responder.done(i, results[pos])
                 pos += 1
-                if responder.stream and isinstance(result, str):
-                    responder.piece(result)
-                responder.done(i, result)
 
     def finalize(self) -> None:
         if self.engine is not None:
             self.engine.stop()
 
 
-def _bls_start(pb: Any, target: str, inputs: list[Any], *, job_id: str, stream: bool) -> Any:
-    """Sends one request to the decoupled LLM stage through BLS; returns its response iterator. The stage
-    acknowledges BLS jobs at once (an empty response), so this returns before generation ends."""
-    rows = inputs[0].as_numpy().shape[0]
-    bls = pb.InferenceRequest(
-        model_name=target,
-        requested_output_names=["text_output", "_error_code"],
-        inputs=[
-            *inputs,
-            pb.Tensor("_stream", np.full((rows, 1), stream, dtype=np.bool_)),
-            pb.Tensor("_job_id", np.full((rows, 1), job_id.encode(), dtype=np.object_)),
-        ],
-    )
-    return bls.exec(decoupled=True)
+class StreamModel:
+    """`blip2_stream`: decoupled entry point for token streaming. Runs the vision stage, starts the job in the
+    LLM stage and long-polls it for text (plain BLS calls only: decoupled BLS iterators crashed the stub under
+    load on 2.51), forwarding each piece as it arrives. Being a top-level request (not an ensemble step) it sees
+    the client's cancellation, and passes it on to the LLM stage, which stops that sequence.
 
+    Single-threaded on purpose (the stub is not safe for BLS calls driven from worker threads); concurrent
+    streams come from several instances."""
 
-def _bls_collect(pb: Any, target: str, responses: Any, *, stream: bool,
-                 on_piece: Callable[[Any], bool] | None = None) -> Any:
-    """Reads an LLM-stage response stream. Streams text pieces (output tensors) to `on_piece`, which returns
-    False to stop early; returns the final InferenceResponse to send (text, or the error with its class)."""
-    codes = {v: k for k, v in ERROR_CODES.items()}
-    final = None
-    for response in responses:
-        if response.has_error():
-            log.error("%s failed: %s", target, response.error().message())
-            return pb.InferenceResponse(error=pb.TritonError("generation failed; see server log"))
-        tensor = pb.get_output_tensor_by_name(response, "text_output")
-        if tensor is None:
-            continue
-        code = pb.get_output_tensor_by_name(response, "_error_code")
-        if code is not None:
-            name = codes.get(int(code.as_numpy().reshape(-1)[0]), "INTERNAL")
-            message = tensor.as_numpy().reshape(-1)[0].decode("utf-8", "replace")
-            return pb.InferenceResponse(error=pb.TritonError(message, getattr(pb.TritonError, name)))
-        if stream and on_piece is not None:
-            if not on_piece(tensor):
-                return None
-        else:
-            final = pb.InferenceResponse(output_tensors=[pb.Tensor("text_output", tensor.as_numpy())])
-    if stream:
-        return None
-    return final or pb.InferenceResponse(error=pb.TritonError("llm stage returned no text"))
-
-
-class _FrontEnd:
-    """Common part of the weightless models in front of the LLM stage. Single-threaded on purpose: the Python
-    backend's stub is not safe for BLS calls and response senders driven from worker threads (stubs crashed
-    under load that way), so concurrency comes from several instances and from the LLM stage's engine."""
-
-    stage_name = "frontend"
+    stage_name = "stream"
 
     def __init__(self, pb_utils: Any) -> None:
         self.pb = pb_utils
@@ -468,57 +438,15 @@ class _FrontEnd:
         from .serving import LLM_INPUTS
 
         configure_logging()
-        config = json.loads(args["model_config"])
-        self.params = parameters_from_model_config(config)
-        self.target = self.params.get("llm_model") or "blip2_llm"
+        params = parameters_from_model_config(json.loads(args["model_config"]))
+        self.vision = params.get("vision_model") or "blip2_vision"
+        self.target = params.get("llm_model") or "blip2_llm"
         self.input_names = LLM_INPUTS
         self._uuid = uuid.uuid4
 
     def _inputs(self, request: Any, names: tuple[str, ...]) -> list[Any]:
         tensors = (self.pb.get_input_tensor_by_name(request, n) for n in names)
         return [t for t in tensors if t is not None]
-
-    def _failed(self, stage: str) -> Any:
-        log.exception("%s: request failed", stage)
-        return self.pb.InferenceResponse(error=self.pb.TritonError(f"{stage} failed; see server log"))
-
-
-class CollectorModel(_FrontEnd):
-    """`blip2_generate`: the non-decoupled LLM step of the `blip2` ensemble. Sends every request of its batch to
-    the decoupled LLM stage first (they join the engine's running batch), then collects the texts."""
-
-    stage_name = "generate"
-
-    def execute(self, requests: list[Any]) -> list[Any]:
-        started: list[Any] = []
-        for request in requests:
-            try:
-                started.append(_bls_start(self.pb, self.target, self._inputs(request, self.input_names),
-                                          job_id=str(self._uuid()), stream=False))
-            except Exception:
-                started.append(self._failed(self.stage_name))
-        responses = []
-        for item in started:
-            if isinstance(item, self.pb.InferenceResponse):
-                responses.append(item)
-                continue
-            try:
-                responses.append(_bls_collect(self.pb, self.target, item, stream=False))
-            except Exception:
-                responses.append(self._failed(self.stage_name))
-        return responses
-
-
-class StreamModel(_FrontEnd):
-    """`blip2_stream`: decoupled entry point for token streaming. Runs the vision stage and then the LLM stage
-    through BLS, forwarding each text piece as it is decoded. Being a top-level request (not an ensemble step)
-    it sees the client's cancellation, and passes it on to the LLM stage, which stops that sequence."""
-
-    stage_name = "stream"
-
-    def initialize(self, args: dict[str, Any]) -> None:
-        super().initialize(args)
-        self.vision = self.params.get("vision_model") or "blip2_vision"
 
     def execute(self, requests: list[Any]) -> None:
         pb = self.pb
@@ -527,24 +455,26 @@ class StreamModel(_FrontEnd):
             try:
                 final = self._stream_one(request, sender)
             except Exception:
-                final = self._failed(self.stage_name)
+                log.exception("stream: request failed")
+                final = pb.InferenceResponse(error=pb.TritonError("stream failed; see server log"))
             if final is None:
                 sender.send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             else:
                 sender.send(final, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return None
 
-    def _cancel(self, job_id: str) -> None:
-        control = self.pb.InferenceRequest(
-            model_name=self.target, requested_output_names=["text_output"],
-            inputs=[self.pb.Tensor("_cancel_id", np.array([[f"{job_id}/0".encode()]], dtype=np.object_))],
-        )
-        for _ in control.exec(decoupled=True):
-            pass
+    def _llm(self, *tensors: Any) -> Any:
+        return self.pb.InferenceRequest(model_name=self.target, requested_output_names=["text_output", "_done"],
+                                        inputs=list(tensors)).exec()
+
+    def _control(self, name: str, job_id: str) -> Any:
+        return self.pb.Tensor(name, np.array([[job_id.encode()]], dtype=np.object_))
+
+    def _error(self, response: Any) -> Any:
+        error = response.error()
+        return self.pb.InferenceResponse(error=self.pb.TritonError(error.message(), error.code()))
 
     def _stream_one(self, request: Any, sender: Any) -> Any:
-        import time
-
         pb = self.pb
         image = self._inputs(request, ("image",))
         if not image:
@@ -553,27 +483,25 @@ class StreamModel(_FrontEnd):
         vision = pb.InferenceRequest(model_name=self.vision, requested_output_names=["_query_embeds"],
                                      inputs=image).exec()
         if vision.has_error():
-            return pb.InferenceResponse(error=pb.TritonError(vision.error().message(), vision.error().code()))
+            return self._error(vision)
         embeds = pb.get_output_tensor_by_name(vision, "_query_embeds")
         job_id = str(self._uuid())
-        responses = _bls_start(pb, self.target, [embeds, *self._inputs(request, self.input_names[1:])],
-                               job_id=job_id, stream=True)
-        checked = [time.monotonic()]
-
-        def piece(tensor: Any) -> bool:
-            now = time.monotonic()
-            # Asking Triton is an IPC round trip; once every 50 ms is enough to stop within a few steps.
-            if now - checked[0] >= 0.05:
-                checked[0] = now
-                if request.is_cancelled():
-                    self._cancel(job_id)
-                    for _ in responses:  # drain: the stage ends the cancelled job's stream itself
-                        pass
-                    return False
-            sender.send(pb.InferenceResponse(output_tensors=[pb.Tensor("text_output", tensor.as_numpy())]))
-            return True
-
-        return _bls_collect(pb, self.target, responses, stream=True, on_piece=piece)
+        started = self._llm(embeds, *self._inputs(request, self.input_names[1:]), self._control("_job_id", job_id))
+        if started.has_error():
+            return self._error(started)
+        while True:
+            if request.is_cancelled():
+                self._llm(self._control("_cancel_id", job_id))
+                return None
+            reply = self._llm(self._control("_poll_id", job_id))
+            if reply.has_error():
+                return self._error(reply)
+            text = pb.get_output_tensor_by_name(reply, "text_output").as_numpy().reshape(-1)[0]
+            if text:
+                sender.send(pb.InferenceResponse(output_tensors=[
+                    pb.Tensor("text_output", np.array([[text]], dtype=np.object_))]))
+            if bool(pb.get_output_tensor_by_name(reply, "_done").as_numpy().reshape(-1)[0]):
+                return None
 
 
 def python_model(cls: Callable[[Any], Any]) -> type:
@@ -589,9 +517,15 @@ def python_model(cls: Callable[[Any], Any]) -> type:
             return self.impl.execute(requests)
 
         def finalize(self) -> None:
+            import gc
+
             log.info("%s stage unloading", self.impl.stage_name)
             finalize = getattr(self.impl, "finalize", None)
             if finalize is not None:
                 finalize()
+            # Custom metric families must die now: destroyed later, at interpreter exit, they write to the
+            # stub's shared memory after it is gone and the stub segfaults (MetricFamily::~MetricFamily).
+            del self.impl
+            gc.collect()
 
     return TritonPythonModel

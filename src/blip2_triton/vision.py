@@ -12,6 +12,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .checkpoint import LoadedStage, load_stage
+from .compute_lock import ComputeLock
 from .embedding_cache import EmbeddingCache
 from .errors import InvalidRequestError
 from .options import ServerOptions
@@ -93,6 +94,7 @@ class VisionStage:
         self.num_query_tokens = int(config.num_query_tokens)
         self.output_width = int(config.text_config.hidden_size)
         self.cache = EmbeddingCache(options.embedding_cache_bytes, self.model_identity)
+        self.compute = ComputeLock.for_stage(options.compute_lock, str(self.loaded.device), options.compute_lock_file)
         if self.cache.enabled:
             log.info("embedding cache: up to %d bytes", self.cache.max_bytes)
 
@@ -112,7 +114,8 @@ class VisionStage:
     @torch.inference_mode()
     def embed(self, images: list[Image.Image]) -> np.ndarray:
         pixel_values = self.preprocess(images).to(self.loaded.device)
-        features = self.model.get_image_features(pixel_values=pixel_values).pooler_output
+        with self.compute:
+            features = self.model.get_image_features(pixel_values=pixel_values).pooler_output
         # Transported as FP32 between stages: exact for fp16/bf16 values, so the LLM stage casts back losslessly.
         return features.float().cpu().numpy()
 

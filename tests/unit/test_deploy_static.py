@@ -401,9 +401,7 @@ def test_ensemble_and_stage_names_match_model_repository() -> None:
     assert re.search(r'^platform:\s*"ensemble"$', configs["blip2"], re.M)
     for name, text in configs.items():
         assert re.search(r'^name:\s*"' + re.escape(name) + '"$', text, re.M), f"{name}/config.pbtxt name"
-    assert ensemble_steps() == {"blip2_vision", "blip2_generate"}
-    # blip2_generate holds no weights and forwards to blip2_llm (BLS), the stage the dashboards watch.
-    assert 'string_value: "blip2_llm"' in configs["blip2_generate"]
+    assert ensemble_steps() == {"blip2_vision", "blip2_llm"}
     stages = {"blip2_vision", "blip2_llm"}
     for where, expr in all_promql().items():
         models = set(re.findall(r'model="([^"]+)"', expr))

@@ -184,8 +184,8 @@ def synthetic_run(with_metrics: bool = True) -> dict:
     ]  # fmt: skip
     return {
         "format": "blip2-loadtest-run/1",
-        # blip2_generate is configured but absent from the metrics, as on a server without that stage.
-        "config": {"model": "blip2", "stage_models": ["blip2_vision", "blip2_generate", "blip2_llm"]},
+        # blip2_postprocess is configured but absent from the metrics, as on a server without that stage.
+        "config": {"model": "blip2", "stage_models": ["blip2_vision", "blip2_postprocess", "blip2_llm"]},
         "started_at": T0,
         "windows": windows,
         "sample_columns": ["t_end", "latency_ms", "ok", "request_type", "name", "response_length"],

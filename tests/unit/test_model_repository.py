@@ -33,8 +33,7 @@ def test_public_contract_of_the_ensemble() -> None:
 
 def test_stage_inputs_match_the_code() -> None:
     llm = _tensors(_read("blip2_llm"), "input")
-    assert tuple(llm) == (*LLM_INPUTS, "_stream", "_job_id", "_cancel_id")
-    assert tuple(_tensors(_read("blip2_generate"), "input")) == LLM_INPUTS
+    assert tuple(llm) == (*LLM_INPUTS, "_job_id", "_poll_id", "_cancel_id")
     triton_types = {"int32": "TYPE_INT32", "float32": "TYPE_FP32", "uint64": "TYPE_UINT64"}
     for name, (_, dtype) in CONTROL_DTYPES.items():
         assert llm[name] == triton_types[dtype.name]
@@ -45,28 +44,28 @@ def test_ensembles_wire_every_llm_input() -> None:
     config = _read("blip2")
     mapped = set(re.findall(r'input_map \{ key: "(\w+)"', config))
     assert mapped == {"image", *LLM_INPUTS}
-    assert 'model_name: "blip2_generate"' in config
+    assert 'model_name: "blip2_llm"' in config
     internal = set(re.findall(r'output_map \{ key: "(\w+)"', config)) - {"text_output"}
     assert internal and all(name.startswith("_") for name in internal)
     # The streaming front end offers exactly the public contract, and talks to the same LLM stage.
     stream = _read("blip2_stream")
     assert _tensors(stream, "input") == _tensors(config, "input")
     assert _tensors(stream, "output") == _tensors(config, "output")
-    assert 'string_value: "blip2_llm"' in stream and 'string_value: "blip2_llm"' in _read("blip2_generate")
-    assert "decoupled: true" in _read("blip2_llm") and "decoupled: true" in stream
-    assert "model_transaction_policy" not in _read("blip2_generate")
+    assert 'string_value: "blip2_llm"' in stream and "decoupled: true" in stream
+    # Plain infer reaches the LLM stage through the ensemble, which a decoupled step would make decoupled too.
+    assert "model_transaction_policy" not in _read("blip2_llm")
 
 
 def test_t5_repository_mirrors_the_opt_one() -> None:
     t5 = REPO.parent / "model_repository_t5"
-    for model in ("blip2", "blip2_vision", "blip2_llm", "blip2_generate", "blip2_stream"):
+    for model in ("blip2", "blip2_vision", "blip2_llm", "blip2_stream"):
         twin = (t5 / model.replace("blip2", "blip2_t5") / "config.pbtxt").read_text()
         for section in ("input", "output"):
             assert _tensors(twin, section) == _tensors(_read(model), section), (model, section)
 
 
 def test_stage_models_batch_dynamically_and_stay_thin() -> None:
-    for model in ("blip2_vision", "blip2_llm", "blip2_generate", "blip2_stream"):
+    for model in ("blip2_vision", "blip2_llm", "blip2_stream"):
         config = _read(model)
         assert "dynamic_batching {" in config
         source = (REPO / model / "1" / "model.py").read_text()
