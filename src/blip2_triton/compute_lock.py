@@ -15,11 +15,14 @@ tight loop).
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import tempfile
 import threading
 from pathlib import Path
 from types import TracebackType
+
+log = logging.getLogger(__name__)
 
 
 def default_lock_file() -> Path:
@@ -42,7 +45,15 @@ class ComputeLock:
     def for_stage(cls, setting: str, device: str, lock_file: str = "") -> ComputeLock:
         """`setting` is on/off/auto (auto: on for CPU devices)."""
         enabled = setting == "on" or (setting == "auto" and str(device).startswith("cpu"))
-        return cls(Path(lock_file) if lock_file else default_lock_file()) if enabled else cls(None)
+        if not enabled:
+            return cls(None)
+        path = Path(lock_file) if lock_file else default_lock_file()
+        try:
+            return cls(path)
+        except OSError as e:
+            # A read-only or missing temp dir must not stop the server; it only loses the CPU scheduling gain.
+            log.warning("compute lock disabled: cannot open %s (%s)", path, e)
+            return cls(None)
 
     @property
     def enabled(self) -> bool:

@@ -101,6 +101,13 @@ def test_auto_turns_it_on_for_cpu_only(tmp_path: Path) -> None:
         pass
 
 
+def test_an_unusable_lock_file_disables_the_lock_instead_of_failing(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    lock = ComputeLock.for_stage("on", "cpu", str(blocker / "lock"))  # a path below a regular file
+    assert not lock.enabled
+
+
 def test_option_is_validated_and_read_from_the_environment() -> None:
     assert ServerOptions.resolve({}, env={}).compute_lock == "auto"
     assert ServerOptions.resolve({}, env={"BLIP2_COMPUTE_LOCK": "off"}).compute_lock == "off"
