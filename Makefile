@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-unit test-integration lint clean
+.PHONY: setup demo test test-unit test-integration lint audit clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,9 @@ test-unit: setup
 
 test-integration: setup
 	$(BIN)/python -m pytest tests/integration -q
+
+audit: setup
+	bash scripts/audit.sh
 
 test: lint
 	$(BIN)/python -m pytest -q -ra tests
