@@ -107,6 +107,8 @@ class InflightEngine:
         self._cancelled_ids: set[str] = set()
         self._reported = (0, 0)
         self._cancel_lock = threading.Lock()
+        # Calls to make once the engine thread is outside the compute lock (see `_run`).
+        self._deferred: list[Callable[[], None]] = []
         self._thread = threading.Thread(target=self._run, name="blip2-inflight-engine", daemon=True)
         self._thread.start()
 
@@ -142,25 +144,45 @@ class InflightEngine:
             return True
 
     def _run(self) -> None:
-        while self._collect(block=not self._active and not self._waiting):
-            busy = bool(self._active or self._waiting)
-            # One iteration (prefill of newcomers + one decoding step) is one turn of the stage's compute lock on
-            # CPU hosts; the vision stage computes between turns. (Longer turns of several steps measured no
-            # better on 2 cores: 10.5 vs 10.8 req/s at 100 ms.)
-            with self.compute if busy else contextlib.nullcontext():
-                self._iteration_guarded()
-
-    def _iteration_guarded(self) -> None:
         try:
-            self._iteration()
+            while self._collect(block=not self._active and not self._waiting):
+                # Cancellation checks, responses, text pieces and metrics are IPC round trips to Triton: they run
+                # outside the compute lock, so the vision stage is not kept waiting on them.
+                self._guarded(self._drop_cancelled)
+                self._flush()
+                busy = bool(self._active or self._waiting)
+                # One iteration (prefill of newcomers + one decoding step) is one turn of the stage's compute
+                # lock on CPU hosts; the vision stage computes between turns. (Longer turns of several steps
+                # measured no better on 2 cores: 10.5 vs 10.8 req/s at 100 ms.)
+                with self.compute if busy else contextlib.nullcontext():
+                    self._guarded(self._iteration)
+                self._flush()
+                if self.on_iteration is not None:
+                    try:
+                        self.on_iteration()
+                    except Exception:
+                        log.exception("engine iteration hook failed")
+        finally:
+            self._flush()
+
+    def _guarded(self, work: Callable[[], None]) -> None:
+        try:
+            work()
         except Exception as e:  # a bug or OOM must fail the affected requests, never kill the thread
             log.exception("in-flight engine step failed; failing %d active requests", len(self._active))
             self._fail_all(e)
-        if self.on_iteration is not None:
+
+    def _notify(self, event: str, *args: Any) -> None:
+        handler = getattr(self.observer, event)
+        self._deferred.append(lambda: handler(*args))
+
+    def _flush(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        for call in deferred:
             try:
-                self.on_iteration()
+                call()
             except Exception:
-                log.exception("engine iteration hook failed")
+                log.exception("delivering a result, text piece or metric failed")
 
     def _fail_all(self, error: Exception) -> None:
         for job in self._active + self._waiting:
@@ -168,7 +190,7 @@ class InflightEngine:
         self._active, self._waiting = [], []
         self._cache, self._mask = None, None
         self._reported = (0, 0)
-        self.observer.on_active(0, 0)
+        self._notify("on_active", 0, 0)
 
     def _finish(self, job: Job, result: str | Exception) -> None:
         if job.job_id is not None and self._cancelled_ids:
@@ -176,14 +198,10 @@ class InflightEngine:
             with self._cancel_lock:
                 self._cancelled_ids.discard(job.job_id)
         outcome = "ok" if isinstance(result, str) else type(result).__name__
-        try:
-            job.on_done(result)
-        except Exception:
-            log.exception("delivering a result failed")
-        self.observer.on_finished(job, outcome)
+        self._deferred.append(lambda: job.on_done(result))
+        self._notify("on_finished", job, outcome)
 
     def _iteration(self) -> None:
-        self._drop_cancelled()
         admitted = self._admit()
         if self._active:
             self._decode_step()
@@ -193,7 +211,7 @@ class InflightEngine:
         counts = (len(self._active), len(self._waiting))
         if counts != self._reported:
             self._reported = counts
-            self.observer.on_active(*counts)
+            self._notify("on_active", *counts)
 
     def _budget(self, job: Job) -> int:
         assert job.row is not None and job.row.request.max_tokens is not None
@@ -220,7 +238,7 @@ class InflightEngine:
             if fits:
                 admitted.append(job)
                 used += self._budget(job)
-                self.observer.on_admitted(time.monotonic() - job.submitted_at)
+                self._notify("on_admitted", time.monotonic() - job.submitted_at)
             else:
                 self._waiting.append(job)
         if unstepped:
@@ -230,7 +248,7 @@ class InflightEngine:
     def _run_static(self, jobs: list[Job]) -> None:
         # One batched `LanguageStage.run` between two steps of the running batch.
         results = self.stage.run([j.request for j in jobs])
-        self.observer.on_step(len(jobs), 0)
+        self._notify("on_step", len(jobs), 0)
         for job, result in zip(jobs, results, strict=True):
             if isinstance(result, str):
                 self._emit(job, result, final=True)
@@ -282,10 +300,8 @@ class InflightEngine:
         if stable.startswith(job.sent) and len(stable) > len(job.sent):
             piece = stable[len(job.sent):]
             job.sent = stable
-            try:
-                job.on_piece(piece)
-            except Exception:
-                log.exception("delivering a text piece failed")
+            on_piece = job.on_piece
+            self._deferred.append(lambda: on_piece(piece))
 
     def _accept(self, jobs: list[Job], logits: torch.Tensor) -> list[int]:
         """Samples one token per job; finishes completed jobs; returns the positions still decoding."""
@@ -297,7 +313,7 @@ class InflightEngine:
             assert job.row is not None
             if job.first_token_at is None:
                 job.first_token_at = now
-                self.observer.on_first_token(now - job.submitted_at)
+                self._notify("on_first_token", now - job.submitted_at)
             done = self.stage.finish_token(job.row, token)
             # Detokenising costs per step; only streams need the text before the end.
             if done or job.on_piece is not None:
@@ -315,14 +331,14 @@ class InflightEngine:
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(self._active), 1)], dim=1)
         tokens = [j.next_token for j in self._active]
         logits = self.stage.step(self._cache, self._mask, tokens)  # type: ignore[arg-type]
-        self.observer.on_step(len(self._active), len(self._active))
+        self._notify("on_step", len(self._active), len(self._active))
         keep = self._accept(self._active, logits)
         if len(keep) < len(self._active):
             self._select(keep)
 
     def _prefill(self, jobs: list[Job]) -> None:
         cache, mask, logits = self.stage.prefill([j.row for j in jobs])  # type: ignore[misc]
-        self.observer.on_step(len(jobs), len(jobs))
+        self._notify("on_step", len(jobs), len(jobs))
         keep = self._accept(jobs, logits)
         if not keep:
             return
