@@ -181,3 +181,7 @@ def test_stream_reports_bad_input_with_its_message(triton_server, sample_images)
     with pytest.raises(Exception) as e:
         stream(triton_server, sample_images["bmp"], None, max_tokens=0)
     assert "max_tokens: expected 1..256, got 0" in str(e.value)
+    # Rejected inside the engine (prompt length is known after tokenizing): the error reaches the stream's poll.
+    with pytest.raises(Exception) as e:
+        stream(triton_server, sample_images["bmp"], "many words " * 300, max_tokens=5)
+    assert "text_input: expected at most 256 tokens" in str(e.value)

@@ -70,3 +70,12 @@ def test_stage_models_batch_dynamically_and_stay_thin() -> None:
         assert "dynamic_batching {" in config
         source = (REPO / model / "1" / "model.py").read_text()
         assert len(source.splitlines()) <= 5 and "torch" not in source
+
+
+def test_llm_stages_run_exactly_one_instance() -> None:
+    # Streams live in the LLM stage's process: a second instance would receive polls for jobs it does not hold
+    # (and load a second copy of the weights).
+    t5 = REPO.parent / "model_repository_t5" / "blip2_t5_llm" / "config.pbtxt"
+    for config in (_read("blip2_llm"), t5.read_text()):
+        assert re.findall(r"instance_group \[ \{ count: (\d+)", config) == ["1"]
+        assert "model_transaction_policy" not in config
