@@ -49,7 +49,9 @@ class ComputeLock:
             return cls(None)
         path = Path(lock_file) if lock_file else default_lock_file()
         try:
-            return cls(path)
+            lock = cls(path)
+            log.info("compute lock on: forward passes take turns with the host's other stages (%s)", path)
+            return lock
         except OSError as e:
             # A read-only or missing temp dir must not stop the server; it only loses the CPU scheduling gain.
             log.warning("compute lock disabled: cannot open %s (%s)", path, e)

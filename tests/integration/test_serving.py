@@ -123,6 +123,8 @@ def test_each_stage_holds_only_its_own_parameters(triton_server, tiny_model_dir:
         "blip2_vision": opt_vision, "blip2_llm": opt_llm, "blip2_t5_vision": t5_vision, "blip2_t5_llm": t5_llm,
     }
     log = Path(triton_server.log_path).read_text()
+    # On this CPU host both stages of both models take turns for forward passes (BLIP2_COMPUTE_LOCK=auto).
+    assert log.count("compute lock on: forward passes take turns") == 4
     assert f"stage=vision loaded {tiny_model_dir}: {opt_vision} parameters" in log
     assert f"stage=llm loaded {tiny_model_dir}: {opt_llm} parameters" in log
     assert f"stage=llm loaded {tiny_t5_model_dir}: {t5_llm} parameters" in log
