@@ -88,8 +88,7 @@ class StageModel:
         responses = []
         for result in results:
             if isinstance(result, InvalidRequestError):
-                error = self.pb.TritonError(str(result), self.pb.TritonError.INVALID_ARG)
-                responses.append(self.pb.InferenceResponse(error=error))
+                responses.append(self.pb.InferenceResponse(error=_triton_error(self.pb, result, self.stage_name)))
             else:
                 responses.append(self.pb.InferenceResponse(output_tensors=self.output_tensors(result)))
         return responses
@@ -215,6 +214,10 @@ def _engine_observer(metrics: EngineMetrics) -> Any:
     return Observer()
 
 
+# Receives the result of row i of one Triton request.
+_RowsDone = Callable[[int, "str | Exception"], None]
+
+
 class _Responder:
     """Collects the rows of one Triton request and answers it once, when all rows are done (or one failed)."""
 
@@ -234,7 +237,7 @@ class _Responder:
             if self.answered:
                 return
             if isinstance(result, Exception):
-                response = self.pb.InferenceResponse(error=_triton_error(self.pb, result))
+                response = self.pb.InferenceResponse(error=_triton_error(self.pb, result, "llm"))
             else:
                 self.results[index] = result
                 self.remaining -= 1
@@ -246,15 +249,16 @@ class _Responder:
         self.sender.send(response, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
 
-def _triton_error(pb: Any, error: Exception) -> Any:
+def _triton_error(pb: Any, error: Exception, stage: str) -> Any:
+    """The error a client sees: request errors with their message, anything else without details."""
     from .engine import CancelledError
 
     if isinstance(error, InvalidRequestError):
         return pb.TritonError(str(error), pb.TritonError.INVALID_ARG)
     if isinstance(error, CancelledError):
         return pb.TritonError(str(error), pb.TritonError.CANCELLED)
-    log.error("generation failed: %r", error)
-    return pb.TritonError("llm stage failed; see server log")
+    log.error("%s stage failed: %r", stage, error)
+    return pb.TritonError(f"{stage} stage failed; see server log")
 
 
 class LanguageModel(StageModel):
@@ -326,7 +330,7 @@ class LanguageModel(StageModel):
         from .serving import text_output
 
         if error is not None:
-            response = self.pb.InferenceResponse(error=_triton_error(self.pb, error))
+            response = self.pb.InferenceResponse(error=_triton_error(self.pb, error, self.stage_name))
         else:
             tensors = [self.pb.Tensor("text_output", text_output([text or ""]))]
             if done is not None:
@@ -335,7 +339,7 @@ class LanguageModel(StageModel):
         sender.send(response, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def execute(self, requests: list[Any]) -> None:  # type: ignore[override]
-        static: list[tuple[Any, list[Any]]] = []
+        static: list[tuple[_RowsDone, list[Any]]] = []
         for request in requests:
             sender = request.get_response_sender()
             try:
@@ -353,7 +357,9 @@ class LanguageModel(StageModel):
             self._run_static(static)
         return None
 
-    def _accept(self, request: Any, sender: Any) -> tuple[Any, list[Any]] | None:
+    def _accept(self, request: Any, sender: Any) -> tuple[_RowsDone, list[Any]] | None:
+        """Hands a request to the engine (or answers a stream control message) and returns None; under the
+        static scheduler returns its rows and where their results go, for `_run_static`."""
         from .engine import CancelledError, Job
 
         poll_id = self._string_input(request, "_poll_id")
@@ -377,11 +383,7 @@ class LanguageModel(StageModel):
             # Acknowledged at once: the front end's BLS call returns and it starts polling.
             self._send(sender, text="", done=False)
             if self.engine is None:
-                result = self.stage.run(rows)[0]
-                if isinstance(result, str):
-                    self.streams.piece(stream_id, result)
-                self.streams.finish(stream_id, result)
-                return None
+                return (lambda _row, result: self._end_static_stream(stream_id, result)), rows
             self.engine.submit([Job(
                 request=rows[0],
                 on_piece=lambda piece: self.streams.piece(stream_id, piece),
@@ -391,7 +393,7 @@ class LanguageModel(StageModel):
             return None
         responder = _Responder(self.pb, sender, len(rows))
         if self.engine is None:
-            return responder, rows
+            return responder.done, rows
         self.engine.submit([
             Job(request=row, on_piece=None, on_done=lambda result, i=i: responder.done(i, result),
                 is_cancelled=request.is_cancelled)
@@ -399,7 +401,7 @@ class LanguageModel(StageModel):
         ])
         return None
 
-    def _run_static(self, batch: list[tuple[_Responder, list[Any]]]) -> None:
+    def _run_static(self, batch: list[tuple[_RowsDone, list[Any]]]) -> None:
         # Plain dynamic batching: the whole Triton batch is generated before any of it is answered.
         rows = [row for _, rs in batch for row in rs]
         try:
@@ -408,10 +410,16 @@ class LanguageModel(StageModel):
             log.exception("llm: batch of %d rows failed", len(rows))
             results = [e] * len(rows)
         pos = 0
-        for responder, rs in batch:
+        for done, rs in batch:
             for i in range(len(rs)):
-                responder.done(i, results[pos])
+                done(i, results[pos])
                 pos += 1
+
+    def _end_static_stream(self, stream_id: str, result: str | Exception) -> None:
+        # Generated whole: the text is the stream's one piece.
+        if isinstance(result, str):
+            self.streams.piece(stream_id, result)
+        self.streams.finish(stream_id, result)
 
     def finalize(self) -> None:
         if self.engine is not None:
