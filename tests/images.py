@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+from hypothesis import strategies as st
 from PIL import Image
 
 
@@ -53,3 +54,21 @@ def sample_images() -> dict[str, bytes]:
 
 
 PROMPTS: tuple[str | None, ...] = (None, "Question: what color is the car? Answer:")
+
+
+def mutated_images(samples: dict[str, bytes], *, edits: tuple[int, int], limits: tuple[int, int]
+                   ) -> st.SearchStrategy[bytes]:
+    """Real images with random byte edits, biased towards the first `limits` bytes (headers are where decoders
+    branch), and sometimes truncated."""
+
+    @st.composite
+    def mutated(draw: st.DrawFn) -> bytes:
+        data = bytearray(samples[draw(st.sampled_from(sorted(samples)))])
+        for _ in range(draw(st.integers(*edits))):
+            limit = draw(st.sampled_from([*limits, len(data)]))
+            data[draw(st.integers(0, min(limit, len(data)) - 1))] = draw(st.integers(0, 255))
+        if draw(st.booleans()):
+            data = data[: draw(st.integers(0, len(data)))]
+        return bytes(data)
+
+    return mutated()

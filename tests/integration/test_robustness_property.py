@@ -8,12 +8,13 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from images import mutated_images
 from images import sample_images as _sample_images
+from triton_helpers import build_inputs
 from tritonclient.utils import InferenceServerException
 
 pytestmark = pytest.mark.integration
@@ -22,28 +23,12 @@ SAMPLES = _sample_images()
 TIMEOUT_S = 120
 MAGIC = [b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"GIF89a", b"RIFF\x00\x10\x00\x00WEBPVP8 ", b"BM", b"II*\x00",
          b"MM\x00*", b"%PDF-1.7", b"<svg"]
-CONTROLS = {"max_tokens": ("INT32", np.int32), "temperature": ("FP32", np.float32), "top_p": ("FP32", np.float32),
-            "top_k": ("INT32", np.int32), "beam_width": ("INT32", np.int32),
-            "repetition_penalty": ("FP32", np.float32), "seed": ("UINT64", np.uint64)}
-
-
-@st.composite
-def mutated_sample(draw: st.DrawFn) -> bytes:
-    data = bytearray(SAMPLES[draw(st.sampled_from(sorted(SAMPLES)))])
-    for _ in range(draw(st.integers(0, 12))):
-        # Headers are where decoders branch: bias the edits towards the first bytes.
-        limit = draw(st.sampled_from([64, 512, len(data)]))
-        data[draw(st.integers(0, min(limit, len(data)) - 1))] = draw(st.integers(0, 255))
-    if draw(st.booleans()):
-        data = data[: draw(st.integers(0, len(data)))]
-    return bytes(data)
-
 
 f32 = st.floats(width=32, allow_nan=True, allow_infinity=True)
 images = st.one_of(
     st.binary(max_size=1024),
     st.tuples(st.sampled_from(MAGIC), st.binary(max_size=1024)).map(lambda t: t[0] + t[1]),
-    mutated_sample(),
+    mutated_images(SAMPLES, edits=(0, 12), limits=(64, 512)),
     st.sampled_from(sorted(SAMPLES)).map(SAMPLES.__getitem__),
 )
 prompts = st.one_of(st.none(), st.text(max_size=200), st.binary(max_size=200))
@@ -69,20 +54,7 @@ requests = st.lists(st.tuples(images, prompts, controls), min_size=1, max_size=4
 
 
 def _send(url: str, image: bytes, prompt: str | bytes | None, ctrl: dict[str, Any]) -> tuple[str, str]:
-    inputs = []
-    tensor = grpcclient.InferInput("image", [1, 1], "BYTES")
-    tensor.set_data_from_numpy(np.array([[image]], dtype=np.object_))
-    inputs.append(tensor)
-    if prompt is not None:
-        tensor = grpcclient.InferInput("text_input", [1, 1], "BYTES")
-        raw = prompt.encode("utf-8", errors="surrogatepass") if isinstance(prompt, str) else prompt
-        tensor.set_data_from_numpy(np.array([[raw]], dtype=np.object_))
-        inputs.append(tensor)
-    for name, value in ctrl.items():
-        triton_type, np_type = CONTROLS[name]
-        tensor = grpcclient.InferInput(name, [1, 1], triton_type)
-        tensor.set_data_from_numpy(np.array([[value]], dtype=np_type))
-        inputs.append(tensor)
+    inputs = build_inputs(grpcclient, image, prompt, **ctrl)
     client = grpcclient.InferenceServerClient(url)
     try:
         result = client.infer("blip2", inputs, client_timeout=TIMEOUT_S)

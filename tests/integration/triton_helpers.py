@@ -21,14 +21,17 @@ DTYPES = {
 }
 
 
-def build_inputs(module: Any, image: bytes, prompt: str | None = None, **controls: Any) -> list[Any]:
+def build_inputs(module: Any, image: bytes, prompt: str | bytes | None = None, **controls: Any) -> list[Any]:
+    """One request's input tensors. A bytes prompt is sent as is; a str one as UTF-8, lone surrogates kept
+    (surrogatepass), so tests can send invalid UTF-8 either way."""
     inputs = []
     tensor = module.InferInput("image", [1, 1], "BYTES")
     tensor.set_data_from_numpy(np.array([[image]], dtype=np.object_))
     inputs.append(tensor)
     if prompt is not None:
         tensor = module.InferInput("text_input", [1, 1], "BYTES")
-        tensor.set_data_from_numpy(np.array([[prompt.encode()]], dtype=np.object_))
+        raw = prompt.encode("utf-8", errors="surrogatepass") if isinstance(prompt, str) else prompt
+        tensor.set_data_from_numpy(np.array([[raw]], dtype=np.object_))
         inputs.append(tensor)
     for name, value in controls.items():
         triton_type, np_type = DTYPES[name]

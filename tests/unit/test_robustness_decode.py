@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from images import sample_images
+from images import mutated_images, sample_images
 from PIL import Image
 from robustness_corpus import bad_images, good_images, oversized_image
 
@@ -105,20 +105,9 @@ def test_prompt_byte_limit_comes_before_tokenizing() -> None:
         GenerationRequest(embeds, prompt="é" * (limit // 2 + 1)).validate(OPTIONS, expected_embeds_shape=(2, 4))
 
 
-@st.composite
-def mutated(draw: st.DrawFn) -> bytes:
-    data = bytearray(SAMPLES[draw(st.sampled_from(sorted(SAMPLES)))])
-    for _ in range(draw(st.integers(1, 16))):
-        limit = draw(st.sampled_from([32, 256, len(data)]))
-        data[draw(st.integers(0, min(limit, len(data)) - 1))] = draw(st.integers(0, 255))
-    if draw(st.booleans()):
-        data = data[: draw(st.integers(0, len(data)))]
-    return bytes(data)
-
-
 @settings(max_examples=300, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(data=st.one_of(st.binary(max_size=2048), mutated()))
+@given(data=st.one_of(st.binary(max_size=2048), mutated_images(SAMPLES, edits=(1, 16), limits=(32, 256))))
 def test_random_bytes_decode_or_fail_cleanly(data: bytes) -> None:
     started = time.monotonic()
     try:
