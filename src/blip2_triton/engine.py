@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from .errors import InvalidRequestError
 from .generation import LanguageStage, _Row, select_rows
+from .kv_cache import SlotKVCache
 from .requests import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class Job:
     first_token_at: float | None = None
     next_token: int | None = None
     cancel_checked_at: float = 0.0
+    finished: bool = False
 
 
 class EngineObserver:
@@ -101,7 +103,7 @@ class InflightEngine:
         self._queue: queue.Queue[list[Job] | None] = queue.Queue()
         self._waiting: list[Job] = []
         self._active: list[Job] = []
-        self._cache: Any = None
+        self._cache: SlotKVCache | None = None
         self._mask: torch.Tensor | None = None
         self._stopping = False
         self._cancelled_ids: set[str] = set()
@@ -154,7 +156,7 @@ class InflightEngine:
                 # One iteration (prefill of newcomers + one decoding step) is one turn of the stage's compute
                 # lock on CPU hosts; the vision stage computes between turns. (Longer turns of several steps
                 # measured no better on 2 cores: 10.5 vs 10.8 req/s at 100 ms.)
-                with self.compute if busy else contextlib.nullcontext():
+                with self.compute if busy else contextlib.nullcontext(), torch.inference_mode():
                     self._guarded(self._iteration)
                 self._flush()
                 if self.on_iteration is not None:
@@ -193,6 +195,10 @@ class InflightEngine:
         self._notify("on_active", 0, 0)
 
     def _finish(self, job: Job, result: str | Exception) -> None:
+        if job.finished:
+            # A step that fails after some of its rows completed fails the still-listed rest, not those again.
+            return
+        job.finished = True
         if job.job_id is not None and self._cancelled_ids:
             # A cancel that arrives as the job ends must not linger in the set.
             with self._cancel_lock:
@@ -282,12 +288,13 @@ class InflightEngine:
         return job.is_cancelled()
 
     def _select(self, keep: list[int]) -> None:
-        self._active = [self._active[i] for i in keep]
-        if not self._active:
-            self._cache, self._mask = None, None
+        if not keep:
+            self._active, self._cache, self._mask = [], None, None
             return
-        assert self._mask is not None
-        self._mask = select_rows(self._cache, self._mask, keep)
+        assert self._cache is not None and self._mask is not None
+        order = self._cache.keep(keep)
+        self._active = [self._active[i] for i in order]
+        self._mask = self._mask[order]
 
     def _emit(self, job: Job, text: str, *, final: bool) -> None:
         if job.on_piece is None:
@@ -330,7 +337,8 @@ class InflightEngine:
         assert self._mask is not None
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(self._active), 1)], dim=1)
         tokens = [j.next_token for j in self._active]
-        logits = self.stage.step(self._cache, self._mask, tokens)  # type: ignore[arg-type]
+        assert self._cache is not None
+        logits = self.stage.step(self._cache.cache, self._mask, tokens)  # type: ignore[arg-type]
         self._notify("on_step", len(self._active), len(self._active))
         keep = self._accept(self._active, logits)
         if len(keep) < len(self._active):
@@ -348,19 +356,15 @@ class InflightEngine:
 
     def _merge(self, jobs: list[Job], cache: Any, mask: torch.Tensor) -> None:
         if self._cache is None or not self._active:
-            self._cache, self._mask, self._active = cache, mask, list(jobs)
+            self._cache = SlotKVCache(cache, spare_rows=max(8, len(jobs)))
+            self._mask, self._active = mask, list(jobs)
             return
         assert self._mask is not None
-        width = max(self._mask.shape[1], mask.shape[1])
         # Left-pad the shorter side: masked positions are never attended to, and positions are derived
         # from the mask, so a row's computation does not change by sitting in a wider batch.
-        old_pad, new_pad = width - self._mask.shape[1], width - mask.shape[1]
-        for old_layer, new_layer in zip(self._cache.layers, cache.layers, strict=True):
-            old_layer.keys = torch.cat([F.pad(old_layer.keys, (0, 0, old_pad, 0)),
-                                        F.pad(new_layer.keys, (0, 0, new_pad, 0))], dim=0)
-            old_layer.values = torch.cat([F.pad(old_layer.values, (0, 0, old_pad, 0)),
-                                          F.pad(new_layer.values, (0, 0, new_pad, 0))], dim=0)
-        self._mask = torch.cat([F.pad(self._mask, (old_pad, 0)), F.pad(mask, (new_pad, 0))], dim=0)
+        grown = self._cache.append(cache)
+        width = self._cache.width
+        self._mask = torch.cat([F.pad(self._mask, (grown, 0)), F.pad(mask, (width - mask.shape[1], 0))], dim=0)
         self._active.extend(jobs)
 
     def _trim_padding(self) -> None:
@@ -375,6 +379,5 @@ class InflightEngine:
         if first == 0:
             return
         self._mask = self._mask[:, first:]
-        for layer in self._cache.layers:
-            layer.keys = layer.keys[:, :, first:, :]
-            layer.values = layer.values[:, :, first:, :]
+        assert self._cache is not None
+        self._cache.drop_front(first)
