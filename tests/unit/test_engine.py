@@ -114,3 +114,48 @@ def test_stopped_engine_takes_no_work(setup) -> None:
     engine.stop()
     engine.submit([collector.job(0, GenerationRequest(query_embeds=emb, max_tokens=3))])
     assert not collector.all_done.wait(0.5), "a stopped engine takes no more work"
+
+
+class _FailsOnFirstDeparture(InflightEngine):
+    """Fails the step in which rows first leave the batch: after they completed, before they were removed."""
+
+    failed = False
+
+    def _select(self, keep: list[int]) -> None:
+        if not self.failed and len(keep) < len(self._active):
+            self.failed = True
+            raise RuntimeError("injected failure")
+        super()._select(keep)
+
+
+def test_a_failed_step_answers_every_job_exactly_once(setup, sample_images) -> None:
+    language, embeds, reference = setup
+    if not language.decoder_only:
+        pytest.skip("encoder-decoder requests are generated whole, between steps")
+    name = sorted(embeds)[0]
+    calls: dict[int, list[str | Exception]] = {i: [] for i in range(5)}
+    everyone = threading.Event()
+
+    def job(i: int, max_tokens: int) -> Job:
+        def done(result: str | Exception) -> None:
+            calls[i].append(result)
+            if all(calls.values()):
+                everyone.set()
+
+        return Job(request=GenerationRequest(query_embeds=embeds[name], max_tokens=max_tokens), on_piece=None,
+                   on_done=done)
+
+    engine = _FailsOnFirstDeparture(language)
+    try:
+        # Jobs 0 and 1 complete on the first decoding step, whose removal of them then fails.
+        engine.submit([job(0, 2), job(1, 2), job(2, 6), job(3, 6)])
+        time.sleep(0.5)
+        engine.submit([job(4, 3)])  # the engine goes on serving after the failure
+        assert everyone.wait(60)
+        time.sleep(0.2)  # a second answer would arrive right after the first
+    finally:
+        engine.stop()
+    assert [len(c) for c in calls.values()] == [1] * 5
+    assert calls[0] == calls[1] == [reference(sample_images[name], None, 2)]
+    assert all(isinstance(calls[i][0], RuntimeError) for i in (2, 3))
+    assert calls[4] == [reference(sample_images[name], None, 3)]
