@@ -70,6 +70,8 @@ class EngineObserver:
 
     def on_admitted(self, waited_s: float) -> None: ...
 
+    def on_kv_cache(self, nbytes: int) -> None: ...
+
 
 @dataclass
 class EngineLimits:
@@ -108,6 +110,7 @@ class InflightEngine:
         self._stopping = False
         self._cancelled_ids: set[str] = set()
         self._reported = (0, 0)
+        self._reported_kv = 0
         self._cancel_lock = threading.Lock()
         # Calls to make once the engine thread is outside the compute lock (see `_run`).
         self._deferred: list[Callable[[], None]] = []
@@ -191,8 +194,9 @@ class InflightEngine:
             self._finish(job, error)
         self._active, self._waiting = [], []
         self._cache, self._mask = None, None
-        self._reported = (0, 0)
+        self._reported, self._reported_kv = (0, 0), 0
         self._notify("on_active", 0, 0)
+        self._notify("on_kv_cache", 0)
 
     def _finish(self, job: Job, result: str | Exception) -> None:
         if job.finished:
@@ -218,6 +222,10 @@ class InflightEngine:
         if counts != self._reported:
             self._reported = counts
             self._notify("on_active", *counts)
+        kv = self._cache.nbytes if self._cache is not None else 0
+        if kv != self._reported_kv:
+            self._reported_kv = kv
+            self._notify("on_kv_cache", kv)
 
     def _budget(self, job: Job) -> int:
         assert job.row is not None and job.row.request.max_tokens is not None

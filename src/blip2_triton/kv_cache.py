@@ -121,6 +121,11 @@ class SlotKVCache:
         return self._layers[0].rows
 
     @property
+    def nbytes(self) -> int:
+        """Memory held by the buffers, spare rows and columns included."""
+        return sum(layer.kbuf.nbytes + layer.vbuf.nbytes for layer in self._layers)
+
+    @property
     def width(self) -> int:
         first = self._layers[0]
         return first.end - first.start

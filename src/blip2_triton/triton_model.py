@@ -173,6 +173,8 @@ class EngineMetrics:
              "Sequences summed over forward passes; divided by steps it is the average executed batch size", counter),
             ("blip2_active_sequences", "Sequences decoding in the LLM stage right now", gauge),
             ("blip2_waiting_sequences", "Sequences waiting for a slot in the LLM stage's running batch", gauge),
+            ("blip2_kv_cache_bytes",
+             "Bytes of the in-flight engine's KV-cache buffers (spare rows and columns included)", gauge),
             ("blip2_engine_queue_us_total",
              "Time sequences waited for a slot in the running batch, summed (÷ admitted = mean)", counter),
             ("blip2_engine_admitted_total", "Sequences admitted into the running batch", counter),
@@ -198,6 +200,9 @@ def _engine_observer(metrics: EngineMetrics) -> Any:
         def on_active(self, active: int, waiting: int) -> None:
             metrics.m["blip2_active_sequences"].set(active)
             metrics.m["blip2_waiting_sequences"].set(waiting)
+
+        def on_kv_cache(self, nbytes: int) -> None:
+            metrics.m["blip2_kv_cache_bytes"].set(nbytes)
 
         def on_admitted(self, waited_s: float) -> None:
             metrics.m["blip2_engine_queue_us_total"].increment(int(waited_s * 1e6))

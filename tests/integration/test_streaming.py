@@ -128,6 +128,7 @@ def test_cancelled_stream_frees_its_sequence(triton_server, sample_images, hf_re
         time.sleep(0.2)
     assert metric(triton_server, "blip2_requests_cancelled_total", "blip2_llm") == before + 1
     assert metric(triton_server, "blip2_active_sequences", "blip2_llm") == 0
+    assert metric(triton_server, "blip2_kv_cache_bytes", "blip2_llm") == 0
     # The freed capacity serves the next request normally.
     clients = Clients("grpc", triton_server)
     assert clients.infer(sample_images["bmp"], None, max_tokens=5) == reference(sample_images["bmp"], None, 5)

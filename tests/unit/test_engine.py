@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from images import PROMPTS
 
-from blip2_triton.engine import CancelledError, EngineLimits, InflightEngine, Job
+from blip2_triton.engine import CancelledError, EngineLimits, EngineObserver, InflightEngine, Job
 from blip2_triton.errors import InvalidRequestError
 from blip2_triton.generation import LanguageStage
 from blip2_triton.options import ServerOptions
@@ -159,3 +159,26 @@ def test_a_failed_step_answers_every_job_exactly_once(setup, sample_images) -> N
     assert calls[0] == calls[1] == [reference(sample_images[name], None, 2)]
     assert all(isinstance(calls[i][0], RuntimeError) for i in (2, 3))
     assert calls[4] == [reference(sample_images[name], None, 3)]
+
+
+def test_kv_cache_bytes_are_reported_while_decoding_and_freed_after(setup) -> None:
+    language, embeds, _ = setup
+    if not language.decoder_only:
+        pytest.skip("encoder-decoder requests are generated whole, between steps")
+    reported: list[int] = []
+
+    class Recorder(EngineObserver):
+        def on_kv_cache(self, nbytes: int) -> None:
+            reported.append(nbytes)
+
+    emb = next(iter(embeds.values()))
+    collector = Collector(3)
+    engine = InflightEngine(language, observer=Recorder())
+    try:
+        engine.submit([collector.job(i, GenerationRequest(query_embeds=emb, max_tokens=4 + 4 * i)) for i in range(3)])
+        assert collector.all_done.wait(60)
+        time.sleep(0.3)  # the report after the last sequence left comes with the next iteration
+    finally:
+        engine.stop()
+    assert reported and max(reported) > 0
+    assert reported[-1] == 0
