@@ -364,7 +364,8 @@ class InflightEngine:
 
     def _merge(self, jobs: list[Job], cache: Any, mask: torch.Tensor) -> None:
         if self._cache is None or not self._active:
-            self._cache = SlotKVCache(cache, spare_rows=max(8, len(jobs)))
+            self._cache = SlotKVCache(cache, spare_rows=max(0, min(8, self.limits.max_active - len(jobs))),
+                                      max_rows=self.limits.max_active)
             self._mask, self._active = mask, list(jobs)
             return
         assert self._mask is not None

@@ -21,9 +21,11 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 
 class SlotLayer(DynamicLayer):
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, *, spare_rows: int, spare_cols: int) -> None:
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, *, spare_rows: int, spare_cols: int,
+                 max_rows: int) -> None:
         super().__init__()
         rows, heads, cols, dim = keys.shape
+        self.spare_cols, self.max_rows = spare_cols, max_rows
         self.kbuf = keys.new_zeros(rows + spare_rows, heads, cols + spare_cols, dim)
         self.vbuf = values.new_zeros(rows + spare_rows, heads, cols + spare_cols, dim)
         self.kbuf[:rows, :, :cols] = keys
@@ -43,9 +45,12 @@ class SlotLayer(DynamicLayer):
         if rows <= cap_rows and front <= self.start and self.end + back <= cap_cols:
             return
         width = self.end - self.start
-        # Doubling keeps reallocations rare as the running batch and its sequences grow.
-        new_rows = max(rows, cap_rows if rows <= cap_rows else 2 * cap_rows)
-        new_cols = max(front + width + back, 2 * cap_cols if front + width + back > cap_cols else cap_cols)
+        # Every reallocation (growth, or compaction once dropped left columns have used up the room) sizes the
+        # buffers to the need plus some slack: reallocations stay rare, and memory stays close to what the
+        # batch uses (the `blip2_kv_cache_bytes` metric reports it).
+        new_rows = cap_rows if rows <= cap_rows else min(max(rows, self.max_rows), rows + max(8, rows // 4))
+        need = front + width + back
+        new_cols = need + max(self.spare_cols, need // 8)
         for name in ("kbuf", "vbuf"):
             old = getattr(self, name)
             new = old.new_zeros(new_rows, old.shape[1], new_cols, old.shape[3])
@@ -101,7 +106,7 @@ class SlotKVCache:
     """
 
     @torch.inference_mode()
-    def __init__(self, prefilled: Any, *, spare_rows: int = 8, spare_cols: int = 64) -> None:
+    def __init__(self, prefilled: Any, *, spare_rows: int = 8, spare_cols: int = 32, max_rows: int = 64) -> None:
         layers = list(prefilled.layers)
         unsupported = {type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer}
         if unsupported:
@@ -109,8 +114,8 @@ class SlotKVCache:
                 f"in-flight batching supports full-attention KV caches (DynamicLayer), got {sorted(unsupported)}"
             )
         self.cache = DynamicCache()
-        self.cache.layers = [SlotLayer(layer.keys, layer.values, spare_rows=spare_rows, spare_cols=spare_cols)
-                             for layer in layers]
+        self.cache.layers = [SlotLayer(layer.keys, layer.values, spare_rows=spare_rows, spare_cols=spare_cols,
+                                       max_rows=max_rows) for layer in layers]
 
     @property
     def _layers(self) -> list[SlotLayer]:

@@ -96,3 +96,29 @@ def test_unsupported_cache_layers_are_refused() -> None:
     cache.layers = [layer]
     with pytest.raises(NotImplementedError, match="DynamicSlidingWindowLayer"):
         SlotKVCache(cache)
+
+
+def test_buffers_stay_bounded_under_steady_traffic() -> None:
+    # Sequences of 20 positions keep joining and leaving for 400 steps: the live width stays ~20 columns while
+    # the absolute position keeps advancing, so only compaction keeps the buffers from growing without end.
+    gen = torch.Generator().manual_seed(1)
+    slot = SlotKVCache(prefilled(4, 5, gen), spare_rows=0, spare_cols=8, max_rows=6)
+    ages = [0] * 4
+    widest = 0
+    for step in range(400):
+        for layer in slot.cache.layers:
+            layer.update(torch.randn(slot.rows, HEADS, 1, DIM, generator=gen),
+                         torch.randn(slot.rows, HEADS, 1, DIM, generator=gen))
+        ages = [a + 1 for a in ages]
+        keep = [i for i, a in enumerate(ages) if a < 15]
+        if len(keep) < len(ages):
+            order = slot.keep(keep)
+            ages = [ages[i] for i in order]
+        if step % 3 == 0 and slot.rows < 6:
+            slot.append(prefilled(1, 5, gen))
+            ages.append(0)
+        slot.drop_front(slot.width - (max(ages) + 5))
+        widest = max(widest, slot.width)
+        layer = slot.cache.layers[0]
+        assert layer.kbuf.shape[0] <= 6
+        assert layer.kbuf.shape[2] <= widest + 1 + max(8, (widest + 1) // 8)
