@@ -26,6 +26,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 import yaml
+from deploy_metrics import GPU_ONLY_METRICS, METRIC_RE, NGC_TRITON_VERSIONS, SELECTOR_RE
 from tritonclient.utils import InferenceServerException
 
 from blip2_triton.launcher import find_tritonserver, free_port
@@ -38,11 +39,6 @@ ADMIN_HEADER = "triton-admin-key"
 # Triton's gRPC frontend expects restricted-protocol headers under this prefix (docs/DEPLOY.md).
 GRPC_ADMIN_HEADER = "triton-grpc-protocol-" + ADMIN_HEADER
 ADMIN_KEY = "integration-test-admin-key"
-# Exported only by a server that sees an NVIDIA GPU (DCGM); checked by name in tests/unit instead.
-GPU_ONLY_METRICS = {"nv_gpu_utilization", "nv_gpu_memory_used_bytes", "nv_gpu_memory_total_bytes", "nv_gpu_power_usage"}
-NGC_TRITON_VERSIONS = {"24.10": "2.51.0"}
-# Metric names, not label values such as model="blip2_llm".
-METRIC_RE = re.compile(r"(?<![\"|])\b(?:nv|blip2)_[a-z0-9_]+\b")
 
 
 @dataclass(frozen=True)
@@ -176,7 +172,7 @@ def test_metrics_used_by_dashboard_rules_and_hpa_exist(metrics_after_inference: 
     assert not missing, f"metrics the deployment queries but Triton does not export: {missing}"
     # Each model a query selects must have series, or the query is silently empty.
     for where, expr in artefact_promql().items():
-        for metric, selector in re.findall(r"(?<![\"|])\b((?:nv|blip2)_[a-z0-9_]+)\{([^}]*)\}", expr):
+        for metric, selector in SELECTOR_RE.findall(expr):
             if metric in GPU_ONLY_METRICS:
                 continue
             wanted = set(re.findall(r'model="([^"]+)"', selector))

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
+from deploy_metrics import GPU_ONLY_METRICS, METRIC_RE, NGC_TRITON_VERSIONS, TRITON_METRICS
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
@@ -25,38 +26,9 @@ K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ("gpu", "t4-8bit", "cpu-tiny")
 GPU_OVERLAYS = ("gpu", "t4-8bit")
 
-# Triton 2.51 metric families the artefacts may use. GPU families only exist on a host with a GPU, so the
-# integration test (tests/integration/test_deploy_metrics.py) cannot see them on CI.
-TRITON_METRICS = {
-    "nv_inference_request_success",
-    "nv_inference_request_failure",
-    "nv_inference_count",
-    "nv_inference_exec_count",
-    "nv_inference_request_duration_us",
-    "nv_inference_queue_duration_us",
-    "nv_inference_compute_input_duration_us",
-    "nv_inference_compute_infer_duration_us",
-    "nv_inference_compute_output_duration_us",
-    "nv_inference_pending_request_count",
-    "nv_inference_request_summary_us",
-    "nv_inference_queue_summary_us",
-    "nv_inference_compute_infer_summary_us",
-    "nv_cpu_utilization",
-    "nv_cpu_memory_used_bytes",
-    "nv_cpu_memory_total_bytes",
-    "nv_gpu_utilization",
-    "nv_gpu_memory_used_bytes",
-    "nv_gpu_memory_total_bytes",
-    "nv_gpu_power_usage",
-}
-GPU_ONLY_METRICS = {m for m in TRITON_METRICS if m.startswith("nv_gpu_")}
 # The server's own custom metrics, read from where they are declared so that a rename breaks this test.
 SERVER_METRICS = set(re.findall(r'"(blip2_[a-z_]+_(?:total|sequences|bytes|parameters))"',
                                 (ROOT / "src" / "blip2_triton" / "triton_model.py").read_text(encoding="utf-8")))
-# Metric names, not label values such as model="blip2_llm".
-METRIC_RE = re.compile(r"(?<![\"|])\b(?:nv|blip2)_[a-z0-9_]+\b")
-# NGC tag -> the Triton release inside it; the integration test checks the tested server reports it.
-NGC_TRITON_VERSIONS = {"24.10": "2.51.0"}
 
 
 def read(path: Path) -> str:
