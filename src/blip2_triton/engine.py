@@ -109,8 +109,8 @@ class InflightEngine:
         self._mask: torch.Tensor | None = None
         self._stopping = False
         self._cancelled_ids: set[str] = set()
-        self._reported = (0, 0)
-        self._reported_kv = 0
+        # Last value sent per gauge event (`_report`), so unchanged gauges cost no IPC.
+        self._reported: dict[str, tuple[int, ...]] = {}
         self._cancel_lock = threading.Lock()
         # Calls to make once the engine thread is outside the compute lock (see `_run`).
         self._deferred: list[Callable[[], None]] = []
@@ -194,9 +194,8 @@ class InflightEngine:
             self._finish(job, error)
         self._active, self._waiting = [], []
         self._cache, self._mask = None, None
-        self._reported, self._reported_kv = (0, 0), 0
-        self._notify("on_active", 0, 0)
-        self._notify("on_kv_cache", 0)
+        self._report("on_active", 0, 0)
+        self._report("on_kv_cache", 0)
 
     def _finish(self, job: Job, result: str | Exception) -> None:
         if job.finished:
@@ -218,14 +217,13 @@ class InflightEngine:
         if admitted:
             self._prefill(admitted)
         self._trim_padding()
-        counts = (len(self._active), len(self._waiting))
-        if counts != self._reported:
-            self._reported = counts
-            self._notify("on_active", *counts)
-        kv = self._cache.nbytes if self._cache is not None else 0
-        if kv != self._reported_kv:
-            self._reported_kv = kv
-            self._notify("on_kv_cache", kv)
+        self._report("on_active", len(self._active), len(self._waiting))
+        self._report("on_kv_cache", self._cache.nbytes if self._cache is not None else 0)
+
+    def _report(self, event: str, *values: int) -> None:
+        if self._reported.get(event) != values:
+            self._reported[event] = values
+            self._notify(event, *values)
 
     def _budget(self, job: Job) -> int:
         assert job.row is not None and job.row.request.max_tokens is not None

@@ -153,10 +153,10 @@ class SlotKVCache:
         kept = set(keep)
         holes = [i for i in range(rows) if i not in kept]
         movers = [i for i in keep if i >= rows]
-        order = list(range(rows))
-        for hole, mover in zip(holes, movers, strict=True):
-            order[hole] = mover
         moves = list(zip(holes, movers, strict=True))
+        order = list(range(rows))
+        for hole, mover in moves:
+            order[hole] = mover
         for layer in self._layers:
             layer.move_rows(moves, rows)
         return order
