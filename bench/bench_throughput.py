@@ -1,7 +1,7 @@
 """Throughput benchmark of the throughput issue: one command, one machine, one run.
 
-    .venv/bin/python bench/bench_throughput.py            # full run (~6 min on 2 quiet cores)
-    .venv/bin/python bench/bench_throughput.py --quick    # smoke test (~75 s)
+    .venv/bin/python bench/bench_throughput.py            # full run (~11 min on 2 quiet cores)
+    .venv/bin/python bench/bench_throughput.py --quick    # smoke test (~2 min)
 
 Builds the small random-weight BLIP-2 (`random_blip2.SMALL`, ≈64 M parameters, generated once into the cache
 dir) and measures requests/s and p50/p99 latency at each concurrency for:
@@ -15,7 +15,10 @@ dir) and measures requests/s and p50/p99 latency at each concurrency for:
 Workloads: `captions` (20 tokens), `vqa_mixed` (alternately 4 and 48 tokens), `repeated` (4 images asked
 20-token questions over and over). Captions and VQA send every request as new image bytes (a JPEG comment
 carries a unique tag; pixels repeat, so decoding and compute are unchanged), so no cache can serve them.
-Writes results.json and one PNG per workload to --output-dir and prints the issue's ratios.
+Closed-loop figures come from the steady window (`steady_window`); whole-run figures are kept beside them.
+`vqa_mixed` is also sent open-loop at fixed offered rates to c_static and d_inflight (`open_loop`), so their
+latencies compare at the same load. Writes results.json and one PNG per workload to --output-dir and prints the
+issue's ratios. docs/BENCHMARK.md explains every figure.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ TARGETS = {
     "d_over_c_mixed": 1.5,
     "cache_hit_over_miss_vision": 0.05,
 }
+TARGETS.update({f"{k}_whole_run": v for k, v in list(TARGETS.items()) if k != "cache_hit_over_miss_vision"})
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,23 @@ class Point:
     load_1m: float = 0.0
     # Triton statistics deltas per model (served modes): executions, mean batch, ms per request.
     profile: dict[str, Any] = field(default_factory=dict)
+    # True when rps and latencies come from the steady window of a closed loop (`steady_window`), False when
+    # from the whole run (batched mode b, or too few requests for a window).
+    steady: bool = False
+    # Requests the figures are computed from, and the whole run's requests/s (ramp and drain included).
+    measured: int = 0
+    # The whole run's figures, ramp and drain included: the arrival shape of mode b (a batch of requests, all
+    # ready at once). Results written before the steady window existed have only these.
+    rps_run: float = 0.0
+    p50_ms_run: float = 0.0
+    p99_ms_run: float = 0.0
+    # p50/p99 ms per max_tokens value, for workloads that mix lengths (who makes the p99).
+    by_tokens: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.rps_run = self.rps_run or self.rps
+        self.p50_ms_run = self.p50_ms_run or self.p50_ms
+        self.p99_ms_run = self.p99_ms_run or self.p99_ms
 
 
 def pattern_jpeg(seed: int, width: int = 320, height: int = 240) -> bytes:
@@ -143,26 +164,79 @@ def _ms(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values) * 1000.0, q)) if values else float("nan")
 
 
+@dataclass(frozen=True)
+class Span:
+    index: int  # position in the request list
+    client: int
+    start: float
+    end: float
+
+
+def steady_window(spans: Sequence[Span], concurrency: int) -> tuple[float, float] | None:
+    """The part of a closed loop during which `concurrency` clients were all busy in their steady rhythm.
+
+    It opens once every client has had an answer (before that, all clients sent at the same instant, a burst
+    no steady load produces) and closes when the first client runs out of requests (after that, fewer clients
+    are left). None when there is no such interval.
+    """
+    ends: dict[int, list[float]] = {}
+    for s in spans:
+        ends.setdefault(s.client, []).append(s.end)
+    if concurrency < 2 or len(ends) < concurrency:
+        return None
+    t0 = max(min(e) for e in ends.values())
+    t1 = min(max(e) for e in ends.values())
+    return (t0, t1) if t1 > t0 else None
+
+
 def make_point(mode: str, workload: str, concurrency: int, requests: Sequence[Request],
-               latencies: Sequence[float], seconds: float) -> Point:
-    tokens = sum(r.max_tokens for r in requests)
+               latencies: Sequence[float], seconds: float, spans: Sequence[Span] = ()) -> Point:
+    """Whole-run figures, or the steady window's when `spans` (a closed loop's) hold one."""
+    n = len(requests)
+    rps_run, p50_run, p99_run = n / seconds, _ms(latencies, 50), _ms(latencies, 99)
+    tokens_per_s = sum(r.max_tokens for r in requests) / seconds
+    window = steady_window(spans, concurrency)
+    steady = False
+    if window is not None:
+        t0, t1 = window
+        done = [i for i, s in enumerate(spans) if t0 < s.end <= t1]
+        inside = [i for i, s in enumerate(spans) if s.start >= t0 and s.end <= t1]
+        # Less than one request per client inside the window says nothing about steady state.
+        if len(done) >= concurrency and len(inside) >= concurrency:
+            steady = True
+            seconds = t1 - t0
+            latencies = [spans[i].end - spans[i].start for i in inside]
+            tokens_per_s = sum(requests[spans[i].index].max_tokens for i in done) / seconds
+            n = len(done)
+    groups: dict[int, list[float]] = {}
+    if steady:
+        for i in inside:
+            groups.setdefault(requests[spans[i].index].max_tokens, []).append(spans[i].end - spans[i].start)
+    else:
+        for r, lat in zip(requests, latencies, strict=False):
+            groups.setdefault(r.max_tokens, []).append(lat)
+    by_tokens = {str(k): {"n": len(v), "p50_ms": round(_ms(v, 50)), "p99_ms": round(_ms(v, 99))}
+                 for k, v in sorted(groups.items())} if len(groups) > 1 else {}
     return Point(
         mode=mode, workload=workload, concurrency=concurrency, requests=len(requests), seconds=seconds,
-        rps=len(requests) / seconds, p50_ms=_ms(latencies, 50), p99_ms=_ms(latencies, 99),
-        mean_ms=statistics.fmean(latencies) * 1000.0, tokens_per_s=tokens / seconds, load_1m=os.getloadavg()[0],
+        rps=n / seconds, p50_ms=_ms(latencies, 50), p99_ms=_ms(latencies, 99),
+        mean_ms=statistics.fmean(latencies) * 1000.0, tokens_per_s=tokens_per_s, load_1m=os.getloadavg()[0],
+        steady=steady, measured=len(latencies), rps_run=rps_run, p50_ms_run=p50_run, p99_ms_run=p99_run,
+        by_tokens=by_tokens,
     )
 
 
 def closed_loop(call: Callable[[Request], str], requests: Sequence[Request], concurrency: int
-                ) -> tuple[list[float], float, list[str]]:
+                ) -> tuple[list[float], float, list[str], list[Span]]:
     """`concurrency` clients, each sending its next request as soon as the previous one is answered."""
     n = len(requests)
     latencies = [0.0] * n
     texts = [""] * n
+    spans: list[Span | None] = [None] * n
     counter = itertools.count()
     errors: list[BaseException] = []
 
-    def worker() -> None:
+    def worker(client: int) -> None:
         while not errors:
             i = next(counter)
             if i >= n:
@@ -173,9 +247,11 @@ def closed_loop(call: Callable[[Request], str], requests: Sequence[Request], con
             except BaseException as e:  # re-raised by the caller, in the main thread
                 errors.append(e)
                 return
-            latencies[i] = time.perf_counter() - start
+            end = time.perf_counter()
+            latencies[i] = end - start
+            spans[i] = Span(i, client, start, end)
 
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
+    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(concurrency)]
     start = time.perf_counter()
     for t in threads:
         t.start()
@@ -184,7 +260,100 @@ def closed_loop(call: Callable[[Request], str], requests: Sequence[Request], con
     elapsed = time.perf_counter() - start
     if errors:
         raise errors[0]
-    return latencies, elapsed, texts
+    return latencies, elapsed, texts, [s for s in spans if s is not None]
+
+
+@dataclass
+class OpenPoint:
+    """One open-loop run: Poisson arrivals at a fixed offered rate, latency measured from each scheduled send."""
+
+    mode: str
+    workload: str
+    offered_rps: float
+    # The rate the drawn arrival times actually produced (a Poisson sample of `offered_rps`).
+    sent_rps: float
+    requests: int
+    measured: int
+    p50_ms: float
+    p99_ms: float
+    mean_ms: float
+    # The server fell behind (`latency_grows`): its percentiles then depend on the run's length too.
+    saturated: bool
+    by_tokens: dict[str, dict[str, float]] = field(default_factory=dict)
+    load_1m: float = 0.0
+
+
+def open_loop(call: Callable[[Request], str], requests: Sequence[Request], rate_rps: float, seed: int,
+              max_outstanding: int = 64) -> tuple[list[float], list[str], float]:
+    """Sends `requests` at Poisson arrival times of mean rate `rate_rps`, whatever the server's pace.
+
+    A closed loop couples the arrival rate to the answers (a fast answer brings the next request sooner), so
+    two schedulers compared at one concurrency face different loads. At a fixed offered rate both face the same
+    load and their latencies compare directly. Latency counts from the scheduled send, so time a request spends
+    waiting for a free sender thread counts too. Returns latencies, texts and the span from the first
+    scheduled send to the last scheduled send.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = len(requests)
+    gaps = np.random.default_rng(seed).exponential(1.0 / rate_rps, size=n)
+    offsets = np.concatenate([[0.0], np.cumsum(gaps[1:])])
+    latencies = [0.0] * n
+    texts = [""] * n
+    start = time.perf_counter()
+
+    def send(i: int) -> None:
+        scheduled = start + float(offsets[i])
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        texts[i] = call(requests[i])
+        latencies[i] = time.perf_counter() - scheduled
+
+    with ThreadPoolExecutor(max_workers=min(n, max_outstanding)) as pool:
+        for f in [pool.submit(send, i) for i in range(n)]:
+            f.result()
+    return latencies, texts, float(offsets[-1])
+
+
+def latency_grows(requests: Sequence[Request], latencies: Sequence[float]) -> bool:
+    """True when a queue built up through an open-loop run: every generation length's mean latency rose from the
+    middle third of the run to the last, the shortest length's by over 25% and 50 ms. (A queue adds the same
+    wait to every length, most visible on the shortest; a mix of 4- and 48-token answers has no meaningful
+    overall median to compare.)"""
+    third = len(latencies) // 3
+    middle: dict[int, list[float]] = {}
+    last: dict[int, list[float]] = {}
+    for k, (r, x) in enumerate(zip(requests, latencies, strict=True)):
+        if k >= third:
+            (middle if k < 2 * third else last).setdefault(r.max_tokens, []).append(x)
+    shared = sorted(t for t in middle if t in last)
+    if not shared:
+        return False
+    before = {t: statistics.fmean(middle[t]) for t in shared}
+    after = {t: statistics.fmean(last[t]) for t in shared}
+    short = shared[0]
+    return (all(after[t] > before[t] for t in shared) and after[short] > 1.25 * before[short]
+            and after[short] - before[short] > 0.05)
+
+
+def make_open_point(mode: str, workload: str, rate: float, requests: Sequence[Request], latencies: Sequence[float],
+                    seconds: float) -> OpenPoint:
+    # The first tenth of the arrivals meets an idle server; leave it out of the percentiles.
+    skip = len(requests) // 10
+    kept = list(zip(requests[skip:], latencies[skip:], strict=True))
+    lat = [x for _, x in kept]
+    groups: dict[int, list[float]] = {}
+    for r, x in kept:
+        groups.setdefault(r.max_tokens, []).append(x)
+    return OpenPoint(
+        mode=mode, workload=workload, offered_rps=round(rate, 3), sent_rps=(len(requests) - 1) / seconds,
+        requests=len(requests), measured=len(lat), p50_ms=_ms(lat, 50), p99_ms=_ms(lat, 99),
+        mean_ms=statistics.fmean(lat) * 1000, saturated=latency_grows(requests, latencies),
+        by_tokens={str(k): {"n": len(v), "p50_ms": round(_ms(v, 50)), "p99_ms": round(_ms(v, 99))}
+                   for k, v in sorted(groups.items())} if len(groups) > 1 else {},
+        load_1m=os.getloadavg()[0],
+    )
 
 
 class Consistency:
@@ -401,6 +570,45 @@ def custom_metrics(metrics_url: str) -> dict[str, float]:
     return out
 
 
+def cpu_seconds(srv: Any) -> dict[str, float]:
+    """CPU time (user + system) so far of tritonserver, each stub (by model instance) and this process (the
+    benchmark's clients), from /proc: on a shared host the load generator's own CPU is CPU the server lacks."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def used(pid: int) -> float:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    out = {"tritonserver": used(srv.process.pid), "client (benchmark)": used(os.getpid())}
+    out.update({f"stub {name}": used(pid) for name, pid in srv.stub_pids().items()})
+    return out
+
+
+def cpu_profile(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
+    """Cores used per process over a point (1.0 = one core busy all the time)."""
+    return {k: round((after[k] - before.get(k, 0.0)) / seconds, 2) for k in after if after[k] > before.get(k, 0.0)}
+
+
+def engine_profile(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
+    """The in-flight engine over one point (whole run): steps, rows per step, step period, queue and TTFT."""
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    steps = d.get("blip2_engine_steps_total", 0.0)
+    if steps <= 0:
+        return {}
+    admitted = max(d.get("blip2_engine_admitted_total", 0.0), 1.0)
+    firsts = max(d.get("blip2_first_tokens_total", 0.0), 1.0)
+    return {
+        "steps": steps,
+        "rows_per_step": round(d.get("blip2_engine_step_sequences_total", 0.0) / steps, 2),
+        "ms_per_step": round(seconds * 1000 / steps, 1),
+        "queue_ms_per_admitted": round(d.get("blip2_engine_queue_us_total", 0.0) / admitted / 1000, 1),
+        "ttft_ms": round(d.get("blip2_time_to_first_token_us_total", 0.0) / firsts / 1000, 1),
+    }
+
+
 def profile(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]) -> dict[str, Any]:
     """Where the time went, per model: mean executed batch, compute and queue ms per request."""
     out: dict[str, Any] = {}
@@ -421,20 +629,28 @@ def profile(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]])
 
 
 def vision_cache_probe_served(served: Served, workloads: Workloads, k: int) -> dict[str, float]:
-    """blip2_vision's own compute time (Triton statistics) per image: k new images, then the same k again."""
+    """blip2_vision's own compute time (Triton statistics) per image, median of k new images (misses) and of
+    the same k again (hits)."""
     images = [r.image for r in workloads.requests("captions", k)]
-    s0 = served.stats()["blip2_vision"]
-    for data in images:
-        served.vision(data)
-    s1 = served.stats()["blip2_vision"]
-    for data in images:
-        served.vision(data)
-    s2 = served.stats()["blip2_vision"]
 
-    def per_image(a: dict[str, int], b: dict[str, int]) -> float:
-        return (b["compute_infer_ns"] - a["compute_infer_ns"]) / max(b["inferences"] - a["inferences"], 1) / 1e6
+    def settled(expected: int) -> dict[str, int]:
+        # Triton counts an execution just after it has sent the response: wait for the count to catch up, or
+        # the next image's figure would include this one's compute.
+        deadline = time.monotonic() + 5.0
+        while True:
+            stats = served.stats()["blip2_vision"]
+            if stats["inferences"] >= expected or time.monotonic() > deadline:
+                return stats
+            time.sleep(0.01)
 
-    miss, hit = per_image(s0, s1), per_image(s1, s2)
+    def one(data: bytes) -> float:
+        before = settled(0)
+        served.vision(data)
+        after = settled(before["inferences"] + 1)
+        return (after["compute_infer_ns"] - before["compute_infer_ns"]) / 1e6
+
+    miss = statistics.median(one(data) for data in images)
+    hit = statistics.median(one(data) for data in images)
     return {"miss_ms": miss, "hit_ms": hit, "hit_over_miss": hit / miss if miss else float("nan")}
 
 
@@ -452,16 +668,34 @@ def server(model_dir: Path, env: dict[str, str], log_path: Path) -> Iterator[Any
 
 # ---------------------------------------------------------------- driver
 
+# The modes compared at fixed offered rates (target 3 of the issue).
+OPEN_LOOP_MODES = ("c_static", "d_inflight")
+
+
+def open_loop_plan(args: argparse.Namespace, points: list[Point], workloads: Workloads,
+                   top: int) -> list[tuple[float, list[Request]]]:
+    """The offered rates and their requests, drawn once so that every mode gets the same arrivals."""
+    rates = list(args.open_loop_rps)
+    if not rates and args.open_loop:
+        capacity = find(points, "c_static", "vqa_mixed", top)
+        if capacity is None:
+            print("  open loop skipped: needs c_static's vqa_mixed point at the top concurrency, or --open-loop-rps",
+                  flush=True)
+        else:
+            rates = [f * capacity.rps for f in args.open_loop]
+    return [(rate, workloads.requests("vqa_mixed", args.open_loop_requests)) for rate in rates]
+
+
 
 def requests_for(concurrency: int, rounds: int, minimum: int) -> int:
     return max(minimum, rounds * concurrency)
 
 
 def best(points: list[Point], mode_prefix: str | tuple[str, ...], workload: str,
-         concurrency: int | None = None) -> Point | None:
+         concurrency: int | None = None, *, whole_run: bool = False) -> Point | None:
     chosen = [p for p in points if p.mode.startswith(mode_prefix) and p.workload == workload
               and (concurrency is None or p.concurrency == concurrency)]
-    return max(chosen, key=lambda p: p.rps, default=None)
+    return max(chosen, key=lambda p: p.rps_run if whole_run else p.rps, default=None)
 
 
 def find(points: list[Point], mode: str, workload: str, concurrency: int) -> Point | None:
@@ -472,33 +706,76 @@ def _ratio(num: float | None, den: float | None) -> float | None:
     return round(num / den, 3) if num is not None and den else None
 
 
-def ratios(points: list[Point], probes: dict[str, Any], top: int) -> dict[str, Any]:
+def throughput_ratios(points: list[Point], top: int, *, whole_run: bool) -> dict[str, Any]:
+    """The issue's three throughput targets, from steady-window figures or from whole-run ones."""
     served = ("c_static", "d_inflight")
-    a = best(points, "a", "captions")
-    b = best(points, "b", "captions")
-    s_top = best(points, served, "captions", top)
-    s_any = best(points, served, "captions")
+
+    def rps(p: Point) -> float:
+        return p.rps_run if whole_run else p.rps
+
+    def p99(p: Point) -> int:
+        return round(p.p99_ms_run if whole_run else p.p99_ms)
+
+    def p50(p: Point) -> int:
+        return round(p.p50_ms_run if whole_run else p.p50_ms)
+
+    a = best(points, "a", "captions", whole_run=whole_run)
+    b = best(points, "b", "captions", whole_run=whole_run)
+    s_top = best(points, served, "captions", top, whole_run=whole_run)
+    s_any = best(points, served, "captions", whole_run=whole_run)
     c_mix, d_mix = find(points, "c_static", "vqa_mixed", top), find(points, "d_inflight", "vqa_mixed", top)
+    suffix = "_whole_run" if whole_run else ""
+    out: dict[str, Any] = {
+        f"served_c32_over_a{suffix}": {
+            "value": _ratio(s_top and rps(s_top), a and rps(a)),
+            "served": s_top and f"{s_top.mode}@{top}: {rps(s_top):.2f} req/s",
+            "a": a and f"{rps(a):.2f} req/s",
+        },
+        f"best_served_over_b{suffix}": {
+            "value": _ratio(s_any and rps(s_any), b and rps(b)),
+            "served": s_any and f"{s_any.mode}@{s_any.concurrency}: {rps(s_any):.2f} req/s",
+            "b": b and f"batch {b.concurrency}: {rps(b):.2f} req/s",
+        },
+    }
+    mixed: dict[str, Any] = {"value": None, "concurrency": top, "p99_lower": False}
+    if c_mix and d_mix:
+        mixed.update(
+            value=_ratio(rps(d_mix), rps(c_mix)),
+            p99_ms={"c_static": p99(c_mix), "d_inflight": p99(d_mix)},
+            p99_lower=p99(d_mix) < p99(c_mix),
+            p50_ms={"c_static": p50(c_mix), "d_inflight": p50(d_mix)},
+        )
+    out[f"d_over_c_mixed{suffix}"] = mixed
+    return out
+
+
+def ratios(points: list[Point], probes: dict[str, Any], top: int,
+           open_points: Sequence[OpenPoint] = ()) -> dict[str, Any]:
     d_rep, n_rep = find(points, "d_inflight", "repeated", top), find(points, "d_nocache", "repeated", top)
     served_probe = probes.get("served_vision_cache", {})
     return {
-        "served_c32_over_a": {
-            "value": _ratio(s_top and s_top.rps, a and a.rps),
-            "served": s_top and f"{s_top.mode}@{top}: {s_top.rps:.2f} req/s",
-            "a": a and f"{a.rps:.2f} req/s",
+        **throughput_ratios(points, top, whole_run=False),
+        **throughput_ratios(points, top, whole_run=True),
+        "d_over_c_mixed_by_concurrency": {
+            str(c): {
+                "value": _ratio(d.rps, cs.rps),
+                "p99_ms": {"c_static": round(cs.p99_ms), "d_inflight": round(d.p99_ms)},
+                "p99_lower": d.p99_ms < cs.p99_ms,
+            }
+            for c in sorted({p.concurrency for p in points})
+            if (cs := find(points, "c_static", "vqa_mixed", c)) and (d := find(points, "d_inflight", "vqa_mixed", c))
         },
-        "best_served_over_b": {
-            "value": _ratio(s_any and s_any.rps, b and b.rps),
-            "served": s_any and f"{s_any.mode}@{s_any.concurrency}: {s_any.rps:.2f} req/s",
-            "b": b and f"batch {b.concurrency}: {b.rps:.2f} req/s",
-        },
-        "d_over_c_mixed": {
-            "value": _ratio(d_mix and d_mix.rps, c_mix and c_mix.rps),
-            "concurrency": top,
-            "p99_ms": {"c_static": c_mix and round(c_mix.p99_ms), "d_inflight": d_mix and round(d_mix.p99_ms)},
-            "p99_lower": bool(c_mix and d_mix and d_mix.p99_ms < c_mix.p99_ms),
-            "p50_ms": {"c_static": c_mix and round(c_mix.p50_ms), "d_inflight": d_mix and round(d_mix.p50_ms)},
-        },
+        "mixed_p99_at_equal_offered_rate": [
+            {
+                "offered_rps": oc.offered_rps,
+                "p99_ms": {"c_static": round(oc.p99_ms), "d_inflight": round(od.p99_ms)},
+                "p50_ms": {"c_static": round(oc.p50_ms), "d_inflight": round(od.p50_ms)},
+                "p99_lower": od.p99_ms < oc.p99_ms,
+                "saturated": {"c_static": oc.saturated, "d_inflight": od.saturated},
+            }
+            for oc in open_points if oc.mode == "c_static"
+            for od in open_points if od.mode == "d_inflight" and od.offered_rps == oc.offered_rps
+        ],
         "cache_hit_over_miss_vision": {
             "value": served_probe.get("hit_over_miss") and round(served_probe["hit_over_miss"], 4),
             "served": served_probe,
@@ -522,6 +799,16 @@ def print_table(points: list[Point]) -> None:
 def print_ratios(r: dict[str, Any]) -> None:
     print("\nratios (issue targets in brackets):")
     for name, entry in r.items():
+        if name == "d_over_c_mixed_by_concurrency":
+            for c, e in entry.items():
+                print(f"  {'d_over_c_mixed @' + c:<28} {e['value']!s:>7} {'':<9} {'':<6} "
+                      f"{json.dumps({k: v for k, v in e.items() if k != 'value'})}")
+            continue
+        if name == "mixed_p99_at_equal_offered_rate":
+            for e in entry:
+                print(f"  {'mixed p99 @' + str(e['offered_rps']) + ' req/s':<28} {'':>7} {'':<9} {'':<6} "
+                      f"{json.dumps(e)}")
+            continue
         target = TARGETS.get(name)
         value = entry.get("value")
         verdict = ""
@@ -605,11 +892,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workloads", default=",".join(WORKLOADS))
     p.add_argument("--concurrency", default=None, help="comma-separated (default 1,8,32)")
     p.add_argument("--tokens", type=int, default=20, help="generated tokens (captions, repeated)")
-    p.add_argument("--rounds", type=int, default=None, help="requests per client, served modes (default 2)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="requests per client, served modes (default 6: the steady window needs several)")
     p.add_argument("--hf-rounds", type=int, default=None, help="requests per client, mode a (default 1)")
     p.add_argument("--min-requests", type=int, default=None, help="fewest requests per point (default 12)")
     p.add_argument("--batches", type=int, default=None, help="batches per batch size, mode b (default 2)")
     p.add_argument("--probe-images", type=int, default=8)
+    p.add_argument("--open-loop", default=None, metavar="FRACTIONS",
+                   help="vqa_mixed at fixed offered rates for c_static and d_inflight, as fractions of c_static's "
+                        "capacity at the top concurrency (default 0.5,0.8; empty: skip)")
+    p.add_argument("--open-loop-rps", default="", metavar="RATES",
+                   help="absolute offered rates (req/s) instead of fractions")
+    p.add_argument("--open-loop-requests", type=int, default=None, help="requests per rate (default 120)")
     p.add_argument("--report", type=Path, default=None, metavar="RESULTS_JSON",
                    help="measure nothing: recompute ratios, table and plots of an earlier results.json")
     p.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
@@ -617,10 +911,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     quick = args.quick
     args.concurrency = [int(c) for c in (args.concurrency or ("1,4" if quick else "1,8,32")).split(",")]
-    args.rounds = args.rounds or (1 if quick else 2)
+    args.rounds = args.rounds or (1 if quick else 6)
     args.hf_rounds = args.hf_rounds or 1
     args.min_requests = args.min_requests or (2 if quick else 12)
     args.batches = args.batches or (1 if quick else 2)
+    fractions = args.open_loop if args.open_loop is not None else ("0.5" if quick else "0.5,0.8")
+    args.open_loop = [float(f) for f in fractions.split(",") if f]
+    args.open_loop_rps = [float(r) for r in args.open_loop_rps.split(",") if r]
+    args.open_loop_requests = args.open_loop_requests or (12 if quick else 120)
     args.modes = [m for m in args.modes.split(",") if m]
     args.workloads = [w for w in args.workloads.split(",") if w]
     for m in args.modes:
@@ -642,7 +940,8 @@ def report(path: Path) -> dict[str, Any]:
     result = json.loads(path.read_text())
     points = [Point(**p) for p in result["points"]]
     top = max(result["settings"]["concurrency"])
-    result["ratios"] = ratios(points, result["probes"], top)
+    open_points = [OpenPoint(**p) for p in result.get("open_loop", [])]
+    result["ratios"] = ratios(points, result["probes"], top, open_points)
     result["plots"] = plot(points, path.parent)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print_table(points)
@@ -688,9 +987,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for workload in args.workloads:
             for c in args.concurrency:
                 reqs = workloads.requests(workload, requests_for(c, args.hf_rounds, args.min_requests))
-                lat, secs, texts = closed_loop(hf, reqs, c)
+                lat, secs, texts, spans = closed_loop(hf, reqs, c)
                 consistency.record("a", reqs, texts)
-                note(make_point("a", workload, c, reqs, lat, secs))
+                note(make_point("a", workload, c, reqs, lat, secs, spans))
         del hf
         gc.collect()
 
@@ -708,6 +1007,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"  in-process vision cache: {probes['inprocess_vision_cache']}", flush=True)
 
     logs = args.output_dir / "logs"
+    top = max(args.concurrency)
+    open_requests: list[tuple[float, list[Request]]] | None = None
+    open_points: list[OpenPoint] = []
     for mode, server_env in SERVERS.items():
         if mode not in args.modes:
             continue
@@ -732,25 +1034,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for workload in mode_workloads:
                     for c in args.concurrency:
                         reqs = workloads.requests(workload, requests_for(c, args.rounds, args.min_requests))
-                        before = served.stats()
-                        lat, secs, texts = closed_loop(served, reqs, c)
-                        point = make_point(mode, workload, c, reqs, lat, secs)
+                        before, metrics_before = served.stats(), custom_metrics(srv.metrics_url)
+                        cpu_before = cpu_seconds(srv)
+                        lat, secs, texts, spans = closed_loop(served, reqs, c)
+                        cpu = cpu_profile(cpu_before, cpu_seconds(srv), secs)
+                        point = make_point(mode, workload, c, reqs, lat, secs, spans)
                         point.profile = profile(before, served.stats())
+                        point.profile["cores_used"] = cpu
+                        engine = engine_profile(metrics_before, custom_metrics(srv.metrics_url), secs)
+                        if engine:
+                            point.profile["engine"] = engine
                         consistency.record(mode, reqs, texts)
                         note(point)
+                if mode in OPEN_LOOP_MODES and "vqa_mixed" in args.workloads:
+                    if open_requests is None:
+                        open_requests = open_loop_plan(args, points, workloads, top)
+                    for k, (rate, reqs) in enumerate(open_requests):
+                        lat, texts, secs = open_loop(served, reqs, rate, seed=k)
+                        consistency.record(mode, reqs, texts)
+                        op = make_open_point(mode, "vqa_mixed", rate, reqs, lat, secs)
+                        open_points.append(op)
+                        print(f"  {mode:<11} vqa_mixed  open loop {op.offered_rps:5.2f} req/s  n={op.requests:<4} "
+                              f"p50 {op.p50_ms:7.0f} ms  p99 {op.p99_ms:7.0f} ms"
+                              f"{'  SATURATED' if op.saturated else ''}", flush=True)
                 probes.setdefault("server_metrics", {})[mode] = custom_metrics(srv.metrics_url)
             finally:
                 served.close()
 
-    top = max(args.concurrency)
     result = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "model": model_info(model_dir),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "environment": {**env, "load_average_end": os.getloadavg()},
         "points": [asdict(p) for p in points],
+        "open_loop": [asdict(p) for p in open_points],
         "probes": probes,
-        "ratios": ratios(points, probes, top),
+        "ratios": ratios(points, probes, top, open_points),
         "consistency": consistency.summary(),
         "seconds": round(time.perf_counter() - t_start, 1),
     }

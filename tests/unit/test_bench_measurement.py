@@ -1,0 +1,105 @@
+"""How the throughput benchmark turns request timings into figures: the closed loop's steady window and the
+open loop's fixed arrival rate. The benchmark script is not a package; it is loaded from its path."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_throughput.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_throughput", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_throughput"] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def _requests(bench, tokens: list[int]):
+    return [bench.Request(b"", f"i{k}", None, t) for k, t in enumerate(tokens)]
+
+
+def test_window_opens_when_every_client_was_answered_and_closes_when_the_first_runs_dry(bench) -> None:
+    S = bench.Span
+    spans = [
+        S(0, 0, 0.0, 1.0), S(2, 0, 1.0, 2.0), S(4, 0, 2.0, 3.0),  # client 0 runs dry at 3.0
+        S(1, 1, 0.0, 1.5), S(3, 1, 1.5, 3.5), S(5, 1, 3.5, 5.0),
+    ]
+    assert bench.steady_window(spans, 2) == (1.5, 3.0)
+    # A client that never got an answer, one client only, or no overlap: no steady state to speak of.
+    assert bench.steady_window(spans[:3], 2) is None
+    assert bench.steady_window(spans, 1) is None
+    assert bench.steady_window([S(0, 0, 0.0, 1.0), S(1, 1, 0.0, 2.0)], 2) is None
+
+
+def test_point_uses_the_steady_window_and_splits_latency_by_length(bench) -> None:
+    S = bench.Span
+    # Two clients, alternating 4- and 48-token requests; the first answers come as one burst at t=10.
+    spans = [S(0, 0, 0.0, 10.0), S(1, 1, 0.0, 10.0)]
+    t = {0: 10.0, 1: 10.0}
+    for i in range(2, 22):
+        client = i % 2
+        length = 1.0 if i % 4 < 2 else 3.0
+        spans.append(S(i, client, t[client], t[client] + length))
+        t[client] += length
+    reqs = _requests(bench, [4 if i % 4 < 2 else 48 for i in range(22)])
+    lat = [s.end - s.start for s in spans]
+    point = bench.make_point("d_inflight", "vqa_mixed", 2, reqs, lat, 30.0, spans)
+    t0, t1 = bench.steady_window(spans, 2)
+    assert point.steady and (t0, t1) == (10.0, 30.0)
+    done = [s for s in spans if t0 < s.end <= t1]
+    assert point.rps == pytest.approx(len(done) / (t1 - t0))
+    assert point.rps_run == pytest.approx(22 / 30.0)
+    # The 10 s burst answers are outside the window, so no latency above 3 s is counted.
+    assert point.p99_ms <= 3000.0 and point.measured == len(done)
+    assert point.by_tokens["4"]["p50_ms"] == 1000 and point.by_tokens["48"]["p50_ms"] == 3000
+
+
+def test_point_falls_back_to_the_whole_run_without_a_window(bench) -> None:
+    reqs = _requests(bench, [20, 20, 20])
+    point = bench.make_point("b", "captions", 3, reqs, [1.0, 1.0, 1.0], 2.0)
+    assert not point.steady and point.rps == pytest.approx(1.5) and point.measured == 3
+    assert point.by_tokens == {}
+
+
+def test_open_loop_latency_counts_from_the_scheduled_send(bench) -> None:
+    # One sender thread and a 20 ms server at 100,000 req/s offered: each request waits for all before it, so
+    # latencies must grow through the run and the point must say the server fell behind.
+    reqs = _requests(bench, [4, 48] * 10)
+
+    def call(_req) -> str:
+        time.sleep(0.02)
+        return "x"
+
+    lat, texts, seconds = bench.open_loop(call, reqs, rate_rps=100_000.0, seed=0, max_outstanding=1)
+    assert texts == ["x"] * 20 and seconds < 1.0
+    # The last send was due at once (offsets of ~10 us) and ran after 19 sleeps of 20 ms and its own.
+    assert lat[-1] >= 0.39
+    point = bench.make_open_point("d_inflight", "vqa_mixed", 100_000.0, reqs, lat, seconds)
+    assert point.saturated and point.measured == 18 and set(point.by_tokens) == {"4", "48"}
+
+
+def test_open_loop_at_a_rate_the_server_keeps_up_with_is_not_saturated(bench) -> None:
+    reqs = _requests(bench, [4] * 12)
+    lat, _, seconds = bench.open_loop(lambda _r: "x", reqs, rate_rps=200.0, seed=1)
+    point = bench.make_open_point("c_static", "vqa_mixed", 200.0, reqs, lat, seconds)
+    assert not point.saturated and point.sent_rps > 0
+
+
+def test_a_steady_mix_of_short_and_long_answers_is_not_taken_for_a_queue(bench) -> None:
+    reqs = _requests(bench, [4, 48] * 30)
+    # Stable: 1 s and 7 s answers, with the long ones landing late in the run by chance.
+    stable = [(1.0 if r.max_tokens == 4 else 7.0) + (0.3 if k > 40 and r.max_tokens == 48 else 0.0)
+              for k, r in enumerate(reqs)]
+    assert not bench.latency_grows(reqs, stable)
+    # A queue: every answer waits 100 ms longer than the one before, whatever its length.
+    queued = [x + 0.1 * k for k, x in enumerate(stable)]
+    assert bench.latency_grows(reqs, queued)
