@@ -823,7 +823,7 @@ def print_ratios(r: dict[str, Any]) -> None:
         print(f"  {name:<28} {value!s:>7} {limit:<9} {verdict:<6} {json.dumps(details)}")
 
 
-def plot(points: list[Point], out_dir: Path) -> list[str]:
+def plot(points: list[Point], out_dir: Path, open_points: Sequence[OpenPoint] = ()) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -853,6 +853,25 @@ def plot(points: list[Point], out_dir: Path) -> list[str]:
         ax_rps.legend(fontsize=8)
         fig.tight_layout()
         path = out_dir / f"throughput_{workload}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path.name)
+    if open_points:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for mode in OPEN_LOOP_MODES:
+            series = sorted((p for p in open_points if p.mode == mode), key=lambda p: p.offered_rps)
+            if not series:
+                continue
+            xs = [p.offered_rps for p in series]
+            (line,) = ax.plot(xs, [p.p99_ms / 1000 for p in series], marker="o", label=f"{mode} p99")
+            ax.plot(xs, [p.p50_ms / 1000 for p in series], ls="--", marker=".", color=line.get_color(),
+                    label=f"{mode} p50")
+        ax.set(title="vqa_mixed, open loop: latency at equal offered rates", xlabel="offered requests/s",
+               ylabel="seconds")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / "open_loop_vqa_mixed.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path.name)
@@ -942,7 +961,7 @@ def report(path: Path) -> dict[str, Any]:
     top = max(result["settings"]["concurrency"])
     open_points = [OpenPoint(**p) for p in result.get("open_loop", [])]
     result["ratios"] = ratios(points, result["probes"], top, open_points)
-    result["plots"] = plot(points, path.parent)
+    result["plots"] = plot(points, path.parent, open_points)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print_table(points)
     print_ratios(result["ratios"])
@@ -1073,7 +1092,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "consistency": consistency.summary(),
         "seconds": round(time.perf_counter() - t_start, 1),
     }
-    result["plots"] = plot(points, args.output_dir)
+    result["plots"] = plot(points, args.output_dir, open_points)
     (args.output_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     print_table(points)
     print_ratios(result["ratios"])
