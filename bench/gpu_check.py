@@ -137,7 +137,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
 
     if time.perf_counter() - t0 < args.budget_s:
-        report["single_request"]["hf_generate"] = hf_generate_latency(loaded, base[0], args.tokens, device, runs=5)
+        hf = hf_generate_latency(loaded, base[0], args.tokens, device, runs=5)
+        # The serving path must produce HF's greedy text for the same image (in this dtype, on this device).
+        _, _, served_text = one(tagged(base[0], "gpu-check-compare"))
+        report["single_request"]["hf_generate"] = hf
+        report["single_request"]["text_matches_hf"] = served_text == hf["text"]
 
     times = []
     for _ in range(args.batches):
@@ -164,20 +168,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 @torch.inference_mode()
 def hf_generate_latency(loaded: Any, image: bytes, tokens: int, device: torch.device, runs: int) -> dict[str, Any]:
-    """The reference path on the same weights: processor + `Blip2ForConditionalGeneration.generate`."""
+    """The reference path on the same weights: processor + `Blip2ForConditionalGeneration.generate`; its
+    latency, and its text for `image`."""
     from PIL import Image
 
     processor, model = loaded.processor, loaded.model
     times = []
+    ids = None
     for i in range(runs + 1):
         t = time.perf_counter()
         inputs = processor(images=Image.open(io.BytesIO(image)).convert("RGB"), return_tensors="pt").to(device)
         inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
-        model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens)
+        ids = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens)
         _sync(device)
         if i:  # the first call is warm-up
             times.append(time.perf_counter() - t)
-    return _percentiles(times)
+    assert ids is not None
+    prompt = inputs["input_ids"].shape[1] if "input_ids" in inputs else model.config.num_query_tokens + 1
+    text = processor.batch_decode(ids[:, prompt:], skip_special_tokens=True)[0].strip()
+    return {**_percentiles(times), "text": text}
 
 
 if __name__ == "__main__":

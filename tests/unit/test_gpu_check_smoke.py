@@ -1,0 +1,51 @@
+"""The GPU check (`bench/gpu_check.py`) is meant for a machine this project rarely gets; its CPU smoke mode
+runs the same code path here, so the script cannot rot unnoticed before someone runs it on a GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("gpu_check", BENCH / "gpu_check.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_cpu_smoke_run_reports_latency_throughput_and_hf_identical_text(gpu_check, tmp_path: Path) -> None:
+    out = tmp_path / "gpu_check.json"
+    report = gpu_check.main([
+        "--device", "cpu", "--tiny-shapes", "--latency-runs", "2", "--batches", "1", "--concurrency", "4",
+        "--tokens", "6", "--output", str(out),
+    ])
+    single = report["single_request"]
+    assert single["end_to_end"]["runs"] == 2 and single["end_to_end"]["median_ms"] > 0
+    assert single["llm_ms_per_token"] > 0 and single["sample_text"]
+    assert single["text_matches_hf"] is True
+    assert report["concurrency_32"]["requests_per_s"] > 0
+    assert report["shapes"] == "tiny" and report["dtype"] == "float32"
+    assert out.read_text().strip().startswith("{")
+
+
+def test_cuda_requested_without_a_gpu_is_a_clear_usage_error(gpu_check, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    with pytest.raises(SystemExit) as exc:
+        gpu_check.main([])
+    assert exc.value.code == 2
+    assert "no CUDA device is visible" in capsys.readouterr().err
