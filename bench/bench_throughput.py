@@ -192,34 +192,42 @@ def steady_window(spans: Sequence[Span], concurrency: int) -> tuple[float, float
 def make_point(mode: str, workload: str, concurrency: int, requests: Sequence[Request],
                latencies: Sequence[float], seconds: float, spans: Sequence[Span] = ()) -> Point:
     """Whole-run figures, or the steady window's when `spans` (a closed loop's) hold one."""
-    n = len(requests)
-    rps_run, p50_run, p99_run = n / seconds, _ms(latencies, 50), _ms(latencies, 99)
+    rps_run, p50_run, p99_run = len(requests) / seconds, _ms(latencies, 50), _ms(latencies, 99)
     tokens_per_s = sum(r.max_tokens for r in requests) / seconds
     window = steady_window(spans, concurrency)
     steady = False
+    rps = rps_run
+    groups: dict[int, list[float]] = {}
     if window is not None:
         t0, t1 = window
-        done = [i for i, s in enumerate(spans) if t0 < s.end <= t1]
-        inside = [i for i, s in enumerate(spans) if s.start >= t0 and s.end <= t1]
-        # Less than one request per client inside the window says nothing about steady state.
-        if len(done) >= concurrency and len(inside) >= concurrency:
+
+        def share(s: Span) -> float:
+            return max(0.0, min(s.end, t1) - max(s.start, t0)) / (s.end - s.start) if s.end > s.start else 0.0
+
+        # Throughput: each request counts for the share of its lifetime inside the window. Counting whole
+        # answers would lose a round when clients move in lockstep (a static batch answers its whole cohort at
+        # one instant, so the window's two ends each cut a round in half).
+        served = sum(share(s) for s in spans)
+        # Latency: the requests sent inside the window, whenever answered; choosing those also answered inside
+        # it would drop long requests more often than short ones.
+        chosen = [s for s in spans if t0 <= s.start < t1]
+        # Less than one request per client says nothing about steady state.
+        if served >= concurrency and len(chosen) >= concurrency:
             steady = True
             seconds = t1 - t0
-            latencies = [spans[i].end - spans[i].start for i in inside]
-            tokens_per_s = sum(requests[spans[i].index].max_tokens for i in done) / seconds
-            n = len(done)
-    groups: dict[int, list[float]] = {}
-    if steady:
-        for i in inside:
-            groups.setdefault(requests[spans[i].index].max_tokens, []).append(spans[i].end - spans[i].start)
-    else:
+            rps = served / seconds
+            latencies = [s.end - s.start for s in chosen]
+            tokens_per_s = sum(requests[s.index].max_tokens * share(s) for s in spans) / seconds
+            for s in chosen:
+                groups.setdefault(requests[s.index].max_tokens, []).append(s.end - s.start)
+    if not steady:
         for r, lat in zip(requests, latencies, strict=False):
             groups.setdefault(r.max_tokens, []).append(lat)
     by_tokens = {str(k): {"n": len(v), "p50_ms": round(_ms(v, 50)), "p99_ms": round(_ms(v, 99))}
                  for k, v in sorted(groups.items())} if len(groups) > 1 else {}
     return Point(
         mode=mode, workload=workload, concurrency=concurrency, requests=len(requests), seconds=seconds,
-        rps=n / seconds, p50_ms=_ms(latencies, 50), p99_ms=_ms(latencies, 99),
+        rps=rps, p50_ms=_ms(latencies, 50), p99_ms=_ms(latencies, 99),
         mean_ms=statistics.fmean(latencies) * 1000.0, tokens_per_s=tokens_per_s, load_1m=os.getloadavg()[0],
         steady=steady, measured=len(latencies), rps_run=rps_run, p50_ms_run=p50_run, p99_ms_run=p99_run,
         by_tokens=by_tokens,
@@ -311,8 +319,14 @@ def open_loop(call: Callable[[Request], str], requests: Sequence[Request], rate_
         latencies[i] = time.perf_counter() - scheduled
 
     with ThreadPoolExecutor(max_workers=min(n, max_outstanding)) as pool:
-        for f in [pool.submit(send, i) for i in range(n)]:
-            f.result()
+        futures = [pool.submit(send, i) for i in range(n)]
+        try:
+            for f in futures:
+                f.result()
+        except BaseException:
+            # A failed request ends the run now, not after the rest of the schedule has been sent.
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     return latencies, texts, float(offsets[-1])
 
 
@@ -639,15 +653,32 @@ def vision_cache_probe_served(served: Served, workloads: Workloads, k: int) -> d
         deadline = time.monotonic() + 5.0
         while True:
             stats = served.stats()["blip2_vision"]
-            if stats["inferences"] >= expected or time.monotonic() > deadline:
+            if stats["inferences"] >= expected:
+                return stats
+            if time.monotonic() > deadline:
+                print(f"  warning: blip2_vision statistics stuck at {stats['inferences']} inferences, expected "
+                      f"{expected}; the cache probe's figures may mix two images", flush=True)
                 return stats
             time.sleep(0.01)
 
+    def quiet() -> dict[str, int]:
+        # Counts still arriving from earlier work (the warm-up) must land before the first figure is taken.
+        last = served.stats()["blip2_vision"]
+        while True:
+            time.sleep(0.1)
+            now = served.stats()["blip2_vision"]
+            if now == last:
+                return now
+            last = now
+
+    state = quiet()
+
     def one(data: bytes) -> float:
-        before = settled(0)
+        nonlocal state
+        before = state
         served.vision(data)
-        after = settled(before["inferences"] + 1)
-        return (after["compute_infer_ns"] - before["compute_infer_ns"]) / 1e6
+        state = settled(before["inferences"] + 1)
+        return (state["compute_infer_ns"] - before["compute_infer_ns"]) / 1e6
 
     miss = statistics.median(one(data) for data in images)
     hit = statistics.median(one(data) for data in images)
@@ -713,12 +744,6 @@ def throughput_ratios(points: list[Point], top: int, *, whole_run: bool) -> dict
     def rps(p: Point) -> float:
         return p.rps_run if whole_run else p.rps
 
-    def p99(p: Point) -> int:
-        return round(p.p99_ms_run if whole_run else p.p99_ms)
-
-    def p50(p: Point) -> int:
-        return round(p.p50_ms_run if whole_run else p.p50_ms)
-
     a = best(points, "a", "captions", whole_run=whole_run)
     b = best(points, "b", "captions", whole_run=whole_run)
     s_top = best(points, served, "captions", top, whole_run=whole_run)
@@ -739,14 +764,29 @@ def throughput_ratios(points: list[Point], top: int, *, whole_run: bool) -> dict
     }
     mixed: dict[str, Any] = {"value": None, "concurrency": top, "p99_lower": False}
     if c_mix and d_mix:
-        mixed.update(
-            value=_ratio(rps(d_mix), rps(c_mix)),
-            p99_ms={"c_static": p99(c_mix), "d_inflight": p99(d_mix)},
-            p99_lower=p99(d_mix) < p99(c_mix),
-            p50_ms={"c_static": p50(c_mix), "d_inflight": p50(d_mix)},
-        )
+        mixed.update(compare_mixed(c_mix, d_mix, whole_run=whole_run))
     out[f"d_over_c_mixed{suffix}"] = mixed
     return out
+
+
+def compare_mixed(c: Point, d: Point, *, whole_run: bool = False) -> dict[str, Any]:
+    """d_inflight vs c_static at one concurrency. Steady figures only when both points have them: a steady
+    figure over a whole-run one would compare a sustained rate with a burst."""
+    run = whole_run or not (c.steady and d.steady)
+
+    def figures(p: Point) -> tuple[float, int, int]:
+        if run:
+            return p.rps_run, round(p.p50_ms_run), round(p.p99_ms_run)
+        return p.rps, round(p.p50_ms), round(p.p99_ms)
+
+    (c_rps, c_p50, c_p99), (d_rps, d_p50, d_p99) = figures(c), figures(d)
+    return {
+        "value": _ratio(d_rps, c_rps),
+        "p99_ms": {"c_static": c_p99, "d_inflight": d_p99},
+        "p99_lower": d_p99 < c_p99,
+        "p50_ms": {"c_static": c_p50, "d_inflight": d_p50},
+        "figures": "whole run" if run else "steady window",
+    }
 
 
 def ratios(points: list[Point], probes: dict[str, Any], top: int,
@@ -757,11 +797,7 @@ def ratios(points: list[Point], probes: dict[str, Any], top: int,
         **throughput_ratios(points, top, whole_run=False),
         **throughput_ratios(points, top, whole_run=True),
         "d_over_c_mixed_by_concurrency": {
-            str(c): {
-                "value": _ratio(d.rps, cs.rps),
-                "p99_ms": {"c_static": round(cs.p99_ms), "d_inflight": round(d.p99_ms)},
-                "p99_lower": d.p99_ms < cs.p99_ms,
-            }
+            str(c): compare_mixed(cs, d)
             for c in sorted({p.concurrency for p in points})
             if (cs := find(points, "c_static", "vqa_mixed", c)) and (d := find(points, "d_inflight", "vqa_mixed", c))
         },
@@ -938,6 +974,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.open_loop = [float(f) for f in fractions.split(",") if f]
     args.open_loop_rps = [float(r) for r in args.open_loop_rps.split(",") if r]
     args.open_loop_requests = args.open_loop_requests or (12 if quick else 120)
+    if args.open_loop_requests < 2:
+        p.error("--open-loop-requests needs at least 2 (the offered rate is measured between arrivals)")
     args.modes = [m for m in args.modes.split(",") if m]
     args.workloads = [w for w in args.workloads.split(",") if w]
     for m in args.modes:
