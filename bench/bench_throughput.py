@@ -101,7 +101,7 @@ class Point:
     # True when rps and latencies come from the steady window of a closed loop (`steady_window`), False when
     # from the whole run (batched mode b, or too few requests for a window).
     steady: bool = False
-    # Requests the figures are computed from, and the whole run's requests/s (ramp and drain included).
+    # Latency samples behind p50/p99 (req/s counts every request's share of the window, see `make_point`).
     measured: int = 0
     # The whole run's figures, ramp and drain included: the arrival shape of mode b (a batch of requests, all
     # ready at once). Results written before the steady window existed have only these.
@@ -202,14 +202,17 @@ def make_point(mode: str, workload: str, concurrency: int, requests: Sequence[Re
         t0, t1 = window
 
         def share(s: Span) -> float:
-            return max(0.0, min(s.end, t1) - max(s.start, t0)) / (s.end - s.start) if s.end > s.start else 0.0
+            if s.end <= s.start:  # an instant request: all of it or none of it is inside
+                return 1.0 if t0 <= s.start <= t1 else 0.0
+            return max(0.0, min(s.end, t1) - max(s.start, t0)) / (s.end - s.start)
 
         # Throughput: each request counts for the share of its lifetime inside the window. Counting whole
         # answers would lose a round when clients move in lockstep (a static batch answers its whole cohort at
         # one instant, so the window's two ends each cut a round in half).
         served = sum(share(s) for s in spans)
         # Latency: the requests sent inside the window, whenever answered; choosing those also answered inside
-        # it would drop long requests more often than short ones.
+        # it would drop long requests more often than short ones. (Each client's last request may finish while
+        # load is already falling; a small optimistic bias, documented, against a large pessimistic one.)
         chosen = [s for s in spans if t0 <= s.start < t1]
         # Less than one request per client says nothing about steady state.
         if served >= concurrency and len(chosen) >= concurrency:
@@ -301,32 +304,33 @@ def open_loop(call: Callable[[Request], str], requests: Sequence[Request], rate_
     waiting for a free sender thread counts too. Returns latencies, texts and the span from the first
     scheduled send to the last scheduled send.
     """
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
     n = len(requests)
     gaps = np.random.default_rng(seed).exponential(1.0 / rate_rps, size=n)
     offsets = np.concatenate([[0.0], np.cumsum(gaps[1:])])
     latencies = [0.0] * n
     texts = [""] * n
+    stop = threading.Event()
     start = time.perf_counter()
 
     def send(i: int) -> None:
         scheduled = start + float(offsets[i])
-        delay = scheduled - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
+        # A failed request ends the run: senders still waiting for their time give up instead of sending.
+        if stop.wait(max(0.0, scheduled - time.perf_counter())):
+            return
         texts[i] = call(requests[i])
         latencies[i] = time.perf_counter() - scheduled
 
     with ThreadPoolExecutor(max_workers=min(n, max_outstanding)) as pool:
         futures = [pool.submit(send, i) for i in range(n)]
-        try:
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = next((f for f in done if f.exception() is not None), None)
+        if failed is not None:
+            stop.set()
             for f in futures:
-                f.result()
-        except BaseException:
-            # A failed request ends the run now, not after the rest of the schedule has been sent.
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+                f.cancel()
+            raise failed.exception()  # type: ignore[misc]
     return latencies, texts, float(offsets[-1])
 
 
@@ -647,27 +651,33 @@ def vision_cache_probe_served(served: Served, workloads: Workloads, k: int) -> d
     the same k again (hits)."""
     images = [r.image for r in workloads.requests("captions", k)]
 
-    def settled(expected: int) -> dict[str, int]:
+    def settled(before: dict[str, int]) -> dict[str, int]:
         # Triton counts an execution just after it has sent the response: wait for the count to catch up, or
         # the next image's figure would include this one's compute.
         deadline = time.monotonic() + 5.0
         while True:
             stats = served.stats()["blip2_vision"]
-            if stats["inferences"] >= expected:
+            if (stats["inferences"] > before["inferences"]
+                    and stats["compute_infer_count"] > before["compute_infer_count"]):
                 return stats
             if time.monotonic() > deadline:
-                print(f"  warning: blip2_vision statistics stuck at {stats['inferences']} inferences, expected "
-                      f"{expected}; the cache probe's figures may mix two images", flush=True)
+                print("  warning: blip2_vision statistics did not count the probe's request within 5 s; the cache "
+                      "probe's figures from here on may be shifted by one image", flush=True)
                 return stats
             time.sleep(0.01)
 
     def quiet() -> dict[str, int]:
         # Counts still arriving from earlier work (the warm-up) must land before the first figure is taken.
         last = served.stats()["blip2_vision"]
+        deadline = time.monotonic() + 10.0
         while True:
             time.sleep(0.1)
             now = served.stats()["blip2_vision"]
             if now == last:
+                return now
+            if time.monotonic() > deadline:
+                print("  warning: blip2_vision statistics kept changing for 10 s (other clients?); the cache "
+                      "probe's figures may include their work", flush=True)
                 return now
             last = now
 
@@ -677,7 +687,7 @@ def vision_cache_probe_served(served: Served, workloads: Workloads, k: int) -> d
         nonlocal state
         before = state
         served.vision(data)
-        state = settled(before["inferences"] + 1)
+        state = settled(before)
         return (state["compute_infer_ns"] - before["compute_infer_ns"]) / 1e6
 
     miss = statistics.median(one(data) for data in images)
@@ -817,12 +827,22 @@ def ratios(points: list[Point], probes: dict[str, Any], top: int,
             "served": served_probe,
             "in_process": probes.get("inprocess_vision_cache"),
         },
-        "repeated_cache_gain": {
-            "value": _ratio(d_rep and d_rep.rps, n_rep and n_rep.rps),
-            "concurrency": top,
-            "p50_ms": {"cache": d_rep and round(d_rep.p50_ms), "no_cache": n_rep and round(n_rep.p50_ms)},
-        },
+        "repeated_cache_gain": repeated_gain(d_rep, n_rep, top),
     }
+
+
+def repeated_gain(cache: Point | None, no_cache: Point | None, top: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"value": None, "concurrency": top}
+    if cache and no_cache:
+        # Steady figures only when both points have them, as in `compare_mixed`.
+        run = not (cache.steady and no_cache.steady)
+        out.update(
+            value=_ratio(cache.rps_run if run else cache.rps, no_cache.rps_run if run else no_cache.rps),
+            p50_ms={"cache": round(cache.p50_ms_run if run else cache.p50_ms),
+                    "no_cache": round(no_cache.p50_ms_run if run else no_cache.p50_ms)},
+            figures="whole run" if run else "steady window",
+        )
+    return out
 
 
 def print_table(points: list[Point]) -> None:

@@ -65,28 +65,41 @@ def test_point_uses_the_steady_window_and_splits_latency_by_length(bench) -> Non
 
 
 def test_lockstep_clients_are_counted_at_their_true_rate(bench) -> None:
-    # Static batching answers a whole cohort at one instant: 8 clients, 1 s rounds, 6 rounds. The window's
-    # ends fall on round boundaries; whole answers inside (t0, t1] would give 4 rounds in 5 s.
+    # Static batching answers a whole cohort at nearly one instant: 8 clients, 1 s rounds, 6 rounds, answers
+    # 1 ms apart. The window runs from the last answer of round 1 to the first of round 6, so counting whole
+    # answers inside it would give 4 rounds and one answer in 5 s (6.6 req/s).
     S = bench.Span
-    spans = [S(r * 8 + k, k, float(r), float(r + 1)) for r in range(6) for k in range(8)]
+    spans = [S(r * 8 + k, k, r + 0.001 * k, r + 1 + 0.001 * k) for r in range(6) for k in range(8)]
     reqs = _requests(bench, [20] * len(spans))
     point = bench.make_point("c_static", "captions", 8, reqs, [1.0] * len(spans), 6.0, spans)
-    assert point.steady and point.rps == pytest.approx(8.0) and point.tokens_per_s == pytest.approx(160.0)
+    assert point.steady
+    assert point.rps == pytest.approx(8.0, rel=0.01) and point.tokens_per_s == pytest.approx(160.0, rel=0.01)
 
 
 def test_long_requests_straddling_the_window_end_are_not_dropped(bench) -> None:
-    # Client 0 sends 1 s requests, client 1 sends 5 s requests; both run 0..20 s and client 0 has 5 more
-    # seconds of work. Latency samples are chosen by start time, so client 1's long requests all count.
+    # Client 0 sends 1 s requests until 20 s; client 1 sends 5 s requests and a last one of 7 s (15..22 s).
+    # The window is 5..20 s. Latency samples are chosen by send time, so the long request still running at
+    # the window's end counts; choosing requests answered inside the window would drop it.
     S = bench.Span
-    spans = [S(k, 0, float(k), float(k + 1)) for k in range(25)]
-    spans += [S(100 + k, 1, 5.0 * k, 5.0 * (k + 1)) for k in range(4)]
+    spans = [S(k, 0, float(k), float(k + 1)) for k in range(20)]
+    spans += [S(100, 1, 0.0, 5.0), S(101, 1, 5.0, 10.0), S(102, 1, 10.0, 15.0), S(103, 1, 15.0, 22.0)]
     reqs = _requests(bench, [4] * 100 + [48] * 4)
-    point = bench.make_point("d_inflight", "vqa_mixed", 2, reqs, [s.end - s.start for s in spans], 25.0, spans)
-    t0, t1 = bench.steady_window(spans, 2)
-    assert (t0, t1) == (5.0, 20.0)
+    point = bench.make_point("d_inflight", "vqa_mixed", 2, reqs, [s.end - s.start for s in spans], 22.0, spans)
+    assert bench.steady_window(spans, 2) == (5.0, 20.0)
     assert point.by_tokens["48"]["n"] == 3 and point.by_tokens["4"]["n"] == 15
-    # 15 short requests and 3 long ones inside 15 s.
-    assert point.rps == pytest.approx(18 / 15)
+    assert point.by_tokens["48"]["p99_ms"] == pytest.approx(7000, abs=50)
+    # 15 short requests, 2 long ones and 5/7 of the last long one inside 15 s.
+    assert point.rps == pytest.approx((15 + 2 + 5 / 7) / 15)
+
+
+def test_an_instant_request_inside_the_window_counts_whole(bench) -> None:
+    S = bench.Span
+    spans = [S(0, 0, 0.0, 1.0), S(1, 1, 0.0, 1.0), S(2, 0, 1.0, 3.0), S(3, 1, 1.0, 3.0), S(4, 0, 3.0, 3.0),
+             S(5, 1, 3.0, 5.0), S(6, 0, 3.0, 5.0)]
+    reqs = _requests(bench, [4] * 7)
+    point = bench.make_point("d_inflight", "captions", 2, reqs, [s.end - s.start for s in spans], 5.0, spans)
+    # Window 1..5 s: two requests of 1..3, the instant one at 3 and two of 3..5.
+    assert point.rps == pytest.approx(5 / 4)
 
 
 def test_point_falls_back_to_the_whole_run_without_a_window(bench) -> None:
@@ -130,3 +143,20 @@ def test_a_steady_mix_of_short_and_long_answers_is_not_taken_for_a_queue(bench) 
     # A queue: every answer waits 100 ms longer than the one before, whatever its length.
     queued = [x + 0.1 * k for k, x in enumerate(stable)]
     assert bench.latency_grows(reqs, queued)
+
+
+def test_open_loop_stops_sending_at_the_first_failure(bench) -> None:
+    sent: list[int] = []
+
+    def call(req) -> str:
+        sent.append(int(req.image_id[1:]))
+        if req.image_id == "i0":
+            raise RuntimeError("server down")
+        return "x"
+
+    reqs = _requests(bench, [4] * 8)
+    started = time.perf_counter()
+    # 1 request/s offered: the schedule would take about 7 s; the failure of the first must end it at once.
+    with pytest.raises(RuntimeError, match="server down"):
+        bench.open_loop(call, reqs, rate_rps=1.0, seed=3)
+    assert time.perf_counter() - started < 1.0 and len(sent) < 8
