@@ -116,6 +116,13 @@ class Point:
         self.p50_ms_run = self.p50_ms_run or self.p50_ms
         self.p99_ms_run = self.p99_ms_run or self.p99_ms
 
+    def figures(self, *, whole_run: bool) -> tuple[float, float, float]:
+        """req/s, p50 ms and p99 ms: the whole run's, or those the point reports (its steady window's when
+        it has one)."""
+        if whole_run:
+            return self.rps_run, self.p50_ms_run, self.p99_ms_run
+        return self.rps, self.p50_ms, self.p99_ms
+
 
 def pattern_jpeg(seed: int, width: int = 320, height: int = 240) -> bytes:
     rng = np.random.default_rng(seed)
@@ -162,6 +169,14 @@ class Workloads:
 
 def _ms(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values) * 1000.0, q)) if values else float("nan")
+
+
+def _by_tokens(groups: dict[int, list[float]]) -> dict[str, dict[str, float]]:
+    """p50/p99 ms per max_tokens value, for workloads that mix lengths; empty for a single length."""
+    if len(groups) < 2:
+        return {}
+    return {str(k): {"n": len(v), "p50_ms": round(_ms(v, 50)), "p99_ms": round(_ms(v, 99))}
+            for k, v in sorted(groups.items())}
 
 
 @dataclass(frozen=True)
@@ -226,14 +241,12 @@ def make_point(mode: str, workload: str, concurrency: int, requests: Sequence[Re
     if not steady:
         for r, lat in zip(requests, latencies, strict=False):
             groups.setdefault(r.max_tokens, []).append(lat)
-    by_tokens = {str(k): {"n": len(v), "p50_ms": round(_ms(v, 50)), "p99_ms": round(_ms(v, 99))}
-                 for k, v in sorted(groups.items())} if len(groups) > 1 else {}
     return Point(
         mode=mode, workload=workload, concurrency=concurrency, requests=len(requests), seconds=seconds,
         rps=rps, p50_ms=_ms(latencies, 50), p99_ms=_ms(latencies, 99),
         mean_ms=statistics.fmean(latencies) * 1000.0, tokens_per_s=tokens_per_s, load_1m=os.getloadavg()[0],
         steady=steady, measured=len(latencies), rps_run=rps_run, p50_ms_run=p50_run, p99_ms_run=p99_run,
-        by_tokens=by_tokens,
+        by_tokens=_by_tokens(groups),
     )
 
 
@@ -368,8 +381,7 @@ def make_open_point(mode: str, workload: str, rate: float, requests: Sequence[Re
         mode=mode, workload=workload, offered_rps=round(rate, 3), sent_rps=(len(requests) - 1) / seconds,
         requests=len(requests), measured=len(lat), p50_ms=_ms(lat, 50), p99_ms=_ms(lat, 99),
         mean_ms=statistics.fmean(lat) * 1000, saturated=latency_grows(requests, latencies),
-        by_tokens={str(k): {"n": len(v), "p50_ms": round(_ms(v, 50)), "p99_ms": round(_ms(v, 99))}
-                   for k, v in sorted(groups.items())} if len(groups) > 1 else {},
+        by_tokens=_by_tokens(groups),
         load_1m=os.getloadavg()[0],
     )
 
@@ -727,7 +739,6 @@ def open_loop_plan(args: argparse.Namespace, points: list[Point], workloads: Wor
     return [(rate, workloads.requests("vqa_mixed", args.open_loop_requests)) for rate in rates]
 
 
-
 def requests_for(concurrency: int, rounds: int, minimum: int) -> int:
     return max(minimum, rounds * concurrency)
 
@@ -736,7 +747,7 @@ def best(points: list[Point], mode_prefix: str | tuple[str, ...], workload: str,
          concurrency: int | None = None, *, whole_run: bool = False) -> Point | None:
     chosen = [p for p in points if p.mode.startswith(mode_prefix) and p.workload == workload
               and (concurrency is None or p.concurrency == concurrency)]
-    return max(chosen, key=lambda p: p.rps_run if whole_run else p.rps, default=None)
+    return max(chosen, key=lambda p: p.figures(whole_run=whole_run)[0], default=None)
 
 
 def find(points: list[Point], mode: str, workload: str, concurrency: int) -> Point | None:
@@ -752,7 +763,7 @@ def throughput_ratios(points: list[Point], top: int, *, whole_run: bool) -> dict
     served = ("c_static", "d_inflight")
 
     def rps(p: Point) -> float:
-        return p.rps_run if whole_run else p.rps
+        return p.figures(whole_run=whole_run)[0]
 
     a = best(points, "a", "captions", whole_run=whole_run)
     b = best(points, "b", "captions", whole_run=whole_run)
@@ -783,18 +794,12 @@ def compare_mixed(c: Point, d: Point, *, whole_run: bool = False) -> dict[str, A
     """d_inflight vs c_static at one concurrency. Steady figures only when both points have them: a steady
     figure over a whole-run one would compare a sustained rate with a burst."""
     run = whole_run or not (c.steady and d.steady)
-
-    def figures(p: Point) -> tuple[float, int, int]:
-        if run:
-            return p.rps_run, round(p.p50_ms_run), round(p.p99_ms_run)
-        return p.rps, round(p.p50_ms), round(p.p99_ms)
-
-    (c_rps, c_p50, c_p99), (d_rps, d_p50, d_p99) = figures(c), figures(d)
+    (c_rps, c_p50, c_p99), (d_rps, d_p50, d_p99) = c.figures(whole_run=run), d.figures(whole_run=run)
     return {
         "value": _ratio(d_rps, c_rps),
-        "p99_ms": {"c_static": c_p99, "d_inflight": d_p99},
-        "p99_lower": d_p99 < c_p99,
-        "p50_ms": {"c_static": c_p50, "d_inflight": d_p50},
+        "p99_ms": {"c_static": round(c_p99), "d_inflight": round(d_p99)},
+        "p99_lower": round(d_p99) < round(c_p99),
+        "p50_ms": {"c_static": round(c_p50), "d_inflight": round(d_p50)},
         "figures": "whole run" if run else "steady window",
     }
 
@@ -836,10 +841,11 @@ def repeated_gain(cache: Point | None, no_cache: Point | None, top: int) -> dict
     if cache and no_cache:
         # Steady figures only when both points have them, as in `compare_mixed`.
         run = not (cache.steady and no_cache.steady)
+        (with_rps, with_p50, _), (without_rps, without_p50, _) = (cache.figures(whole_run=run),
+                                                                  no_cache.figures(whole_run=run))
         out.update(
-            value=_ratio(cache.rps_run if run else cache.rps, no_cache.rps_run if run else no_cache.rps),
-            p50_ms={"cache": round(cache.p50_ms_run if run else cache.p50_ms),
-                    "no_cache": round(no_cache.p50_ms_run if run else no_cache.p50_ms)},
+            value=_ratio(with_rps, without_rps),
+            p50_ms={"cache": round(with_p50), "no_cache": round(without_p50)},
             figures="whole run" if run else "steady window",
         )
     return out
