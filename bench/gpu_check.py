@@ -8,6 +8,11 @@ one JSON object:
   single_request   latency of one request generating 16 tokens (vision + LLM, and each part), plus HF
                    `generate` on the same model for comparison (TensorRT-LLM publishes 41.9 ms for this case)
   concurrency_32   requests/s and tokens/s with 32 requests batched through both stages
+  llm_mixed_c32    the LLM stage alone on VQA requests of mixed length (alternately 4 and 48 tokens), 32 clients:
+                   static batches (each waits for its longest row, as `BLIP2_SCHEDULER=static` does) against
+                   the in-flight engine (`BLIP2_SCHEDULER=inflight`) in a closed loop; req/s, p50/p99 (a static
+                   request's latency is its batch's), and whether both produce the same text for every request
+single_request.llm_inflight: the LLM part of one request through the in-flight engine, alone
 Generation never stops early (the EOS logit is pinned at zero), so every request does the same work.
 """
 
@@ -70,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--latency-runs", type=int, default=10)
     p.add_argument("--batches", type=int, default=3)
+    p.add_argument("--mixed-rounds", type=int, default=4, help="requests per client in llm_mixed_c32 (0: skip)")
     p.add_argument("--budget-s", type=float, default=420.0, help="skip remaining phases past this (8 min limit)")
     p.add_argument("--output", type=Path, default=None, help="also write the JSON here")
     args = p.parse_args(argv)
@@ -137,6 +143,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
 
     if time.perf_counter() - t0 < args.budget_s:
+        # The same kind of request through the in-flight engine (the server's default scheduler), one at a time.
+        report["single_request"]["llm_inflight"] = _percentiles(inflight_latency(
+            llm, [vision.run([ImageRequest(b)])[0] for b in images(2)], args.tokens, args.latency_runs))
+
+    if time.perf_counter() - t0 < args.budget_s:
         hf = hf_generate_latency(loaded, base[0], args.tokens, device, runs=5)
         # The serving path must produce HF's greedy text for the same image (in this dtype, on this device).
         _, _, served_text = one(tagged(base[0], "gpu-check-compare"))
@@ -156,6 +167,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "tokens_per_s": round(n * args.tokens / sum(times), 1),
             "batch_latency": _percentiles(times),
         }
+    if args.mixed_rounds and time.perf_counter() - t0 < args.budget_s:
+        embeds = vision.run([ImageRequest(b) for b in images(args.concurrency)])
+        report["llm_mixed_c32"] = static_vs_inflight(llm, embeds, args.concurrency, args.mixed_rounds, device)
     if device.type == "cuda":
         report["max_memory_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     report["total_s"] = round(time.perf_counter() - t0, 1)
@@ -164,6 +178,123 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.output:
         args.output.write_text(text_out + "\n")
     return report
+
+
+def inflight_latency(llm: Any, embeds: list[Any], tokens: int, runs: int) -> list[float]:
+    import threading
+
+    from blip2_triton.engine import InflightEngine, Job
+    from blip2_triton.requests import GenerationRequest
+
+    engine = InflightEngine(llm)
+    times: list[float] = []
+    try:
+        for i in range(runs + 1):
+            done = threading.Event()
+            box: list[str | Exception] = []
+            t = time.perf_counter()
+            engine.submit([Job(request=GenerationRequest(query_embeds=embeds[i % len(embeds)], max_tokens=tokens),
+                               on_piece=None, on_done=lambda r, box=box, done=done: (box.append(r), done.set()))])
+            if not done.wait(300):
+                raise TimeoutError("the in-flight engine did not answer a single request in 300 s")
+            if isinstance(box[0], Exception):
+                raise box[0]
+            if i:  # the first is warm-up
+                times.append(time.perf_counter() - t)
+    finally:
+        engine.stop()
+    return times
+
+
+MIXED_PROMPT = "Question: what is in the picture? Answer:"
+MIXED_TOKENS = (4, 48)
+
+
+def static_vs_inflight(llm: Any, embeds: list[Any], concurrency: int, rounds: int,
+                       device: torch.device) -> dict[str, Any]:
+    """The LLM stage on the mixed-length workload: static batches of `concurrency` against the in-flight
+    engine with `concurrency` closed-loop clients, over the same requests."""
+    import threading
+
+    from blip2_triton.engine import InflightEngine, Job
+    from blip2_triton.requests import GenerationRequest
+
+    n = concurrency * rounds
+    specs = [(i % len(embeds), MIXED_TOKENS[i % 2]) for i in range(n)]
+
+    def request(k: int) -> GenerationRequest:
+        e, tokens = specs[k]
+        return GenerationRequest(query_embeds=embeds[e], prompt=MIXED_PROMPT, max_tokens=tokens)
+
+    llm.run([request(k) for k in range(min(n, concurrency))])  # warm-up at this batch size
+    _sync(device)
+    static_text: dict[int, str] = {}
+    static_latency: list[float] = []
+    t = time.perf_counter()
+    for start in range(0, n, concurrency):
+        ks = list(range(start, min(n, start + concurrency)))
+        t_batch = time.perf_counter()
+        for k, text in zip(ks, llm.run([request(k) for k in ks]), strict=True):
+            static_text[k] = str(text)
+        _sync(device)
+        static_latency += [time.perf_counter() - t_batch] * len(ks)
+    static_s = time.perf_counter() - t
+
+    engine = InflightEngine(llm)
+    try:
+        inflight_text: dict[int, str] = {}
+        inflight_latency: list[float] = []
+        errors: list[BaseException] = []
+        lock = threading.Lock()
+        next_k = iter(range(n))
+
+        def client() -> None:
+            while True:
+                with lock:
+                    k = next(next_k, None)
+                if k is None:
+                    return
+                done = threading.Event()
+                box: list[str | Exception] = []
+                t_req = time.perf_counter()
+                engine.submit([Job(request=request(k), on_piece=None,
+                                   on_done=lambda r, box=box, done=done: (box.append(r), done.set()))])
+                if not done.wait(600):
+                    errors.append(TimeoutError(f"request {k} not answered"))
+                    return
+                with lock:
+                    if isinstance(box[0], Exception):
+                        errors.append(box[0])
+                    else:
+                        inflight_latency.append(time.perf_counter() - t_req)
+                        inflight_text[k] = box[0]
+
+        t = time.perf_counter()
+        threads = [threading.Thread(target=client) for _ in range(concurrency)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        inflight_s = time.perf_counter() - t
+    finally:
+        engine.stop()
+    if errors:
+        raise RuntimeError(f"in-flight engine failed {len(errors)} requests: {errors[0]!r}") from errors[0]
+
+    def q(values: list[float], pct: float) -> float:
+        ordered = sorted(values)
+        return round(ordered[min(len(ordered) - 1, int(pct * len(ordered)))] * 1e3, 1)
+
+    static_rps, inflight_rps = n / static_s, n / inflight_s
+    return {
+        "requests": n, "tokens": list(MIXED_TOKENS), "concurrency": concurrency,
+        "static": {"requests_per_s": round(static_rps, 2), "p50_ms": q(static_latency, 0.5),
+                   "p99_ms": q(static_latency, 0.99)},
+        "inflight": {"requests_per_s": round(inflight_rps, 2), "p50_ms": q(inflight_latency, 0.5),
+                     "p99_ms": q(inflight_latency, 0.99)},
+        "inflight_over_static": round(inflight_rps / static_rps, 2),
+        "texts_identical": static_text == inflight_text,
+    }
 
 
 @torch.inference_mode()

@@ -344,7 +344,10 @@ class InflightEngine:
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(self._active), 1)], dim=1)
         tokens = [j.next_token for j in self._active]
         assert self._cache is not None
-        logits = self.stage.step(self._cache.cache, self._mask, tokens)  # type: ignore[arg-type]
+        # After this step each row holds its prompt and every token generated so far (see `_trim_padding`).
+        shortest = min(len(j.row.input_ids) + len(j.row.generated) for j in self._active if j.row is not None)
+        logits = self.stage.step(self._cache.cache, self._mask, tokens,  # type: ignore[arg-type]
+                                 padded=shortest < self._mask.shape[1])
         self._notify("on_step", len(self._active), len(self._active))
         keep = self._accept(self._active, logits)
         if len(keep) < len(self._active):
@@ -376,14 +379,14 @@ class InflightEngine:
 
     def _trim_padding(self) -> None:
         # Columns that every active row masks out (left padding left behind by retired long prompts)
-        # cost attention time and memory on every step; drop them.
+        # cost attention time and memory on every step; drop them. The widest row is known on the host (a row
+        # holds its prompt and every generated token but the newest, which is fed at the next step), so this
+        # needs no read of the mask from the device: on a GPU that read would stall the queue every iteration.
         if self._mask is None or not self._active:
             return
-        used = self._mask.any(dim=0).nonzero()
-        if used.numel() == 0:
-            return
-        first = int(used[0])
-        if first == 0:
+        widest = max(len(j.row.input_ids) + len(j.row.generated) - 1 for j in self._active if j.row is not None)
+        first = self._mask.shape[1] - widest
+        if first <= 0:
             return
         self._mask = self._mask[:, first:]
         assert self._cache is not None

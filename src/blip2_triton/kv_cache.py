@@ -58,9 +58,13 @@ class SlotLayer(DynamicLayer):
             setattr(self, name, new)
         self.start, self.end = front, front + width
 
-    @torch.inference_mode()
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
                ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Called once per layer per step, nearly always inside the model's inference-mode forward: entering the
+        # mode again on every call costs launch-bound GPU steps more than the writes themselves.
+        if not torch.is_inference_mode_enabled():
+            with torch.inference_mode():
+                return self.update(key_states, value_states, *args, **kwargs)
         new = key_states.shape[-2]
         self._reserve(self.rows, 0, new)
         self.kbuf[: self.rows, :, self.end : self.end + new] = key_states

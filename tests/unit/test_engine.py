@@ -182,3 +182,51 @@ def test_kv_cache_bytes_are_reported_while_decoding_and_freed_after(setup) -> No
         engine.stop()
     assert reported and max(reported) > 0
     assert reported[-1] == 0
+
+
+def test_padding_trim_from_host_lengths_matches_the_mask(setup, sample_images) -> None:
+    # The engine drops all-padding columns using lengths it knows on the host (no device read). Under prompts
+    # of different lengths, joins, retirements and a cancellation, that must cut exactly where the mask says.
+    language, embeds, reference = setup
+    if not language.decoder_only:
+        pytest.skip("encoder-decoder requests are generated whole, between steps")
+    cuts: list[int] = []
+    failures: list[str] = []  # asserted here: the engine thread would turn an AssertionError into failed jobs
+
+    class Checked(InflightEngine):
+        def _trim_padding(self) -> None:
+            if self._mask is None or not self._active:
+                super()._trim_padding()
+                return
+            used = self._mask.any(dim=0).nonzero()
+            expected = int(used[0]) if used.numel() else 0
+            before = self._mask.shape[1]
+            super()._trim_padding()
+            if before - self._mask.shape[1] != expected:
+                failures.append(f"cut {before - self._mask.shape[1]} columns, the mask says {expected}")
+            if self._mask.shape[1] != self._cache.width:
+                failures.append(f"mask width {self._mask.shape[1]} != cache width {self._cache.width}")
+            cuts.append(expected)
+
+    names = sorted(embeds)
+    prompts = [None, PROMPTS[0], PROMPTS[1] + " and what else is there to see here?"]
+    cases = [(names[i % len(names)], prompts[i % 3], 2 + (i * 5) % 17) for i in range(12)]
+    collector = Collector(len(cases))
+    engine = Checked(language, limits=EngineLimits(max_active=4, cancel_check_interval_s=0.0))
+    try:
+        for i, (name, prompt, n) in enumerate(cases):
+            job = collector.job(i, GenerationRequest(query_embeds=embeds[name], prompt=prompt, max_tokens=n),
+                                stream=False)
+            if i == 5:  # leaves the running batch mid-generation, after its third token
+                job.is_cancelled = lambda job=job: job.row is not None and len(job.row.generated) >= 3
+            engine.submit([job])
+            time.sleep(0.002)
+        assert collector.all_done.wait(120)
+    finally:
+        engine.stop()
+    assert failures == []
+    assert any(cuts), "no iteration had padding to trim: the case does not exercise the trim"
+    assert isinstance(collector.results[5], CancelledError)
+    for i, (name, prompt, n) in enumerate(cases):
+        if i != 5:
+            assert collector.results[i] == reference(sample_images[name], prompt, n)

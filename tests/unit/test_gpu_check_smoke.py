@@ -35,7 +35,11 @@ def test_cpu_smoke_run_reports_latency_throughput_and_hf_identical_text(gpu_chec
     assert single["end_to_end"]["runs"] == 2 and single["end_to_end"]["median_ms"] > 0
     assert single["llm_ms_per_token"] > 0 and single["sample_text"]
     assert single["text_matches_hf"] is True and single["hf_generate"]["text"]
+    assert single["llm_inflight"]["runs"] == 2 and single["llm_inflight"]["median_ms"] > 0
     assert report["concurrency_32"]["requests_per_s"] > 0
+    mixed = report["llm_mixed_c32"]
+    assert mixed["requests"] == 4 * 4 and mixed["texts_identical"] is True
+    assert mixed["static"]["requests_per_s"] > 0 and mixed["inflight"]["requests_per_s"] > 0
     assert report["shapes"] == "tiny" and report["dtype"] == "float32"
     assert out.read_text().strip().startswith("{")
 

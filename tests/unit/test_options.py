@@ -28,6 +28,7 @@ def test_empty_values_fall_back_to_defaults() -> None:
         ({"BLIP2_MAX_MAX_TOKENS": "many"}, "max_max_tokens must be an integer, got 'many'"),
         ({"BLIP2_MAX_IMAGE_BYTES": "0"}, "max_image_bytes must be >= 1"),
         ({"BLIP2_DEFAULT_MAX_TOKENS": "300"}, "default_max_tokens (300) exceeds max_max_tokens (256)"),
+        ({"BLIP2_CUDNN_ATTENTION": "yes"}, "cudnn_attention must be one of on, off, got 'yes'"),
     ],
 )
 def test_invalid_options_are_rejected_at_load(env: dict[str, str], message: str) -> None:
@@ -40,3 +41,32 @@ def test_triton_parameters_are_flattened() -> None:
     config = {"parameters": {"dtype": {"string_value": "bfloat16"}, "model_id": {"string_value": ""}}}
     assert parameters_from_model_config(config) == {"dtype": "bfloat16", "model_id": ""}
     assert parameters_from_model_config({}) == {}
+
+
+def test_cudnn_attention_is_switched_off_on_cuda_only_unless_asked_for() -> None:
+    import torch
+
+    from blip2_triton.generation import configure_attention
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        assert ServerOptions.resolve({}, env={}).cudnn_attention == "off"
+        assert configure_attention("cpu", cudnn=False) is False
+        assert configure_attention("cuda:0", cudnn=True) is False
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        # The flag is a host-side setting, so its effect on kernel choice can be checked without a GPU.
+        assert configure_attention("cuda:0", cudnn=False) is True
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+@pytest.mark.parametrize(("setting", "allowed"), [("off", False), ("on", True)])
+def test_language_stage_applies_the_cudnn_setting(tiny_model_dir, monkeypatch, setting: str, allowed: bool) -> None:
+    from blip2_triton import generation
+
+    calls: list[tuple[str, bool]] = []
+    monkeypatch.setattr(generation, "configure_attention", lambda device, *, cudnn: calls.append((device, cudnn)))
+    generation.LanguageStage(ServerOptions(model_id=str(tiny_model_dir), cudnn_attention=setting))
+    assert calls == [("cpu", allowed)]

@@ -50,6 +50,16 @@ def test_batched_generation_matches_hf(stages, sample_images, reference) -> None
     assert len(set(expected)) > len(expected) // 2, "tiny model outputs should depend on image and prompt"
 
 
+def test_rows_stay_padded_after_the_longest_prompt_retires(stages, sample_images, reference) -> None:
+    # The longest prompt finishes after one token; the two short ones left have equal lengths but still sit
+    # behind its padding columns, so every later step must keep masking them.
+    emb = _embed(stages, sample_images["webp"])
+    long_prompt = PROMPTS[1] + " and what else is there to see in it, in a few words?"
+    cases = [(long_prompt, 1), (PROMPTS[0], 8), (PROMPTS[0], 8)]
+    results = stages[1].run([GenerationRequest(query_embeds=emb, prompt=p, max_tokens=n) for p, n in cases])
+    assert results == [reference(sample_images["webp"], p, n) for p, n in cases]
+
+
 def test_seeded_sample_is_independent_of_its_batch(stages, sample_images) -> None:
     emb = _embed(stages, sample_images["webp"])
 
