@@ -978,7 +978,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hf-rounds", type=int, default=None, help="requests per client, mode a (default 1)")
     p.add_argument("--min-requests", type=int, default=None, help="fewest requests per point (default 12)")
     p.add_argument("--batches", type=int, default=None, help="batches per batch size, mode b (default 2)")
-    p.add_argument("--probe-images", type=int, default=8)
+    p.add_argument("--probe-images", type=int, default=8, help="images per vision-cache probe; 0 skips the probes")
     p.add_argument("--open-loop", default=None, metavar="FRACTIONS",
                    help="vqa_mixed at fixed offered rates for c_static and d_inflight, as fractions of c_static's "
                         "capacity at the top concurrency (default 0.5,0.8; empty: skip)")
@@ -990,6 +990,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
                    help="extra environment for every server (e.g. OMP_NUM_THREADS=1); repeatable")
     args = p.parse_args(argv)
+    if args.probe_images < 0:
+        p.error(f"--probe-images: expected 0 or more, got {args.probe_images}")
     quick = args.quick
     args.concurrency = [int(c) for c in (args.concurrency or ("1,4" if quick else "1,8,32")).split(",")]
     args.rounds = args.rounds or (1 if quick else 6)
@@ -1086,8 +1088,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 note(run_batched(stages, workload, size, args.batches, workloads, consistency))
         del stages
         gc.collect()
-        probes["inprocess_vision_cache"] = vision_cache_probe_inprocess(model_dir, workloads, args.probe_images)
-        print(f"  in-process vision cache: {probes['inprocess_vision_cache']}", flush=True)
+        if args.probe_images:
+            probes["inprocess_vision_cache"] = vision_cache_probe_inprocess(model_dir, workloads, args.probe_images)
+            print(f"  in-process vision cache: {probes['inprocess_vision_cache']}", flush=True)
 
     logs = args.output_dir / "logs"
     top = max(args.concurrency)
@@ -1109,7 +1112,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 # Warm-up: the first requests of a fresh process pay one-off costs (allocations, lazy init).
                 closed_loop(served, workloads.requests("captions", 2 * min(8, max(args.concurrency))),
                             min(8, max(args.concurrency)))
-                if mode != "d_nocache":
+                if mode != "d_nocache" and args.probe_images:
                     probe = vision_cache_probe_served(served, workloads, args.probe_images)
                     probes.setdefault("served_vision_cache_by_mode", {})[mode] = probe
                     probes.setdefault("served_vision_cache", probe)
