@@ -13,6 +13,8 @@ one JSON object:
                    the in-flight engine (`BLIP2_SCHEDULER=inflight`) in a closed loop; req/s, p50/p99 (a static
                    request's latency is its batch's), and whether both produce the same text for every request
 single_request.llm_inflight: the LLM part of one request through the in-flight engine, alone
+  decode_step_ms   one decoding step of the in-flight engine's batch (its KV buffers), 1 and 32 rows, with and
+                   without padding: on a GPU this shows whether steps are host-bound (same cost for 1 and 32 rows)
 Generation never stops early (the EOS logit is pinned at zero), so every request does the same work.
 """
 
@@ -167,6 +169,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "tokens_per_s": round(n * args.tokens / sum(times), 1),
             "batch_latency": _percentiles(times),
         }
+    if time.perf_counter() - t0 < args.budget_s:
+        embeds = vision.run([ImageRequest(b) for b in images(min(8, args.concurrency))])
+        report["decode_step_ms"] = decode_step_costs(llm, embeds, args.concurrency, device)
     if args.mixed_rounds and time.perf_counter() - t0 < args.budget_s:
         embeds = vision.run([ImageRequest(b) for b in images(args.concurrency)])
         report["llm_mixed_c32"] = static_vs_inflight(llm, embeds, args.concurrency, args.mixed_rounds, device)
@@ -204,6 +209,40 @@ def inflight_latency(llm: Any, embeds: list[Any], tokens: int, runs: int) -> lis
     finally:
         engine.stop()
     return times
+
+
+def decode_step_costs(llm: Any, embeds: list[Any], rows: int, device: torch.device, steps: int = 20
+                      ) -> dict[str, float]:
+    """Median ms of one decoding step on the engine's KV buffers, for 1 and `rows` rows, unpadded and padded."""
+    from blip2_triton.kv_cache import SlotKVCache
+    from blip2_triton.requests import GenerationRequest
+
+    def step_ms(prompts: list[str]) -> float:
+        prepared = [llm.prepare(GenerationRequest(query_embeds=embeds[i % len(embeds)], prompt=p, max_tokens=steps))
+                    for i, p in enumerate(prompts)]
+        lengths = [len(r.input_ids) for r in prepared]
+        with torch.inference_mode():
+            cache, mask, logits = llm.prefill(prepared)
+            slots = SlotKVCache(cache, max_rows=len(prompts))
+            tokens = logits.argmax(-1).tolist()
+            times = []
+            for _ in range(steps):
+                mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
+                _sync(device)
+                t = time.perf_counter()
+                logits = llm.step(slots.cache, mask, tokens, padded=min(lengths) < max(lengths))
+                tokens = logits.argmax(-1).tolist()  # reads the result back, as every scheduler does
+                times.append(time.perf_counter() - t)
+        return round(statistics.median(times[2:]) * 1e3, 2)
+
+    short, longer = MIXED_PROMPT, MIXED_PROMPT + " Describe it in a few words."
+    step_ms([short])  # warm-up of both shapes
+    step_ms([short, longer] * (rows // 2) + [short] * (rows % 2))
+    return {
+        "rows_1": step_ms([short]),
+        f"rows_{rows}": step_ms([short] * rows),
+        f"rows_{rows}_padded": step_ms([short, longer] * (rows // 2) + [short] * (rows % 2)),
+    }
 
 
 MIXED_PROMPT = "Question: what is in the picture? Answer:"

@@ -37,6 +37,8 @@ def test_cpu_smoke_run_reports_latency_throughput_and_hf_identical_text(gpu_chec
     assert single["text_matches_hf"] is True and single["hf_generate"]["text"]
     assert single["llm_inflight"]["runs"] == 2 and single["llm_inflight"]["median_ms"] > 0
     assert report["concurrency_32"]["requests_per_s"] > 0
+    assert set(report["decode_step_ms"]) == {"rows_1", "rows_4", "rows_4_padded"}
+    assert all(ms > 0 for ms in report["decode_step_ms"].values())
     mixed = report["llm_mixed_c32"]
     assert mixed["requests"] == 4 * 4 and mixed["texts_identical"] is True
     assert mixed["static"]["requests_per_s"] > 0 and mixed["inflight"]["requests_per_s"] > 0
