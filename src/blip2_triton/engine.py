@@ -57,6 +57,13 @@ class Job:
     finished: bool = False
 
 
+def _cached_positions(job: Job) -> int:
+    """Positions an active row holds in the KV cache between iterations: its prompt and every generated token
+    but the newest, which is fed at the next step. Decides padding on the host, without reading the mask."""
+    assert job.row is not None
+    return len(job.row.input_ids) + len(job.row.generated) - 1
+
+
 class EngineObserver:
     """Hooks for metrics; the default does nothing."""
 
@@ -344,8 +351,8 @@ class InflightEngine:
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(self._active), 1)], dim=1)
         tokens = [j.next_token for j in self._active]
         assert self._cache is not None
-        # After this step each row holds its prompt and every token generated so far (see `_trim_padding`).
-        shortest = min(len(j.row.input_ids) + len(j.row.generated) for j in self._active if j.row is not None)
+        # This step adds each row's newest token to the cache: one position more than `_cached_positions`.
+        shortest = min(_cached_positions(j) for j in self._active) + 1
         logits = self.stage.step(self._cache.cache, self._mask, tokens,  # type: ignore[arg-type]
                                  padded=shortest < self._mask.shape[1])
         self._notify("on_step", len(self._active), len(self._active))
@@ -379,13 +386,12 @@ class InflightEngine:
 
     def _trim_padding(self) -> None:
         # Columns that every active row masks out (left padding left behind by retired long prompts)
-        # cost attention time and memory on every step; drop them. The widest row is known on the host (a row
-        # holds its prompt and every generated token but the newest, which is fed at the next step), so this
-        # needs no read of the mask from the device: on a GPU that read would stall the queue every iteration.
+        # cost attention time and memory on every step; drop them. The widest row is known on the host
+        # (`_cached_positions`), so this needs no read of the mask from the device: on a GPU that read would
+        # stall the queue every iteration.
         if self._mask is None or not self._active:
             return
-        widest = max(len(j.row.input_ids) + len(j.row.generated) - 1 for j in self._active if j.row is not None)
-        first = self._mask.shape[1] - widest
+        first = self._mask.shape[1] - max(_cached_positions(j) for j in self._active)
         if first <= 0:
             return
         self._mask = self._mask[:, first:]
