@@ -169,11 +169,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "tokens_per_s": round(n * args.tokens / sum(times), 1),
             "batch_latency": _percentiles(times),
         }
+    # The LLM-only phases below share one set of embeddings.
+    embeds = vision.run([ImageRequest(b) for b in images(args.concurrency)])
     if time.perf_counter() - t0 < args.budget_s:
-        embeds = vision.run([ImageRequest(b) for b in images(min(8, args.concurrency))])
         report["decode_step_ms"] = decode_step_costs(llm, embeds, args.concurrency, device)
     if args.mixed_rounds and time.perf_counter() - t0 < args.budget_s:
-        embeds = vision.run([ImageRequest(b) for b in images(args.concurrency)])
         report["llm_mixed_c32"] = static_vs_inflight(llm, embeds, args.concurrency, args.mixed_rounds, device)
     if device.type == "cuda":
         report["max_memory_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
@@ -185,25 +185,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return report
 
 
-def inflight_latency(llm: Any, embeds: list[Any], tokens: int, runs: int) -> list[float]:
+def engine_call(engine: Any, request: Any, timeout_s: float) -> str:
+    """Submits one request to an `InflightEngine` and waits for its text; raises what ended the job."""
     import threading
 
-    from blip2_triton.engine import InflightEngine, Job
+    from blip2_triton.engine import Job
+
+    done = threading.Event()
+    box: list[str | Exception] = []
+    engine.submit([Job(request=request, on_piece=None, on_done=lambda r: (box.append(r), done.set()))])
+    if not done.wait(timeout_s):
+        raise TimeoutError(f"the in-flight engine did not answer in {timeout_s:.0f} s")
+    if isinstance(box[0], Exception):
+        raise box[0]
+    return box[0]
+
+
+def inflight_latency(llm: Any, embeds: list[Any], tokens: int, runs: int) -> list[float]:
+    from blip2_triton.engine import InflightEngine
     from blip2_triton.requests import GenerationRequest
 
     engine = InflightEngine(llm)
     times: list[float] = []
     try:
         for i in range(runs + 1):
-            done = threading.Event()
-            box: list[str | Exception] = []
             t = time.perf_counter()
-            engine.submit([Job(request=GenerationRequest(query_embeds=embeds[i % len(embeds)], max_tokens=tokens),
-                               on_piece=None, on_done=lambda r, box=box, done=done: (box.append(r), done.set()))])
-            if not done.wait(300):
-                raise TimeoutError("the in-flight engine did not answer a single request in 300 s")
-            if isinstance(box[0], Exception):
-                raise box[0]
+            engine_call(engine, GenerationRequest(query_embeds=embeds[i % len(embeds)], max_tokens=tokens), 300)
             if i:  # the first is warm-up
                 times.append(time.perf_counter() - t)
     finally:
@@ -235,14 +242,11 @@ def decode_step_costs(llm: Any, embeds: list[Any], rows: int, device: torch.devi
                 times.append(time.perf_counter() - t)
         return round(statistics.median(times[2:]) * 1e3, 2)
 
-    short, longer = MIXED_PROMPT, MIXED_PROMPT + " Describe it in a few words."
+    short = MIXED_PROMPT
+    mixed = [short, short + " Describe it in a few words."] * (rows // 2) + [short] * (rows % 2)
     step_ms([short])  # warm-up of both shapes
-    step_ms([short, longer] * (rows // 2) + [short] * (rows % 2))
-    return {
-        "rows_1": step_ms([short]),
-        f"rows_{rows}": step_ms([short] * rows),
-        f"rows_{rows}_padded": step_ms([short, longer] * (rows // 2) + [short] * (rows % 2)),
-    }
+    step_ms(mixed)
+    return {"rows_1": step_ms([short]), f"rows_{rows}": step_ms([short] * rows), f"rows_{rows}_padded": step_ms(mixed)}
 
 
 MIXED_PROMPT = "Question: what is in the picture? Answer:"
@@ -255,7 +259,7 @@ def static_vs_inflight(llm: Any, embeds: list[Any], concurrency: int, rounds: in
     engine with `concurrency` closed-loop clients, over the same requests."""
     import threading
 
-    from blip2_triton.engine import InflightEngine, Job
+    from blip2_triton.engine import InflightEngine
     from blip2_triton.requests import GenerationRequest
 
     n = concurrency * rounds
@@ -293,20 +297,18 @@ def static_vs_inflight(llm: Any, embeds: list[Any], concurrency: int, rounds: in
                     k = next(next_k, None)
                 if k is None:
                     return
-                done = threading.Event()
-                box: list[str | Exception] = []
                 t_req = time.perf_counter()
-                engine.submit([Job(request=request(k), on_piece=None,
-                                   on_done=lambda r, box=box, done=done: (box.append(r), done.set()))])
-                if not done.wait(600):
-                    errors.append(TimeoutError(f"request {k} not answered"))
-                    return
+                try:
+                    text = engine_call(engine, request(k), 600)
+                except Exception as e:  # re-raised by the caller, in the main thread
+                    with lock:
+                        errors.append(e)
+                    if isinstance(e, TimeoutError):  # the engine is stuck: this client stops
+                        return
+                    continue
                 with lock:
-                    if isinstance(box[0], Exception):
-                        errors.append(box[0])
-                    else:
-                        inflight_latency.append(time.perf_counter() - t_req)
-                        inflight_text[k] = box[0]
+                    inflight_latency.append(time.perf_counter() - t_req)
+                    inflight_text[k] = text
 
         t = time.perf_counter()
         threads = [threading.Thread(target=client) for _ in range(concurrency)]

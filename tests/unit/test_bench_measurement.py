@@ -1,26 +1,16 @@
 """How the throughput benchmark turns request timings into figures: the closed loop's steady window and the
-open loop's fixed arrival rate. The benchmark script is not a package; it is loaded from its path."""
+open loop's fixed arrival rate. The benchmark script is not a package; it is imported from bench/ by name."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_throughput.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_throughput", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_throughput"] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+def bench(import_bench):
+    return import_bench("bench_throughput")
 
 
 def _requests(bench, tokens: list[int]):

@@ -3,26 +3,14 @@ runs the same code path here, so the script cannot rot unnoticed before someone 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
 
 @pytest.fixture(scope="module")
-def gpu_check():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("gpu_check", BENCH / "gpu_check.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(str(BENCH))
+def gpu_check(import_bench):
+    return import_bench("gpu_check")
 
 
 def test_cpu_smoke_run_reports_latency_throughput_and_hf_identical_text(gpu_check, tmp_path: Path) -> None:
