@@ -182,13 +182,13 @@ class AsyncBlip2Client(_ClientConfig):
         """
         control_tensors(controls)
         data = encode_image(image)
+        self._check_stream_protocol()
         try:
             await self._call(self._metadata_op(self.stream_model_name), retry=False)
         except Blip2Error as e:
             if self._is_stream_model_missing(e):
                 raise self._stream_missing_error() from e
             raise
-        self._check_stream_protocol()
         inputs = build_inputs(_inputs_tc("grpc"), data, prompt, dict(controls))
         outputs = requested_outputs(_inputs_tc("grpc"))
 
@@ -244,6 +244,7 @@ class AsyncBlip2Client(_ClientConfig):
             return False
 
     async def wait_until_ready(self, timeout_s: float = 60.0, *, poll_interval_s: float = 0.5) -> None:
+        self._check_wait_args(timeout_s, poll_interval_s)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:

@@ -8,6 +8,8 @@ from ._errors import Blip2Error, DeadlineExceededError, StreamingUnsupportedErro
 from ._request import DEFAULT_GRPC_URL, Protocol, parse_url
 
 NOT_FOUND_STATUS = {"404", "StatusCode.NOT_FOUND"}
+# Exponential backoff stops growing here: with many retries an uncapped doubling would sleep for days.
+MAX_BACKOFF_S = 30.0
 
 
 class _ClientConfig:
@@ -51,7 +53,14 @@ class _ClientConfig:
         return self._protocol
 
     def _backoff_s(self, attempt: int) -> float:
-        return float(self.retry_backoff_s * 2**attempt)
+        return min(float(self.retry_backoff_s * 2 ** min(attempt, 32)), MAX_BACKOFF_S)
+
+    @staticmethod
+    def _check_wait_args(timeout_s: float, poll_interval_s: float) -> None:
+        if not (isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s) and timeout_s >= 0):
+            raise ValueError(f"timeout_s must be a finite number >= 0, got {timeout_s!r}")
+        if not (isinstance(poll_interval_s, (int, float)) and math.isfinite(poll_interval_s) and poll_interval_s > 0):
+            raise ValueError(f"poll_interval_s must be a finite number > 0, got {poll_interval_s!r}")
 
     def _mapped(self, exc: Exception, timeout_s: float) -> Blip2Error:
         err = map_error(exc)

@@ -228,42 +228,35 @@ class Blip2Client(_ClientConfig):
         """
         control_tensors(controls)
         data = encode_image(image)
+        self._check_stream_protocol()
         try:
             self._call(self._metadata_op(self.stream_model_name), retry=False)
         except Blip2Error as e:
             if self._is_stream_model_missing(e):
                 raise self._stream_missing_error() from e
             raise
-        self._check_stream_protocol()
-        return self._stream(data, prompt, dict(controls))
-
-    def _stream(self, image: bytes, prompt: str | None, controls: dict[str, Any]) -> Iterator[str]:
         tc = _tc("grpc")
-        inputs = build_inputs(tc, image, prompt, controls)
-        deadline = time.monotonic() + self.timeout_s
+        return self._stream(tc, build_inputs(tc, data, prompt, dict(controls)), time.monotonic() + self.timeout_s)
+
+    def _stream(self, tc: Any, inputs: list[Any], deadline: float) -> Iterator[str]:
+        # The stream starts at the first next(), inside the try: an iterator dropped before that started nothing
+        # (a started one, never iterated, would block whoever released it until the server finished generating).
         # A tritonclient gRPC client carries at most one stream, so each stream gets its own.
         client = tc.InferenceServerClient(self._hostport, ssl=self._ssl)
         pieces: queue.Queue[tuple[Any, Exception | None]] = queue.Queue()
         try:
-            client.start_stream(
-                callback=lambda result, error: pieces.put((result, error)), stream_timeout=self.timeout_s
-            )
-            client.async_stream_infer(
-                self.stream_model_name,
-                inputs,
-                outputs=requested_outputs(tc),
-                enable_empty_final_response=True,
-            )
-        except Exception as e:
-            with contextlib.suppress(Exception):
-                client.close()
-            raise self._mapped(e, self.timeout_s) from e
-        return self._stream_pieces(client, pieces, deadline)
-
-    def _stream_pieces(
-        self, client: Any, pieces: queue.Queue[tuple[Any, Exception | None]], deadline: float
-    ) -> Iterator[str]:
-        try:
+            try:
+                client.start_stream(
+                    callback=lambda result, error: pieces.put((result, error)), stream_timeout=self.timeout_s
+                )
+                client.async_stream_infer(
+                    self.stream_model_name,
+                    inputs,
+                    outputs=requested_outputs(tc),
+                    enable_empty_final_response=True,
+                )
+            except Exception as e:
+                raise self._mapped(e, self.timeout_s) from e
             while True:
                 try:
                     result, error = pieces.get(timeout=max(deadline - time.monotonic(), 0.0))
@@ -313,6 +306,7 @@ class Blip2Client(_ClientConfig):
 
     def wait_until_ready(self, timeout_s: float = 60.0, *, poll_interval_s: float = 0.5) -> None:
         """Poll readiness; raise ServerUnavailableError if not ready within timeout_s."""
+        self._check_wait_args(timeout_s, poll_interval_s)
         deadline = time.monotonic() + timeout_s
         while True:
             remaining = deadline - time.monotonic()

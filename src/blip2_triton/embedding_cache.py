@@ -45,7 +45,9 @@ def _compact(array: np.ndarray) -> np.ndarray:
         half = array.astype(np.float16)
         if np.array_equal(half.astype(np.float32), array):
             return half
-    return array
+    # A copy: a row of the stage's batch output is a view, and storing it would keep the whole batch alive while
+    # the budget counts one row (16x the budget with batches of 16); nor may the caller's array turn read-only.
+    return array.copy()
 
 
 def _restore(stored: np.ndarray) -> np.ndarray:

@@ -112,10 +112,16 @@ class InflightEngine:
         self._queue: queue.Queue[list[Job] | None] = queue.Queue()
         self._waiting: list[Job] = []
         self._active: list[Job] = []
+        # Jobs taken off `_waiting` by the current iteration: if it fails, they are failed too (they would
+        # otherwise be in neither list and their requests never answered).
+        self._admitting: list[Job] = []
         self._cache: SlotKVCache | None = None
         self._mask: torch.Tensor | None = None
         self._stopping = False
         self._cancelled_ids: set[str] = set()
+        # Ids of submitted, unfinished jobs: a cancel for any other id (late, or unknown) is dropped instead of
+        # being kept forever.
+        self._live_ids: set[str] = set()
         # Last value sent per gauge event (`_report`), so unchanged gauges cost no IPC.
         self._reported: dict[str, tuple[int, ...]] = {}
         self._cancel_lock = threading.Lock()
@@ -126,11 +132,16 @@ class InflightEngine:
 
     # ---- public API (any thread) -------------------------------------------------------------------------
     def submit(self, jobs: list[Job]) -> None:
+        ids = [j.job_id for j in jobs if j.job_id is not None]
+        if ids:
+            with self._cancel_lock:
+                self._live_ids.update(ids)
         self._queue.put(list(jobs))
 
     def cancel(self, job_id: str) -> None:
         with self._cancel_lock:
-            self._cancelled_ids.add(job_id)
+            if job_id in self._live_ids:
+                self._cancelled_ids.add(job_id)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         self._stopping = True
@@ -197,9 +208,9 @@ class InflightEngine:
                 log.exception("delivering a result, text piece or metric failed")
 
     def _fail_all(self, error: Exception) -> None:
-        for job in self._active + self._waiting:
+        for job in self._active + self._waiting + self._admitting:
             self._finish(job, error)
-        self._active, self._waiting = [], []
+        self._active, self._waiting, self._admitting = [], [], []
         self._cache, self._mask = None, None
         self._report("on_active", 0, 0)
         self._report("on_kv_cache", 0)
@@ -209,9 +220,9 @@ class InflightEngine:
             # A step that fails after some of its rows completed fails the still-listed rest, not those again.
             return
         job.finished = True
-        if job.job_id is not None and self._cancelled_ids:
-            # A cancel that arrives as the job ends must not linger in the set.
+        if job.job_id is not None:
             with self._cancel_lock:
+                self._live_ids.discard(job.job_id)
                 self._cancelled_ids.discard(job.job_id)
         outcome = "ok" if isinstance(result, str) else type(result).__name__
         self._deferred.append(lambda: job.on_done(result))
@@ -223,6 +234,7 @@ class InflightEngine:
             self._decode_step()
         if admitted:
             self._prefill(admitted)
+        self._admitting = []
         self._trim_padding()
         self._report("on_active", len(self._active), len(self._waiting))
         self._report("on_kv_cache", self._cache.nbytes if self._cache is not None else 0)
@@ -241,6 +253,7 @@ class InflightEngine:
         unstepped: list[Job] = []
         used = sum(self._budget(j) for j in self._active)
         pending, self._waiting = self._waiting, []
+        self._admitting = pending
         for job in pending:
             if job.row is None:
                 try:
@@ -335,6 +348,9 @@ class InflightEngine:
                 job.first_token_at = now
                 self._notify("on_first_token", now - job.submitted_at)
             done = self.stage.finish_token(job.row, token)
+            if job.row.error is not None:
+                self._finish(job, job.row.error)
+                continue
             # Detokenising costs per step; only streams need the text before the end.
             if done or job.on_piece is not None:
                 text = self.stage.text(job.row)

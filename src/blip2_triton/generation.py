@@ -58,6 +58,15 @@ class _Row:
     generated: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     done: bool = False
+    # Set when this row alone cannot go on (its sampling settings overflowed); the row is then done.
+    error: InvalidRequestError | None = None
+
+
+def _sampling_overflow(request: GenerationRequest) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"temperature: sampling overflowed float32 with temperature={request.temperature}, "
+        f"repetition_penalty={request.repetition_penalty}; expected settings whose logits stay finite"
+    )
 
 
 class LanguageStage:
@@ -161,7 +170,7 @@ class LanguageStage:
         for _, row in single:
             self._beam_search(row)
         for i, row in stepped + single:
-            results[i] = self.text(row)
+            results[i] = row.error if row.error is not None else self.text(row)
         return results
 
     def _left_padded(self, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -237,7 +246,13 @@ class LanguageStage:
                 continue
             if row.generator is not None:
                 torch.manual_seed(int(row.generator.initial_seed()))
-            (row.generated,) = self._hf_generate([row], **self._hf_controls(row.request))
+            try:
+                (row.generated,) = self._hf_generate([row], **self._hf_controls(row.request))
+            except RuntimeError as e:
+                # torch.multinomial's refusal of overflowed probabilities (see `_next_tokens`): this row's fault.
+                if "probability tensor" not in str(e):
+                    raise
+                row.error = _sampling_overflow(row.request)
 
     def _penalty(self, request: GenerationRequest) -> float | None:
         penalty = request.repetition_penalty
@@ -268,11 +283,19 @@ class LanguageStage:
             if req.top_p is not None and req.top_p < 1.0:
                 scores = TopPLogitsWarper(top_p=req.top_p)(None, scores)
             probs = torch.softmax(scores, dim=-1).cpu()
+            if not torch.isfinite(probs).all():
+                # A tiny temperature or penalty overflows float32 (HF's `generate` raises in multinomial then);
+                # the request fails alone instead of taking the rest of the batch with it.
+                row.error = _sampling_overflow(req)
+                continue
             tokens[pos] = int(torch.multinomial(probs, 1, generator=row.generator))
         return tokens
 
     def finish_token(self, row: _Row, token: int) -> bool:
-        """Records a sampled token; True when the row is complete (EOS, which is not kept, or max_tokens)."""
+        """Records a sampled token; True when the row is complete (EOS, which is not kept, max_tokens, or `error`)."""
+        if row.error is not None:
+            row.done = True
+            return True
         if token in self.eos_token_ids:
             row.done = True
             return True

@@ -41,6 +41,10 @@ def decode_image(request: ImageRequest, options: ServerOptions) -> Image.Image:
     reduced decoding: an image within the limits decodes to exactly the reference's pixels.
     """
     request.validate(options)
+    if options.max_image_pixels != Image.MAX_IMAGE_PIXELS:
+        # PIL refuses at open() beyond twice its own limit, before the configured check below runs. Tied to the
+        # configured limit, PIL lets every image within it through (a raised limit used to be cut at ~179 MP).
+        Image.MAX_IMAGE_PIXELS = options.max_image_pixels
     try:
         with warnings.catch_warnings():
             # PIL warns about corrupt metadata and at its own bomb limit (ours below decides); per-request

@@ -334,6 +334,31 @@ def test_stream_over_http_is_unsupported(fake: FakeClient) -> None:
         Blip2Client("http://localhost:8000").stream(b"img")
 
 
+def test_stream_over_http_is_refused_before_any_network_call(fake: FakeClient) -> None:
+    fake.errors = [UNAVAILABLE]  # a server that cannot be reached must not hide the protocol error
+    with pytest.raises(StreamingUnsupportedError, match="grpc"):
+        Blip2Client("http://localhost:8000").stream(b"img")
+    assert fake.calls == []
+
+
+def test_backoff_stops_growing(sleeps: list[float], fake: FakeClient) -> None:
+    fake.errors = [UNAVAILABLE] * 12
+    with pytest.raises(ServerUnavailableError):
+        Blip2Client("localhost:8001", retries=10, retry_backoff_s=1.0).caption(b"img")
+    assert sleeps[:6] == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0]
+    assert max(sleeps) == 30.0
+
+
+@pytest.mark.parametrize(("timeout_s", "poll_interval_s"), [(float("nan"), 0.5), (-1.0, 0.5), (1.0, 0.0),
+                                                             (1.0, float("inf"))])
+def test_wait_until_ready_rejects_unbounded_settings(fake: FakeClient, timeout_s: float,
+                                                     poll_interval_s: float) -> None:
+    with pytest.raises(ValueError, match=r"timeout_s|poll_interval_s"):
+        Blip2Client("localhost:8001").wait_until_ready(timeout_s, poll_interval_s=poll_interval_s)
+    with pytest.raises(ValueError, match=r"timeout_s|poll_interval_s"):
+        asyncio.run(_async_client(fake).wait_until_ready(timeout_s, poll_interval_s=poll_interval_s))
+
+
 # -- asyncio -------------------------------------------------------------------------
 
 

@@ -55,6 +55,15 @@ def test_hit_returns_exactly_the_stored_values() -> None:
     assert not hit.flags.writeable  # nobody can alter what later hits return
 
 
+def test_a_stored_row_does_not_keep_its_batch_alive() -> None:
+    batch = _array(5, (16 * 4, 8)).reshape(16, 4, 8)  # float32 values: stored as float32
+    cache = EmbeddingCache(1 << 20, "m")
+    cache.put(cache.key(b"row0"), batch[0])
+    stored = cache._entries[cache.key(b"row0")]
+    assert stored.base is None and stored.nbytes == batch[0].nbytes
+    assert batch.flags.writeable
+
+
 @pytest.mark.parametrize("kind", ["float16", "bfloat16", "float32"])
 def test_compact_storage_restores_bit_identical_float32(kind: str) -> None:
     value = _array(3, (32, 64))

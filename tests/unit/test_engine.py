@@ -230,3 +230,76 @@ def test_padding_trim_from_host_lengths_matches_the_mask(setup, sample_images) -
     for i, (name, prompt, n) in enumerate(cases):
         if i != 5:
             assert collector.results[i] == reference(sample_images[name], prompt, n)
+
+
+class _FailsOnFirstAdmission(InflightEngine):
+    """Fails the first iteration that admits jobs, after they left the waiting list and before they ran."""
+
+    failed = False
+
+    def _fail_once(self) -> None:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("injected failure")
+
+    def _prefill(self, jobs: list[Job]) -> None:
+        self._fail_once()
+        super()._prefill(jobs)
+
+    def _run_static(self, jobs: list[Job]) -> None:
+        self._fail_once()
+        super()._run_static(jobs)
+
+
+def test_jobs_whose_admission_fails_are_answered(setup, sample_images) -> None:
+    language, embeds, reference = setup
+    name = sorted(embeds)[0]
+    first, later = Collector(2), Collector(1)
+    engine = _FailsOnFirstAdmission(language)
+    try:
+        engine.submit([first.job(i, GenerationRequest(query_embeds=embeds[name], max_tokens=3)) for i in range(2)])
+        assert first.all_done.wait(30), "jobs taken into a failed iteration were never answered"
+        engine.submit([later.job(0, GenerationRequest(query_embeds=embeds[name], max_tokens=3))])
+        assert later.all_done.wait(60)
+    finally:
+        engine.stop()
+    assert all(isinstance(first.results[i], RuntimeError) for i in range(2))
+    assert later.results[0] == reference(sample_images[name], None, 3)
+
+
+def test_sampling_that_overflows_fails_only_its_request(setup, sample_images) -> None:
+    language, embeds, reference = setup
+    name = sorted(embeds)[0]
+    emb = embeds[name]
+    collector = Collector(3)
+    engine = InflightEngine(language)
+    try:
+        engine.submit([
+            collector.job(0, GenerationRequest(query_embeds=emb, max_tokens=4)),
+            # Logits ÷ 1e-45 overflow float32: softmax gives NaN, which torch.multinomial refuses.
+            collector.job(1, GenerationRequest(query_embeds=emb, max_tokens=4, temperature=1e-45)),
+            collector.job(2, GenerationRequest(query_embeds=emb, max_tokens=4, temperature=0.7, seed=3)),
+        ])
+        assert collector.all_done.wait(60)
+    finally:
+        engine.stop()
+    assert collector.results[0] == reference(sample_images[name], None, 4)
+    assert isinstance(collector.results[1], InvalidRequestError)
+    assert "temperature=1e-45" in str(collector.results[1])
+    assert isinstance(collector.results[2], str) and collector.results[2]
+
+
+def test_cancels_for_finished_or_unknown_jobs_are_not_kept(setup) -> None:
+    language, embeds, _ = setup
+    emb = next(iter(embeds.values()))
+    collector = Collector(1)
+    engine = InflightEngine(language)
+    try:
+        engine.cancel("never-submitted")
+        engine.submit([collector.job(0, GenerationRequest(query_embeds=emb, max_tokens=2), job_id="done-soon")])
+        assert collector.all_done.wait(60)
+        engine.cancel("done-soon")  # arrives after the job finished
+    finally:
+        engine.stop()
+    assert isinstance(collector.results[0], str)
+    assert engine._cancelled_ids == set() and engine._live_ids == set()

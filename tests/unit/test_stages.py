@@ -10,6 +10,7 @@ import pytest
 import torch
 from images import PROMPTS
 from PIL import Image
+from robustness_corpus import png_declaring
 
 from blip2_triton.errors import InvalidRequestError
 from blip2_triton.generation import LanguageStage
@@ -120,6 +121,19 @@ def test_bad_images_are_invalid_requests(data, message, sample_images) -> None:
     with pytest.raises(InvalidRequestError) as e:
         decode_image(ImageRequest(data), ServerOptions())
     assert message in str(e.value)
+
+
+def test_raised_pixel_limit_is_the_one_applied(monkeypatch) -> None:
+    # Just over twice PIL's default limit, where PIL itself refused before the configured limit was checked.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+    data = png_declaring(13400, 13400)
+    with pytest.raises(InvalidRequestError) as e:
+        decode_image(ImageRequest(data), ServerOptions(max_image_pixels=100_000_000))
+    assert "expected at most 100000000 pixels, got 13400x13400" in str(e.value)
+    with pytest.raises(InvalidRequestError) as e:
+        decode_image(ImageRequest(data), ServerOptions(max_image_pixels=200_000_000))
+    # Within the raised limit the header passes; this file's data is cut short.
+    assert "corrupt or truncated" in str(e.value)
 
 
 def test_bad_image_fails_only_its_row(stages, sample_images) -> None:
