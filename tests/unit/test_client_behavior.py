@@ -353,10 +353,60 @@ def test_backoff_stops_growing(sleeps: list[float], fake: FakeClient) -> None:
                                                              (1.0, float("inf"))])
 def test_wait_until_ready_rejects_unbounded_settings(fake: FakeClient, timeout_s: float,
                                                      poll_interval_s: float) -> None:
-    with pytest.raises(ValueError, match=r"timeout_s|poll_interval_s"):
-        Blip2Client("localhost:8001").wait_until_ready(timeout_s, poll_interval_s=poll_interval_s)
-    with pytest.raises(ValueError, match=r"timeout_s|poll_interval_s"):
-        asyncio.run(_async_client(fake).wait_until_ready(timeout_s, poll_interval_s=poll_interval_s))
+    def refused(wait: Callable[[], Any]) -> bool:
+        # In a thread with a deadline: accepted, a NaN timeout polls forever.
+        errors: list[ValueError] = []
+
+        def run() -> None:
+            try:
+                wait()
+            except ValueError as e:
+                errors.append(e)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        thread.join(5)
+        return bool(errors) and any(n in str(errors[0]) for n in ("timeout_s", "poll_interval_s"))
+
+    assert refused(lambda: Blip2Client("localhost:8001").wait_until_ready(timeout_s, poll_interval_s=poll_interval_s))
+    assert refused(lambda: asyncio.run(
+        _async_client(fake).wait_until_ready(timeout_s, poll_interval_s=poll_interval_s)))
+
+
+def test_a_stream_starts_only_when_iterated(fake: FakeClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake.metadata["blip2_stream"] = {"name": "blip2_stream"}
+    started: list[str] = []
+
+    class StreamClient:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            started.append("client")
+
+        def start_stream(self, callback: Callable[..., None], **kwargs: Any) -> None:
+            started.append("stream")
+            callback(None, UNAVAILABLE)
+
+        def async_stream_infer(self, *args: Any, **kwargs: Any) -> None: ...
+
+        def stop_stream(self, cancel_requests: bool = False) -> None:
+            started.append(f"stop cancel={cancel_requests}")
+
+        def close(self) -> None:
+            started.append("close")
+
+    real_tc = sync_mod._tc
+
+    class Grpc:
+        def __getattr__(self, name: str) -> Any:
+            return StreamClient if name == "InferenceServerClient" else getattr(real_tc("grpc"), name)
+
+    monkeypatch.setattr(sync_mod, "_tc", lambda protocol: Grpc())
+    client = Blip2Client("localhost:8001")
+    pieces = client.stream(b"img")
+    del pieces  # dropped unread: nothing may have started
+    assert started == []
+    with pytest.raises(ServerUnavailableError):
+        list(client.stream(b"img"))
+    assert started == ["client", "stream", "stop cancel=True", "close"]
 
 
 # -- asyncio -------------------------------------------------------------------------

