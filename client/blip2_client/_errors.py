@@ -46,6 +46,12 @@ _STUB_UNHEALTHY = re.compile(
 # that is still starting looks like this, so it counts as unavailable.
 _MODEL_NOT_SERVING = re.compile(r"\bunknown model\b|\bis not at ready state\b", re.IGNORECASE)
 
+# A gRPC stream's error carries only a message, no status. The server's invalid-input messages start with the
+# input at fault (docs/CONTRACT.md), which classifies them as the same request sent unstreamed would be.
+_SERVER_INVALID_INPUT = re.compile(
+    r"^(?:image|text_input|max_tokens|temperature|top_p|top_k|beam_width|repetition_penalty|seed|streaming)\b"
+)
+
 _UNAVAILABLE_STATUS = {"StatusCode.UNAVAILABLE", "503", "StatusCode.NOT_FOUND", "404"}
 _DEADLINE_STATUS = {"StatusCode.DEADLINE_EXCEEDED", "504", "408"}
 _INVALID_STATUS = {"StatusCode.INVALID_ARGUMENT", "400"}
@@ -70,6 +76,8 @@ def _from_server_exception(exc: InferenceServerException) -> Blip2Error:
         return InvalidInputError(message, status=status)
     if status is None and message == "failed to obtain inference response":
         return DeadlineExceededError(message)
+    if status is None and _SERVER_INVALID_INPUT.match(message):
+        return InvalidInputError(message)
     return Blip2Error(message, status=status)
 
 

@@ -13,6 +13,7 @@ import pytest
 from blip2_client import (
     AsyncBlip2Client,
     Blip2Client,
+    InvalidInputError,
     StreamingUnsupportedError,
     encode_image,
     vqa_prompt,
@@ -168,6 +169,29 @@ def test_stream_without_a_streaming_model_is_a_clear_error(triton_server) -> Non
     with Blip2Client(triton_server.grpc_url, protocol="grpc", stream_model_name="no_such_stream") as client, \
             pytest.raises(StreamingUnsupportedError, match="no_such_stream"):
         client.stream(b"unused")
+
+
+def test_invalid_input_over_a_stream_is_an_invalid_input_error(triton_server, sample_images) -> None:
+    # A stream's error has no status code; it must still be classified as the same request sent unstreamed.
+    data = sample_images["gray_l_png"]
+    with Blip2Client(triton_server.grpc_url, protocol="grpc") as client:
+        with pytest.raises(InvalidInputError, match="max_tokens") as unstreamed:
+            client.caption(data, max_tokens=100_000)
+        with pytest.raises(InvalidInputError, match="max_tokens") as streamed:
+            list(client.stream(data, None, max_tokens=100_000))
+        with pytest.raises(InvalidInputError, match="image"):
+            list(client.stream(b"not an image"))
+    # The same server message either way (Triton prefixes the ensemble's with "in ensemble 'blip2', ").
+    assert streamed.value.message.startswith("max_tokens: expected")
+    assert unstreamed.value.message.endswith(streamed.value.message)
+
+    async def run() -> None:
+        async with AsyncBlip2Client(triton_server.grpc_url, protocol="grpc") as client:
+            with pytest.raises(InvalidInputError, match="max_tokens"):
+                async for _ in client.stream(data, None, max_tokens=100_000):
+                    pass
+
+    asyncio.run(run())
 
 
 def test_async_stream_matches_the_reference(triton_server, sample_images, reference) -> None:

@@ -48,6 +48,13 @@ def test_one_base_class() -> None:
         ("StatusCode.INTERNAL", "boom", Blip2Error),
         (None, "failed to obtain inference response", DeadlineExceededError),
         (None, "something", Blip2Error),
+        # A gRPC stream's errors carry no status: the server's input-error messages name the input first.
+        (None, "max_tokens: expected 1..256, got 100000", InvalidInputError),
+        (None, "image: bytes are not a supported image file", InvalidInputError),
+        (None, "beam_width > 1 cannot be combined with sampling (temperature/top_p/top_k)", InvalidInputError),
+        (None, "llm stage failed; see server log", Blip2Error),
+        (None, "stream failed; see server log", Blip2Error),
+        (None, "imagenet outage", Blip2Error),
     ],
 )
 def test_server_exceptions(status: str | None, message: str, expected: type[Blip2Error]) -> None:
