@@ -5,6 +5,7 @@ import queue
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
@@ -43,6 +44,16 @@ def _tc(protocol: str) -> ModuleType:
         import tritonclient.http as tc
     module: ModuleType = tc
     return module
+
+
+def _release_client(owner_ref: weakref.ref[Blip2Client], client: Any) -> None:
+    owner = owner_ref()
+    if owner is not None:
+        with owner._lock:
+            if client in owner._clients:
+                owner._clients.remove(client)
+    with contextlib.suppress(Exception):
+        client.close()
 
 
 class Blip2Client(_ClientConfig):
@@ -106,6 +117,11 @@ class Blip2Client(_ClientConfig):
                 client = self._new_client()
                 self._clients.append(client)
             self._local.client = client
+            # A server that runs each request on a new thread would otherwise leave one open connection per
+            # thread it ever ran, until close(): the connection goes when its thread does.
+            self._local.release = weakref.finalize(
+                threading.current_thread(), _release_client, weakref.ref(self), client
+            )
         return client
 
     def _drop_client(self) -> None:
@@ -115,6 +131,7 @@ class Blip2Client(_ClientConfig):
         if client is None:
             return
         self._local.client = None
+        self._local.release.detach()
         with self._lock:
             if client in self._clients:
                 self._clients.remove(client)

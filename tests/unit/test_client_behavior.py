@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 from collections.abc import Callable
@@ -320,6 +321,29 @@ def test_wait_until_ready_times_out(fake: FakeClient) -> None:
     with pytest.raises(ServerUnavailableError, match="not ready within"):
         Blip2Client("localhost:8001").wait_until_ready(0.2, poll_interval_s=0.05)
     assert time.monotonic() - start < 1.0
+
+
+def test_connections_of_finished_threads_are_released(monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[FakeClient] = []
+
+    def new_client(self: Blip2Client) -> FakeClient:
+        made.append(FakeClient(_echo))
+        return made[-1]
+
+    monkeypatch.setattr(Blip2Client, "_new_client", new_client)
+    client = Blip2Client("localhost:8001")
+    assert client.caption(b"main") == "main"  # this thread keeps its connection
+    for i in range(5):  # e.g. a ThreadingHTTPServer: a new thread per request
+        thread = threading.Thread(target=client.caption, args=(f"t{i}".encode(),))
+        thread.start()
+        thread.join()
+        del thread
+    gc.collect()
+    assert len(made) == 6
+    assert [c.closed for c in made] == [False] + [True] * 5
+    assert client._clients == [made[0]]
+    client.close()
+    assert made[0].closed
 
 
 def test_stream_without_streaming_model(fake: FakeClient) -> None:
