@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import collections
 import contextlib
 import queue
 import sys
@@ -47,13 +48,11 @@ def _tc(protocol: str) -> ModuleType:
 
 
 def _release_client(owner_ref: weakref.ref[Blip2Client], client: Any) -> None:
+    # Runs wherever the garbage collector runs, possibly inside a `with owner._lock:` on this very thread, so it
+    # takes no lock: the next thread to connect (or close()) closes the connection.
     owner = owner_ref()
     if owner is not None:
-        with owner._lock:
-            if client in owner._clients:
-                owner._clients.remove(client)
-    with contextlib.suppress(Exception):
-        client.close()
+        owner._released.append(client)
 
 
 class Blip2Client(_ClientConfig):
@@ -67,6 +66,8 @@ class Blip2Client(_ClientConfig):
     def _init_state(self) -> None:
         self._local = threading.local()
         self._clients: list[Any] = []
+        # Connections of threads that have ended (see `_release_client`); deque operations need no lock.
+        self._released: collections.deque[Any] = collections.deque()
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._closed = False
@@ -111,11 +112,20 @@ class Blip2Client(_ClientConfig):
             raise RuntimeError("Blip2Client is closed")
         client = getattr(self._local, "client", None)
         if client is None:
+            ended: list[Any] = []
             with self._lock:
                 if self._closed:
                     raise RuntimeError("Blip2Client is closed")
+                while self._released:
+                    old = self._released.popleft()
+                    if old in self._clients:
+                        self._clients.remove(old)
+                        ended.append(old)
                 client = self._new_client()
                 self._clients.append(client)
+            for old in ended:
+                with contextlib.suppress(Exception):
+                    old.close()
             self._local.client = client
             # A server that runs each request on a new thread would otherwise leave one open connection per
             # thread it ever ran, until close(): the connection goes when its thread does.
@@ -253,12 +263,14 @@ class Blip2Client(_ClientConfig):
                 raise self._stream_missing_error() from e
             raise
         tc = _tc("grpc")
-        return self._stream(tc, build_inputs(tc, data, prompt, dict(controls)), time.monotonic() + self.timeout_s)
+        return self._stream(tc, build_inputs(tc, data, prompt, dict(controls)))
 
-    def _stream(self, tc: Any, inputs: list[Any], deadline: float) -> Iterator[str]:
+    def _stream(self, tc: Any, inputs: list[Any]) -> Iterator[str]:
         # The stream starts at the first next(), inside the try: an iterator dropped before that started nothing
         # (a started one, never iterated, would block whoever released it until the server finished generating).
-        # A tritonclient gRPC client carries at most one stream, so each stream gets its own.
+        # Its deadline counts from there too. A tritonclient gRPC client carries at most one stream, so each
+        # stream gets its own.
+        deadline = time.monotonic() + self.timeout_s
         client = tc.InferenceServerClient(self._hostport, ssl=self._ssl)
         pieces: queue.Queue[tuple[Any, Exception | None]] = queue.Queue()
         try:

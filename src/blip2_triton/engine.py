@@ -37,6 +37,10 @@ class CancelledError(RuntimeError):
     """The client cancelled the request (or its deadline passed) before generation finished."""
 
 
+class AbandonedError(CancelledError):
+    """The job's request was already answered (another of its rows failed): nobody waits for this row."""
+
+
 @dataclass(eq=False)
 class Job:
     request: GenerationRequest
@@ -45,6 +49,8 @@ class Job:
     # Receives the final text, or the exception that ended the job. Called exactly once.
     on_done: Callable[[str | Exception], None]
     is_cancelled: Callable[[], bool] = lambda: False
+    # A local check, made every iteration: whether the result can no longer reach anyone.
+    is_abandoned: Callable[[], bool] = lambda: False
     # Set by callers that may cancel the job later through `InflightEngine.cancel` (the stream front end, whose
     # cancellation Triton does not pass on to the requests it makes).
     job_id: str | None = None
@@ -290,18 +296,25 @@ class InflightEngine:
         now = time.monotonic()
         keep: list[int] = []
         for i, job in enumerate(self._active):
-            if self._cancelled(job, now):
-                self._finish(job, CancelledError("request cancelled"))
+            stop = self._stop_error(job, now)
+            if stop is not None:
+                self._finish(job, stop)
             else:
                 keep.append(i)
         if len(keep) < len(self._active):
             self._select(keep)
         waiting, self._waiting = self._waiting, []
         for job in waiting:
-            if self._cancelled(job, now):
-                self._finish(job, CancelledError("request cancelled"))
+            stop = self._stop_error(job, now)
+            if stop is not None:
+                self._finish(job, stop)
             else:
                 self._waiting.append(job)
+
+    def _stop_error(self, job: Job, now: float) -> CancelledError | None:
+        if job.is_abandoned():
+            return AbandonedError("request already answered")
+        return CancelledError("request cancelled") if self._cancelled(job, now) else None
 
     def _cancelled(self, job: Job, now: float) -> bool:
         if job.job_id is not None and job.job_id in self._cancelled_ids:
@@ -344,13 +357,13 @@ class InflightEngine:
         keep: list[int] = []
         for pos, (job, token) in enumerate(zip(jobs, tokens, strict=True)):
             assert job.row is not None
+            if job.row.error is not None:
+                self._finish(job, job.row.error)
+                continue
             if job.first_token_at is None:
                 job.first_token_at = now
                 self._notify("on_first_token", now - job.submitted_at)
             done = self.stage.finish_token(job.row, token)
-            if job.row.error is not None:
-                self._finish(job, job.row.error)
-                continue
             # Detokenising costs per step; only streams need the text before the end.
             if done or job.on_piece is not None:
                 text = self.stage.text(job.row)

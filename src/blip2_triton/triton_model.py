@@ -400,9 +400,9 @@ class LanguageModel(StageModel):
         if self.engine is None:
             return responder.done, rows
         self.engine.submit([
-            # Once a sibling row has failed the request is answered: the other rows stop at their next check.
+            # Once a sibling row has failed the request is answered: the other rows stop at the next iteration.
             Job(request=row, on_piece=None, on_done=lambda result, i=i: responder.done(i, result),
-                is_cancelled=lambda: responder.answered or request.is_cancelled())
+                is_cancelled=request.is_cancelled, is_abandoned=lambda: responder.answered)
             for i, row in enumerate(rows)
         ])
         return None

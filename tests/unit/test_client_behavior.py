@@ -338,12 +338,50 @@ def test_connections_of_finished_threads_are_released(monkeypatch: pytest.Monkey
         thread.start()
         thread.join()
         del thread
-    gc.collect()
+        gc.collect()
     assert len(made) == 6
-    assert [c.closed for c in made] == [False] + [True] * 5
-    assert client._clients == [made[0]]
+    # Each ended thread's connection is closed when the next thread connects; the last one waits for that or
+    # for close().
+    assert [c.closed for c in made] == [False, True, True, True, True, False]
+    assert client._clients == [made[0], made[5]]
     client.close()
-    assert made[0].closed
+    assert all(c.closed for c in made)
+
+
+def test_a_stream_deadline_counts_from_its_start(fake: FakeClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake.metadata["blip2_stream"] = {"name": "blip2_stream"}
+
+    class Final:
+        def as_numpy(self, name: str) -> Any:
+            return np.array([[b"done"]], dtype=np.object_)
+
+        def get_response(self) -> Any:
+            flag = type("Flag", (), {"bool_param": True})()
+            return type("Response", (), {"parameters": {"triton_final_response": flag}})()
+
+    class StreamClient:
+        def __init__(self, *args: Any, **kwargs: Any) -> None: ...
+
+        def start_stream(self, callback: Callable[..., None], **kwargs: Any) -> None:
+            self.callback = callback
+
+        def async_stream_infer(self, *args: Any, **kwargs: Any) -> None:
+            threading.Timer(0.05, self.callback, args=(Final(), None)).start()
+
+        def stop_stream(self, cancel_requests: bool = False) -> None: ...
+
+        def close(self) -> None: ...
+
+    real_tc = sync_mod._tc
+
+    class Grpc:
+        def __getattr__(self, name: str) -> Any:
+            return StreamClient if name == "InferenceServerClient" else getattr(real_tc("grpc"), name)
+
+    monkeypatch.setattr(sync_mod, "_tc", lambda protocol: Grpc())
+    pieces = Blip2Client("localhost:8001", timeout_s=0.3).stream(b"img")
+    time.sleep(0.4)  # longer than timeout_s between the call and the first next()
+    assert list(pieces) == ["done"]
 
 
 def test_stream_without_streaming_model(fake: FakeClient) -> None:

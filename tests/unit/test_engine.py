@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from images import PROMPTS
 
-from blip2_triton.engine import CancelledError, EngineLimits, EngineObserver, InflightEngine, Job
+from blip2_triton.engine import AbandonedError, CancelledError, EngineLimits, EngineObserver, InflightEngine, Job
 from blip2_triton.errors import InvalidRequestError
 from blip2_triton.generation import LanguageStage
 from blip2_triton.options import ServerOptions
@@ -271,8 +271,14 @@ def test_sampling_that_overflows_fails_only_its_request(setup, sample_images) ->
     language, embeds, reference = setup
     name = sorted(embeds)[0]
     emb = embeds[name]
+    first_tokens: list[float] = []
+
+    class Recorder(EngineObserver):
+        def on_first_token(self, seconds: float) -> None:
+            first_tokens.append(seconds)
+
     collector = Collector(3)
-    engine = InflightEngine(language)
+    engine = InflightEngine(language, observer=Recorder())
     try:
         engine.submit([
             collector.job(0, GenerationRequest(query_embeds=emb, max_tokens=4)),
@@ -287,6 +293,35 @@ def test_sampling_that_overflows_fails_only_its_request(setup, sample_images) ->
     assert isinstance(collector.results[1], InvalidRequestError)
     assert "temperature=1e-45" in str(collector.results[1])
     assert isinstance(collector.results[2], str) and collector.results[2]
+    if language.decoder_only:  # the engine steps these rows itself: no first token for the failed one
+        assert len(first_tokens) == 2
+
+
+def test_a_row_whose_request_was_answered_stops_without_counting_as_cancelled(setup) -> None:
+    language, embeds, _ = setup
+    if not language.decoder_only:
+        pytest.skip("encoder-decoder requests are generated whole, between steps")
+    outcomes: list[str] = []
+    answered = threading.Event()
+
+    class Recorder(EngineObserver):
+        def on_first_token(self, seconds: float) -> None:
+            answered.set()  # mid-generation: a sibling row's failure answers the request now
+
+        def on_finished(self, job: Job, outcome: str) -> None:
+            outcomes.append(outcome)
+
+    emb = next(iter(embeds.values()))
+    collector = Collector(1)
+    engine = InflightEngine(language, observer=Recorder())
+    try:
+        engine.submit([collector.job(0, GenerationRequest(query_embeds=emb, max_tokens=256), stream=False,
+                                     is_abandoned=answered.is_set)])
+        assert collector.all_done.wait(60)
+    finally:
+        engine.stop()
+    assert isinstance(collector.results[0], AbandonedError)
+    assert outcomes == ["AbandonedError"]
 
 
 def test_cancels_for_finished_or_unknown_jobs_are_not_kept(setup) -> None:
