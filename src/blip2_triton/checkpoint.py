@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -103,6 +104,12 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def quantization_config(options: ServerOptions, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    if options.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        # transformers would say "pip install bitsandbytes", which cannot be followed inside the CPU image.
+        raise ConfigurationError(
+            f"quantization={options.quantization} needs bitsandbytes, which this installation lacks (the CPU "
+            "image has none); use the GPU image, pip install bitsandbytes, or set quantization=none"
+        )
     if options.quantization != "none":
         # bitsandbytes logs a warning on *every* fp32 int8 matmul on CPU, which would flood the server log.
         logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)

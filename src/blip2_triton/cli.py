@@ -21,8 +21,8 @@ def _absolute_if_local(model_id: str | None) -> str | None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .launcher import LauncherError, TritonServer
-    from .watchdog import FAULT_EXIT_CODE
+    from .launcher import LauncherError, StartupInterruptedError, TritonServer
+    from .watchdog import FAULT_EXIT_CODE, _exit_status
 
     server = TritonServer(
         model_repository=args.model_repository,
@@ -60,24 +60,27 @@ def _serve(args: argparse.Namespace) -> int:
     restarts: list[float] = []
     while True:
         try:
-            server.start()
+            server.start(interrupt=stop)
             print(
                 f"blip2-triton: ready  http={server.http_url}  grpc={server.grpc_url}  metrics={server.metrics_url}",
                 file=sys.stderr,
                 flush=True,
             )
+        except StartupInterruptedError:
+            print("blip2-triton: stopped during startup", file=sys.stderr, flush=True)
+            return 0
         except LauncherError as e:
             print(f"blip2-triton: {e}", file=sys.stderr, flush=True)
-            if not restarts and not args.max_restarts:
+            if server.process is None or (not restarts and not args.max_restarts):
+                # No process at all (no tritonserver or stub found): restarting cannot help.
                 return 1
         process = server.process
-        assert process is not None
         while not stop.is_set() and process.poll() is None:
             stop.wait(0.2)
         if process.poll() is None:
             print("blip2-triton: stopping (draining in-flight requests)", file=sys.stderr, flush=True)
             code = server.stop()
-            return 0 if code in (0, -signal.SIGTERM) else int(code or 1)
+            return 0 if code in (0, -signal.SIGTERM) else _exit_status(int(code or 1))
         reason = server.fault or f"tritonserver exited with code {process.returncode}"
         print(f"blip2-triton: {reason}", file=sys.stderr, flush=True)
         now = time.monotonic()

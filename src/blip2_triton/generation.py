@@ -24,7 +24,7 @@ from transformers.generation.logits_process import (
 
 from .checkpoint import LoadedStage, load_stage
 from .compute_lock import ComputeLock
-from .errors import InvalidRequestError
+from .errors import ConfigurationError, InvalidRequestError
 from .options import ServerOptions
 from .requests import GenerationRequest
 
@@ -79,6 +79,14 @@ class LanguageStage:
         self.tokenizer = self.loaded.processor.tokenizer
         self.num_query_tokens = int(config.num_query_tokens)
         self.hidden_size = int(config.text_config.hidden_size)
+        if config.image_token_id is None:
+            # Checkpoints saved by older transformers may lack it; the current BLIP-2 code (and so the HF
+            # reference) cannot place the query embeddings without it.
+            raise ConfigurationError(
+                f"checkpoint {self.loaded.source!r}: config.json has no image_token_index; add the id of the "
+                "processor's image token (e.g. 50265 for the Salesforce blip2-opt checkpoints), as the current "
+                "Salesforce checkpoints have"
+            )
         self.image_token_id = int(config.image_token_id)
         # T5 configs have no BOS; captions then go through the processor's text path with an empty prompt.
         bos = getattr(config.text_config, "bos_token_id", None)

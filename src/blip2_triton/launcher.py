@@ -37,6 +37,10 @@ class LauncherError(RuntimeError):
     pass
 
 
+class StartupInterruptedError(LauncherError):
+    """A stop was requested while tritonserver was still starting; it has been stopped."""
+
+
 # Triton's admin APIs: model load/unload and repository index, shared-memory registration, trace and log
 # settings. Inference callers must not reach them; Triton cannot switch them off, only require a header.
 RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
@@ -257,8 +261,16 @@ class TritonServer:
         env.update(self.extra_env)
         return env
 
-    def start(self) -> TritonServer:
-        """Starts tritonserver and waits until it is ready; callable again after the server ended."""
+    def start(self, *, interrupt: threading.Event | None = None) -> TritonServer:
+        """Starts tritonserver and waits until it is ready; callable again after the server ended.
+
+        `interrupt` (a supervisor's stop signal) ends a startup that is still waiting: loading a checkpoint can
+        take many minutes, and a stop request must not wait for it."""
+        if self._watchdog is not None:
+            # After a crash the previous server's watchdog may still be polling: its late fault report must not
+            # kill the new server.
+            self._watchdog.stop()
+            self._watchdog = None
         install = find_tritonserver()
         cmd = self.command(install)
         stdout = None
@@ -273,22 +285,25 @@ class TritonServer:
             cmd, env=self.environment(install), stdout=stdout, stderr=subprocess.STDOUT if stdout else None
         )
         try:
-            self.wait_ready(self.startup_timeout_s)
+            self.wait_ready(self.startup_timeout_s, interrupt=interrupt)
         except BaseException:
             self.stop()
             raise
         if self.watchdog_enabled:
-            self._watchdog = StubWatchdog(self.process.pid, self._on_fault, interval_s=self.watchdog_interval_s)
+            process = self.process
+            self._watchdog = StubWatchdog(process.pid, lambda reason: self._on_fault(process, reason),
+                                          interval_s=self.watchdog_interval_s)
             self._watchdog.start()
         return self
 
-    def _on_fault(self, reason: str) -> None:
+    def _on_fault(self, proc: subprocess.Popen[bytes], reason: str) -> None:
         # Runs on the watchdog thread: end the replica now so probes fail and a supervisor can restart it.
+        if proc is not self.process:
+            return  # a report about a server that has already been replaced
         log.error("tritonserver: %s; killing tritonserver", reason)
         self.fault = reason
-        proc, watchdog = self.process, self._watchdog
-        if proc is not None:
-            kill_server(proc, list(watchdog.stubs.values()) if watchdog else [])
+        watchdog = self._watchdog
+        kill_server(proc, list(watchdog.stubs.values()) if watchdog else [])
         self.fault_event.set()
 
     def stub_pids(self) -> dict[str, int]:
@@ -304,9 +319,11 @@ class TritonServer:
         except (urllib.error.URLError, OSError):
             return False
 
-    def wait_ready(self, timeout_s: float) -> None:
+    def wait_ready(self, timeout_s: float, *, interrupt: threading.Event | None = None) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            if interrupt is not None and interrupt.is_set():
+                raise StartupInterruptedError("stopped during startup")
             if self.process is not None and self.process.poll() is not None:
                 raise LauncherError(f"tritonserver exited with code {self.process.returncode} during startup"
                                     + self._log_hint())

@@ -361,9 +361,8 @@ def drain_and_stop(
             log.info("drain: tritonserver still waits for idle client connections; ending it")
         else:
             log.error("tritonserver did not exit within its exit timeout; killing it")
-        proc.kill()
-        code = int(proc.wait())
-        remove_shm_regions(stubs)
+        # A stuck stub (a wedged CUDA call) would outlive its killed parent and keep its GPU memory.
+        code = int(kill_server(proc, stubs))
         return 0 if drained else code
 
 

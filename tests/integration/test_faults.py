@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from blip2_client import Blip2Client, ServerUnavailableError
-from triton_helpers import Clients, start_server
+from triton_helpers import Clients, start_server, tritonserver_children
 
 from blip2_triton.launcher import free_port
 from blip2_triton.watchdog import StubWatchdog, kill_server, process_state, stub_processes
@@ -106,15 +106,9 @@ def _wait_for_log(proc: subprocess.Popen[bytes], log: Path, text: str, count: in
 
 
 def _tritonserver_child(pid: int) -> int:
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if "(tritonserver)" in stat and int(stat.rpartition(")")[2].split()[1]) == pid:
-                return int(entry.name)
-    raise AssertionError("no tritonserver child")
+    children = tritonserver_children(pid)
+    assert children, "no tritonserver child"
+    return children[0]
 
 
 def test_supervisor_restarts_the_replica_after_a_stub_dies(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import tritonclient.http as httpclient
-from triton_helpers import infer
+from triton_helpers import infer, tritonserver_children
 
 from blip2_triton.checkpoint import tiny_dirname
 from blip2_triton.launcher import free_port
@@ -86,3 +86,29 @@ def test_serve_reports_a_missing_checkpoint(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert "has no config.json" in result.stdout + result.stderr
+
+
+def test_sigterm_during_startup_stops_at_once(tmp_path: Path, tiny_model_dir: Path) -> None:
+    # A real checkpoint can take many minutes to load; a supervisor's stop must not wait for that.
+    log = tmp_path / "serve.log"
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "blip2_triton.cli", "serve", "--host", "127.0.0.1", "--http-port", str(http),
+         "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--model-id", str(tiny_model_dir)],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (servers := tritonserver_children(proc.pid)):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        assert b"blip2-triton: ready" not in log.read_bytes()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert "stopped during startup" in text and "blip2-triton: ready" not in text, text[-3000:]
+    stat = Path(f"/proc/{servers[0]}/stat")
+    assert not stat.exists() or stat.read_text().rpartition(")")[2].split()[0] == "Z", "tritonserver outlived it"

@@ -111,3 +111,18 @@ def engine_counts(server: Any, llm_model: str) -> tuple[float, float]:
         return float(match.group(1))
 
     return value("blip2_engine_step_sequences_total"), value("blip2_engine_steps_total")
+
+
+def tritonserver_children(pid: int) -> list[int]:
+    """Pids of the live (not zombie) tritonserver processes whose parent is `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            state, ppid = stat.rpartition(")")[2].split()[:2]
+            if "(tritonserver)" in stat and int(ppid) == pid and state != "Z":
+                found.append(int(entry.name))
+    return found

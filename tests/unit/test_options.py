@@ -70,3 +70,29 @@ def test_language_stage_applies_the_cudnn_setting(tiny_model_dir, monkeypatch, s
     monkeypatch.setattr(generation, "configure_attention", lambda device, *, cudnn: calls.append((device, cudnn)))
     generation.LanguageStage(ServerOptions(model_id=str(tiny_model_dir), cudnn_attention=setting))
     assert calls == [("cpu", allowed)]
+
+
+def test_quantization_without_bitsandbytes_is_a_configuration_error(monkeypatch) -> None:
+    import importlib.util
+
+    import torch
+
+    from blip2_triton import checkpoint
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(ConfigurationError, match=r"quantization=8bit needs bitsandbytes.*GPU image"):
+        checkpoint.quantization_config(ServerOptions(quantization="8bit"), torch.float32)
+    assert checkpoint.quantization_config(ServerOptions(), torch.float32) is None
+
+
+def test_checkpoint_without_image_token_index_is_a_configuration_error(tiny_model_dir) -> None:
+    from blip2_triton.checkpoint import load_stage
+    from blip2_triton.generation import LanguageStage
+
+    options = ServerOptions(model_id=str(tiny_model_dir))
+    loaded = load_stage("llm", options)
+    loaded.config.image_token_id = None  # as in configs saved by older transformers releases
+    with pytest.raises(ConfigurationError, match="no image_token_index"):
+        LanguageStage(options, loaded)

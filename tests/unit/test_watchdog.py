@@ -316,3 +316,18 @@ def test_wrapper_passes_the_server_exit_status_through(fake_server: tuple[Path, 
 def test_wrapper_needs_a_command() -> None:
     with pytest.raises(SystemExit):
         wd.main([])
+
+
+def test_a_fault_report_about_a_replaced_server_is_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    # After a crash and a restart, the old server's watchdog may still report its stubs' exit.
+    from blip2_triton import launcher
+
+    killed: list[object] = []
+    monkeypatch.setattr(launcher, "kill_server", lambda proc, stubs: killed.append(proc))
+    server = launcher.TritonServer()
+    old, new = object(), object()
+    server.process = new  # type: ignore[assignment]
+    server._on_fault(old, "stub 'blip2_vision_0_0' died")  # type: ignore[arg-type]
+    assert killed == [] and server.fault is None and not server.fault_event.is_set()
+    server._on_fault(new, "stub 'blip2_llm_0_0' died")  # type: ignore[arg-type]
+    assert killed == [new] and server.fault == "stub 'blip2_llm_0_0' died" and server.fault_event.is_set()
