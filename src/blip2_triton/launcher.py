@@ -7,11 +7,13 @@ directory, never in site-packages).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -287,7 +289,7 @@ class TritonServer:
         try:
             self.wait_ready(self.startup_timeout_s, interrupt=interrupt)
         except BaseException:
-            self.stop()
+            self._abort_startup()
             raise
         if self.watchdog_enabled:
             process = self.process
@@ -295,6 +297,19 @@ class TritonServer:
                                           interval_s=self.watchdog_interval_s)
             self._watchdog.start()
         return self
+
+    def _abort_startup(self) -> None:
+        # Nothing is served yet, so there is nothing to drain. A tritonserver that exits (on SIGTERM) while it is
+        # still loading models leaves the stubs it has started behind, orphaned and waiting forever for it: it is
+        # frozen first so that it starts no more, and then killed together with every stub it has.
+        proc = self.process
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGSTOP)
+            kill_server(proc, list(stub_processes(proc.pid).values()))
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
 
     def _on_fault(self, proc: subprocess.Popen[bytes], reason: str) -> None:
         # Runs on the watchdog thread: end the replica now so probes fail and a supervisor can restart it.
