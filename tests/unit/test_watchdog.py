@@ -3,6 +3,7 @@ real child processes named like Triton's stubs, and a fake tritonserver for the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -331,3 +332,36 @@ def test_a_fault_report_about_a_replaced_server_is_ignored(monkeypatch: pytest.M
     assert killed == [] and server.fault is None and not server.fault_event.is_set()
     server._on_fault(new, "stub 'blip2_llm_0_0' died")  # type: ignore[arg-type]
     assert killed == [new] and server.fault == "stub 'blip2_llm_0_0' died" and server.fault_event.is_set()
+
+
+def test_a_server_killed_past_its_exit_timeout_takes_its_stubs_with_it(stub_binary: Path) -> None:
+    # A server that ignores SIGTERM (stuck in shutdown) and a stub that would outlive it (stuck in a CUDA call).
+    server_code = textwrap.dedent(f"""
+        import signal, subprocess, sys, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        import os
+        subprocess.Popen([{str(stub_binary)!r}, "model.py", "triton_python_backend_shm_region_t", "1", "1",
+                          str(os.getpid()), "/b", "336", "stuck_0_0", "DEFAULT"])
+        print("up", flush=True)
+        time.sleep(600)
+    """)
+    server = subprocess.Popen([sys.executable, "-c", server_code], stdout=subprocess.PIPE)
+    stubs: dict[int, wd.Stub] = {}
+    try:
+        assert server.stdout is not None and server.stdout.readline() == b"up\n"
+        deadline = time.monotonic() + 10
+        while not (stubs := wd.stub_processes(server.pid)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (stub_pid,) = stubs
+        code = wd.drain_and_stop(server, wd.Endpoints(None, None), exit_timeout_s=0.3, kill_after_s=0.3)
+        assert code == -signal.SIGKILL
+        deadline = time.monotonic() + 5
+        while wd.stub_is_alive(stubs[stub_pid]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not wd.stub_is_alive(stubs[stub_pid]), "the stuck stub outlived its killed server"
+    finally:
+        server.kill()
+        server.wait()
+        for pid in stubs:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
