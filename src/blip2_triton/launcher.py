@@ -283,8 +283,11 @@ class TritonServer:
         self.fault = None
         self.fault_event.clear()
         self._stop_code = None
+        # Its own session: Ctrl-C (or a supervisor signalling the process group) reaches the launcher only, which
+        # drains; tritonserver signalled directly would stop its models at once and fail requests in flight.
         self.process = subprocess.Popen(  # noqa: S603  (our own command line: the tritonserver binary + flags)
-            cmd, env=self.environment(install), stdout=stdout, stderr=subprocess.STDOUT if stdout else None
+            cmd, env=self.environment(install), stdout=stdout, stderr=subprocess.STDOUT if stdout else None,
+            start_new_session=True,
         )
         try:
             self.wait_ready(self.startup_timeout_s, interrupt=interrupt)

@@ -246,3 +246,36 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(
     assert results == [reference(data, prompt, 12) for _, prompt in jobs]
     assert stopped["code"] == 0
     assert stopped["seconds"] < exit_timeout
+
+
+def test_ctrl_c_drains_in_flight_requests(
+    busy_repository: Path, tiny_model_dir: Path, tmp_path: Path, sample_images: dict[str, bytes], reference: Any,
+) -> None:
+    # Ctrl-C signals the terminal's whole process group. tritonserver must not get it directly: it would stop its
+    # models at once instead of letting the launcher drain them.
+    log = tmp_path / "serve.log"
+    ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "blip2_triton.cli", "serve", "--host", "127.0.0.1",
+         "--http-port", str(ports["http"]), "--grpc-port", str(ports["grpc"]), "--metrics-port", str(ports["metrics"]),
+         "--exit-timeout-secs", "20", "--model-repository", str(busy_repository), "--model-id", str(tiny_model_dir)],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "ROBUSTNESS_TEST_VISION_BUSY_S": "1.5"},
+    )
+    data = sample_images["rgb_jpeg"]
+    try:
+        _wait_for_log(proc, log, "blip2-triton: ready", 1, 300)
+        with Blip2Client(f"127.0.0.1:{ports['grpc']}", protocol="grpc") as client, \
+                ThreadPoolExecutor(max_workers=4) as pool:
+            in_flight = [pool.submit(client.caption, data, max_tokens=8) for _ in range(4)]
+            time.sleep(0.7)  # queued in or executing the busy vision stage
+            assert not any(f.done() for f in in_flight)
+            os.killpg(proc.pid, signal.SIGINT)
+            results = [f.result(timeout=60) for f in in_flight]
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert results == [reference(data, None, 8)] * 4
+    assert "draining in-flight requests" in log.read_text()
