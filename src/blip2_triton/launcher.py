@@ -310,6 +310,9 @@ class TritonServer:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGSTOP)
             kill_server(proc, list(stub_processes(proc.pid).values()))
+        self._close_log()
+
+    def _close_log(self) -> None:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
@@ -378,9 +381,7 @@ class TritonServer:
                 exit_timeout_s=timeout_s if timeout_s is not None else self.exit_timeout_s,
                 quiet_s=self.drain_quiet_s,
             )
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
+        self._close_log()
         return self._stop_code if self._stop_code is not None else proc.returncode
 
     def __enter__(self) -> TritonServer:

@@ -143,6 +143,30 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> FakeClient:
 
 
 @pytest.fixture
+def connections(monkeypatch: pytest.MonkeyPatch) -> list[FakeClient]:
+    """Every connection the client opens, each a FakeClient of its own."""
+    made: list[FakeClient] = []
+
+    def new_client(self: Blip2Client) -> FakeClient:
+        made.append(FakeClient(_echo))
+        return made[-1]
+
+    monkeypatch.setattr(Blip2Client, "_new_client", new_client)
+    return made
+
+
+def _stream_with(monkeypatch: pytest.MonkeyPatch, stream_client: type) -> None:
+    """Streams go through `stream_client` in place of tritonclient's gRPC client (the rest stays real)."""
+    real_tc = sync_mod._tc
+
+    class Grpc:
+        def __getattr__(self, name: str) -> Any:
+            return stream_client if name == "InferenceServerClient" else getattr(real_tc("grpc"), name)
+
+    monkeypatch.setattr(sync_mod, "_tc", lambda protocol: Grpc())
+
+
+@pytest.fixture
 def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     recorded: list[float] = []
     monkeypatch.setattr(sync_mod.time, "sleep", recorded.append)
@@ -276,14 +300,8 @@ def test_batch_length_mismatch(fake: FakeClient) -> None:
         Blip2Client("localhost:8001").ask_batch([b"a", b"b"], ["q"])
 
 
-def test_each_thread_gets_its_own_transport(monkeypatch: pytest.MonkeyPatch) -> None:
-    created: list[FakeClient] = []
-
-    def new_client(self: Blip2Client) -> FakeClient:
-        created.append(FakeClient(_echo))
-        return created[-1]
-
-    monkeypatch.setattr(Blip2Client, "_new_client", new_client)
+def test_each_thread_gets_its_own_transport(connections: list[FakeClient]) -> None:
+    created = connections
     client = Blip2Client("localhost:8001")
     client.caption(b"a")
     client.caption(b"b")
@@ -323,14 +341,8 @@ def test_wait_until_ready_times_out(fake: FakeClient) -> None:
     assert time.monotonic() - start < 1.0
 
 
-def test_connections_of_finished_threads_are_released(monkeypatch: pytest.MonkeyPatch) -> None:
-    made: list[FakeClient] = []
-
-    def new_client(self: Blip2Client) -> FakeClient:
-        made.append(FakeClient(_echo))
-        return made[-1]
-
-    monkeypatch.setattr(Blip2Client, "_new_client", new_client)
+def test_connections_of_finished_threads_are_released(connections: list[FakeClient]) -> None:
+    made = connections
     client = Blip2Client("localhost:8001")
     assert client.caption(b"main") == "main"  # this thread keeps its connection
     for i in range(5):  # e.g. a ThreadingHTTPServer: a new thread per request
@@ -372,13 +384,7 @@ def test_a_stream_deadline_counts_from_its_start(fake: FakeClient, monkeypatch: 
 
         def close(self) -> None: ...
 
-    real_tc = sync_mod._tc
-
-    class Grpc:
-        def __getattr__(self, name: str) -> Any:
-            return StreamClient if name == "InferenceServerClient" else getattr(real_tc("grpc"), name)
-
-    monkeypatch.setattr(sync_mod, "_tc", lambda protocol: Grpc())
+    _stream_with(monkeypatch, StreamClient)
     pieces = Blip2Client("localhost:8001", timeout_s=0.3).stream(b"img")
     time.sleep(0.4)  # longer than timeout_s between the call and the first next()
     assert list(pieces) == ["done"]
@@ -455,13 +461,7 @@ def test_a_stream_starts_only_when_iterated(fake: FakeClient, monkeypatch: pytes
         def close(self) -> None:
             started.append("close")
 
-    real_tc = sync_mod._tc
-
-    class Grpc:
-        def __getattr__(self, name: str) -> Any:
-            return StreamClient if name == "InferenceServerClient" else getattr(real_tc("grpc"), name)
-
-    monkeypatch.setattr(sync_mod, "_tc", lambda protocol: Grpc())
+    _stream_with(monkeypatch, StreamClient)
     client = Blip2Client("localhost:8001")
     pieces = client.stream(b"img")
     del pieces  # dropped unread: nothing may have started
