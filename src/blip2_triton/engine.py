@@ -236,10 +236,13 @@ class InflightEngine:
 
     def _iteration(self) -> None:
         admitted = self._admit()
-        if self._active:
-            self._decode_step()
-        if admitted:
-            self._prefill(admitted)
+        if self._active and admitted and self.stage.shares_output_projection:
+            self._step_and_prefill(admitted)
+        else:
+            if self._active:
+                self._decode_step()
+            if admitted:
+                self._prefill(admitted)
         self._admitting = []
         self._trim_padding()
         self._report("on_active", len(self._active), len(self._waiting))
@@ -375,22 +378,37 @@ class InflightEngine:
                 keep.append(pos)
         return keep
 
-    def _decode_step(self) -> None:
+    def _step_inputs(self) -> tuple[list[int], bool]:
+        """Extends the mask by the step's column; the step's tokens, and whether any row is padded."""
         assert self._mask is not None
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(self._active), 1)], dim=1)
-        tokens = [j.next_token for j in self._active]
-        assert self._cache is not None
         # This step adds each row's newest token to the cache: one position more than `_cached_positions`.
         shortest = min(_cached_positions(j) for j in self._active) + 1
-        logits = self.stage.step(self._cache.cache, self._mask, tokens,  # type: ignore[arg-type]
-                                 padded=shortest < self._mask.shape[1])
+        return [j.next_token for j in self._active], shortest < self._mask.shape[1]  # type: ignore[misc]
+
+    def _decode_step(self) -> None:
+        tokens, padded = self._step_inputs()
+        assert self._cache is not None and self._mask is not None
+        self._stepped(self.stage.step(self._cache.cache, self._mask, tokens, padded=padded))
+
+    def _stepped(self, logits: torch.Tensor) -> None:
         self._notify("on_step", len(self._active), len(self._active))
         keep = self._accept(self._active, logits)
         if len(keep) < len(self._active):
             self._select(keep)
 
     def _prefill(self, jobs: list[Job]) -> None:
-        cache, mask, logits = self.stage.prefill([j.row for j in jobs])  # type: ignore[misc]
+        self._prefilled(jobs, *self.stage.prefill([j.row for j in jobs]))  # type: ignore[misc]
+
+    def _step_and_prefill(self, jobs: list[Job]) -> None:
+        tokens, padded = self._step_inputs()
+        assert self._cache is not None and self._mask is not None
+        logits, prefilled = self.stage.step_and_prefill(self._cache.cache, self._mask, tokens,
+                                                        [j.row for j in jobs], padded=padded)  # type: ignore[misc]
+        self._stepped(logits)
+        self._prefilled(jobs, *prefilled)
+
+    def _prefilled(self, jobs: list[Job], cache: Any, mask: torch.Tensor, logits: torch.Tensor) -> None:
         self._notify("on_step", len(jobs), len(jobs))
         keep = self._accept(jobs, logits)
         if not keep:

@@ -66,6 +66,44 @@ def test_jobs_joining_mid_flight_match_the_reference(setup, sample_images) -> No
             assert collector.pieces[i] == []
 
 
+def test_newcomers_share_the_running_steps_output_projection(setup, sample_images) -> None:
+    # An iteration that both steps the running batch and prefills newcomers projects all their rows onto the
+    # vocabulary in one pass (one pass over the largest weight instead of two), with the same texts.
+    language, embeds, reference = setup
+    if not language.shares_output_projection:
+        pytest.skip("only OPT's forward is split into decoder and output projection")
+    head = language.lm.get_output_embeddings()
+    projections: list[int] = []
+    handle = head.register_forward_hook(lambda _m, args, _out: projections.append(args[0].shape[0]))
+    steps: list[int] = []
+    decoding = threading.Event()
+
+    class Recorder(EngineObserver):
+        def on_step(self, active: int, new_tokens: int) -> None:
+            steps.append(active)
+            decoding.set()
+
+    names = sorted(embeds)
+    cases = [(names[i % len(names)], PROMPTS[i % 2], 40 if i == 0 else 6) for i in range(6)]
+    collector = Collector(len(cases))
+    engine = InflightEngine(language, observer=Recorder())
+    jobs = [collector.job(i, GenerationRequest(query_embeds=embeds[name], prompt=prompt, max_tokens=n))
+            for i, (name, prompt, n) in enumerate(cases)]
+    try:
+        engine.submit(jobs[:1])
+        assert decoding.wait(30)
+        engine.submit(jobs[1:])  # they join the first job's running batch
+        assert collector.all_done.wait(120)
+    finally:
+        engine.stop()
+        handle.remove()
+    for i, (name, prompt, n) in enumerate(cases):
+        assert collector.results[i] == reference(sample_images[name], prompt, n)
+    shared = len(steps) - len(projections)
+    assert shared > 0, "no iteration projected a step and a prefill together"
+    assert sum(projections) == sum(steps), "every row is projected exactly once"
+
+
 def test_invalid_job_fails_alone(setup) -> None:
     language, embeds, _ = setup
     emb = next(iter(embeds.values()))

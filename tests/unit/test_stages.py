@@ -177,3 +177,36 @@ def test_temperature_zero_is_greedy(stages, sample_images, reference) -> None:
     data = sample_images["tiff"]
     out = stages[1].run([GenerationRequest(query_embeds=_embed(stages, data), max_tokens=6, temperature=0.0)])
     assert out == [reference(data, None, 6)]
+
+
+def test_step_and_prefill_equals_a_step_then_a_prefill(stages, sample_images) -> None:
+    # The in-flight engine's shared output projection must give what the two separate forwards give, to the
+    # rounding that the product's row count changes anyway (as it does whenever the running batch changes).
+    language = stages[1]
+    assert language.shares_output_projection
+    names = sorted(sample_images)
+    embeds = stages[0].run([ImageRequest(sample_images[n]) for n in names])
+    running = [language.prepare(GenerationRequest(query_embeds=e, prompt=PROMPTS[i % 2], max_tokens=8))
+               for i, e in enumerate(embeds[:3])]
+    newcomers = [language.prepare(GenerationRequest(query_embeds=e, prompt=PROMPTS[1], max_tokens=8))
+                 for e in embeds[3:5]]
+
+    def running_batch():
+        cache, mask, logits = language.prefill(running)
+        mask = torch.cat([mask, mask.new_ones(len(running), 1)], dim=1)
+        return cache, mask, logits.argmax(-1).tolist()
+
+    cache, mask, tokens = running_batch()
+    step_logits = language.step(cache, mask, tokens)
+    new_cache, new_mask, new_logits = language.prefill(newcomers)
+
+    cache2, mask2, tokens2 = running_batch()
+    shared_step, (shared_cache, shared_mask, shared_new) = language.step_and_prefill(cache2, mask2, tokens2,
+                                                                                    newcomers)
+    assert torch.equal(shared_mask, new_mask)
+    for shared, alone in ((shared_step, step_logits), (shared_new, new_logits)):
+        torch.testing.assert_close(shared, alone, rtol=1e-5, atol=1e-4)
+        assert torch.equal(shared.argmax(-1), alone.argmax(-1))
+    for before, after in zip(list(cache.layers) + list(new_cache.layers),
+                             list(cache2.layers) + list(shared_cache.layers), strict=True):
+        assert torch.equal(before.keys, after.keys) and torch.equal(before.values, after.values)
