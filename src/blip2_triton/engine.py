@@ -1,8 +1,7 @@
 """In-flight (continuous) batching for the LLM stage.
 
 One background thread owns the language model. Sequences join the running batch at step boundaries (their
-prompts are prefilled together, in the same forward pass as the running batch's step where the model allows,
-`LanguageStage.step_and_prefill`, then copied into free rows of the running batch's KV buffers, `kv_cache.py`)
+prompts are prefilled together, then copied into free rows of the running batch's KV buffers, `kv_cache.py`)
 and leave it the step they finish, are cancelled or fail. Each row keeps its own controls and seeded generator
 (`LanguageStage._next_tokens`), so greedy rows produce exactly the tokens they would alone.
 

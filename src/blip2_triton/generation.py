@@ -23,7 +23,6 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from . import opt_fused
 from .checkpoint import LoadedStage, load_stage
 from .compute_lock import ComputeLock
 from .errors import ConfigurationError, InvalidRequestError
@@ -120,15 +119,10 @@ class LanguageStage:
         # positions in one pass over the 50272-row weight (`step_and_prefill`). Other LM classes may do more
         # between the two (scaling, soft-capping), so they keep the whole forward.
         self._decoder: torch.nn.Module | None = None
-        # Whether the decoder forwards of a step and a prefill run as one (`opt_fused`); decided by comparing
-        # the two on this model (`_check_fused`).
-        self.fused_decoder = False
         if isinstance(self.lm, OPTForCausalLM):
             self._decoder = self.lm.get_decoder()
             decoder_params = inspect.signature(self._decoder.forward).parameters
             self._decoder_cache_kwarg = "cache" if "cache" in decoder_params else "past_key_values"
-            if options.scheduler == "inflight" and opt_fused.supports(self.lm):
-                self.fused_decoder = self._check_fused()
 
     @property
     def embeds_shape(self) -> tuple[int, int]:
@@ -354,78 +348,19 @@ class LanguageStage:
                          padded: bool = True) -> tuple[torch.Tensor, tuple[Any, torch.Tensor, torch.Tensor]]:
         """`step(cache, mask, tokens)` and `prefill(rows)` in one call: (step logits, prefill's result).
 
-        The in-flight engine admits one or two prompts in most iterations, and on CPU both passes are mostly the
-        reading of weights: the output projection of one prompt's last position costs 9.3 ms (its 103 MB for
-        one row) against 0.2 ms as an 18th row of a 17-row step's, and the decoder forwards share their layers'
-        weights too when `fused_decoder` (`opt_fused`).
+        On CPU the output projection of a single prompt's last position costs as much as a third of a 17-row
+        decoding step (one pass over its 103 MB of weights for one row: 9.3 ms, against 0.2 ms more as an 18th
+        row of the step's projection); the in-flight engine admits one or two prompts per iteration.
         """
-        return self._step_and_prefill(cache, mask, tokens, rows, padded=padded, fused=self.fused_decoder)
-
-    def _step_and_prefill(self, cache: Any, mask: torch.Tensor, tokens: list[int], rows: list[_Row], *,
-                          padded: bool, fused: bool) -> tuple[torch.Tensor, tuple[Any, torch.Tensor, torch.Tensor]]:
         assert self._decoder is not None, "step_and_prefill needs shares_output_projection"
         prefill_inputs, prefill_mask = self._prefill_inputs(rows)
-        step_inputs = self._step_inputs(mask, tokens, padded)
+        cache_kwarg = self._decoder_cache_kwarg
         with self.compute:
-            if fused:
-                step_last, prefill_cache, prefill_last = opt_fused.step_and_prefill(
-                    self._decoder,
-                    step_ids=step_inputs["input_ids"], step_mask=step_inputs["attention_mask"],
-                    step_positions=step_inputs["position_ids"], step_cache=cache,
-                    prefill_embeds=prefill_inputs["inputs_embeds"], prefill_mask=prefill_mask,
-                    prefill_positions=prefill_inputs["position_ids"],
-                )
-            else:
-                cache_kwarg = self._decoder_cache_kwarg
-                stepped = self._decoder(**step_inputs, **{cache_kwarg: cache})
-                prefilled = self._decoder(**prefill_inputs, **{cache_kwarg: None})
-                step_last, prefill_last = stepped.last_hidden_state[:, -1], prefilled.last_hidden_state[:, -1]
-                prefill_cache = prefilled.past_key_values
-            logits = self.lm.get_output_embeddings()(torch.cat([step_last, prefill_last]))
-        return logits[: len(tokens)], (prefill_cache, prefill_mask, logits[len(tokens):])
-
-    @torch.inference_mode()
-    def _check_fused(self) -> bool:
-        """Whether `opt_fused` gives this model's own forwards' results, on a synthetic running batch of two
-        prompts of different lengths and two newcomers of different lengths.
-
-        A transformers release that changes OPT's forward would differ here by far more than rounding; the
-        engine then keeps two decoder forwards per admitting iteration (its results are always those)."""
-        generator = torch.Generator().manual_seed(0)
-        scale = float(self.embed_tokens.weight.float().std())
-
-        def rows(prompts: list[str | None]) -> list[_Row]:
-            made = []
-            for prompt in prompts:
-                embeds = torch.randn(self.embeds_shape, generator=generator) * scale
-                request = GenerationRequest(query_embeds=embeds.numpy(), prompt=prompt, max_tokens=2)
-                made.append(_Row(request=request, input_ids=self.prompt_ids(prompt)))
-            return made
-
-        running, newcomers = rows([None, "Question: what is it? Answer:"]), rows(["a photo of", None])
-        results = []
-        try:
-            for fused in (False, True):
-                cache, mask, logits = self.prefill(running)
-                mask = torch.cat([mask, mask.new_ones(len(running), 1)], dim=1)
-                step, (new_cache, _, new) = self._step_and_prefill(
-                    cache, mask, logits.argmax(-1).tolist(), newcomers, padded=True, fused=fused)
-                keys = torch.cat([layer.keys.flatten() for layer in new_cache.layers])
-                results.append((step.float(), new.float(), keys.float()))
-        except Exception:
-            log.warning("single-forward step and prefill unavailable for this model; two forwards instead",
-                        exc_info=True)
-            return False
-        # Rounding differs with the row count: in float32 by about 1e-6 of the largest value, in 16-bit types
-        # by up to about 1e-2. A mistake in the masks, positions or layer order moves values far more.
-        tolerance = 1e-4 if self.embed_tokens.weight.dtype == torch.float32 else 3e-2
-        matches = all(
-            torch.allclose(a, b, rtol=0.0, atol=tolerance * float(b.abs().max()))
-            for a, b in zip(*results, strict=True)
-        )
-        if not matches:
-            log.warning("single-forward step and prefill differ from this model's forward; two forwards instead")
-        return matches
+            stepped = self._decoder(**self._step_inputs(mask, tokens, padded), **{cache_kwarg: cache})
+            prefilled = self._decoder(**prefill_inputs, **{cache_kwarg: None})
+            last = torch.cat([stepped.last_hidden_state[:, -1], prefilled.last_hidden_state[:, -1]])
+            logits = self.lm.get_output_embeddings()(last)
+        return logits[: len(tokens)], (prefilled.past_key_values, prefill_mask, logits[len(tokens):])
 
     def _decode_attention_mask(self, mask: torch.Tensor, padded: bool) -> torch.Tensor | None:
         """The attention mask of a one-token step, ready for the attention kernel.

@@ -209,24 +209,4 @@ def test_step_and_prefill_equals_a_step_then_a_prefill(stages, sample_images) ->
         assert torch.equal(shared.argmax(-1), alone.argmax(-1))
     for before, after in zip(list(cache.layers) + list(new_cache.layers),
                              list(cache2.layers) + list(shared_cache.layers), strict=True):
-        torch.testing.assert_close(after.keys, before.keys, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(after.values, before.values, rtol=1e-5, atol=1e-5)
-
-
-def test_a_single_forward_that_differs_from_the_models_own_is_not_used(stages, monkeypatch) -> None:
-    from blip2_triton import opt_fused
-
-    language = stages[1]
-    assert language.fused_decoder, "the tiny OPT model should pass the load-time comparison"
-    real = opt_fused._input_hidden
-    # Positions off by one: what a transformers release that changed the position offset would do.
-    monkeypatch.setattr(opt_fused, "_input_hidden",
-                        lambda decoder, embeds, mask, cached, positions: real(decoder, embeds, mask, cached,
-                                                                              positions + 1))
-    assert not language._check_fused()
-
-    def broken(*args, **kwargs):
-        raise TypeError("unexpected keyword argument")
-
-    monkeypatch.setattr(opt_fused, "step_and_prefill", broken)
-    assert not language._check_fused()
+        assert torch.equal(before.keys, after.keys) and torch.equal(before.values, after.values)
