@@ -188,8 +188,9 @@ def test_step_and_prefill_equals_a_step_then_a_prefill(stages, sample_images) ->
     embeds = stages[0].run([ImageRequest(sample_images[n]) for n in names])
     running = [language.prepare(GenerationRequest(query_embeds=e, prompt=PROMPTS[i % 2], max_tokens=8))
                for i, e in enumerate(embeds[:3])]
-    newcomers = [language.prepare(GenerationRequest(query_embeds=e, prompt=PROMPTS[1], max_tokens=8))
-                 for e in embeds[3:5]]
+    # Prompts of different lengths, so the newcomers' prefill is left-padded too.
+    newcomers = [language.prepare(GenerationRequest(query_embeds=e, prompt=prompt, max_tokens=8))
+                 for e, prompt in zip(embeds[3:5], (PROMPTS[1], None), strict=True)]
 
     def running_batch():
         cache, mask, logits = language.prefill(running)
