@@ -63,6 +63,11 @@ class _Row:
     error: InvalidRequestError | None = None
 
 
+def _cache_kwarg(module: torch.nn.Module) -> str:
+    # transformers 5.x renames `past_key_values` to `cache` (the old name goes in 5.40).
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
 def _sampling_overflow(request: GenerationRequest) -> InvalidRequestError:
     return InvalidRequestError(
         f"temperature: sampling overflowed float32 with temperature={request.temperature}, "
@@ -108,9 +113,8 @@ class LanguageStage:
         self.compute = ComputeLock.for_stage(options.compute_lock, str(self.device), options.compute_lock_file)
         configure_attention(str(self.device), cudnn=options.cudnn_attention == "on")
         self.embed_tokens = self.lm.get_input_embeddings()
-        # transformers 5.x renames `past_key_values` to `cache` (the old name goes in 5.40).
         params = inspect.signature(self.lm.forward).parameters
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._cache_kwarg = _cache_kwarg(self.lm)
         # Prefill needs the logits of the last position only; the vocabulary projection of every prompt position
         # would cost more than the rest of the prefill (as HF generate does, when the model supports it).
         self._prefill_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
@@ -121,8 +125,8 @@ class LanguageStage:
         self._decoder: torch.nn.Module | None = None
         if isinstance(self.lm, OPTForCausalLM):
             self._decoder = self.lm.get_decoder()
-            decoder_params = inspect.signature(self._decoder.forward).parameters
-            self._decoder_cache_kwarg = "cache" if "cache" in decoder_params else "past_key_values"
+            self._decoder_cache_kwarg = _cache_kwarg(self._decoder)
+            self._output_projection = self.lm.get_output_embeddings()
 
     @property
     def embeds_shape(self) -> tuple[int, int]:
@@ -359,7 +363,7 @@ class LanguageStage:
             stepped = self._decoder(**self._step_inputs(mask, tokens, padded), **{cache_kwarg: cache})
             prefilled = self._decoder(**prefill_inputs, **{cache_kwarg: None})
             last = torch.cat([stepped.last_hidden_state[:, -1], prefilled.last_hidden_state[:, -1]])
-            logits = self.lm.get_output_embeddings()(last)
+            logits = self._output_projection(last)
         return logits[: len(tokens)], (prefilled.past_key_values, prefill_mask, logits[len(tokens):])
 
     def _decode_attention_mask(self, mask: torch.Tensor, padded: bool) -> torch.Tensor | None:
