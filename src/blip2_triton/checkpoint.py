@@ -26,6 +26,7 @@ from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2V
 
 from .errors import ConfigurationError
 from .options import ServerOptions
+from .packed_linear import PACKABLE_DTYPES, pack_linears
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,8 @@ class LoadedStage:
     dtype: torch.dtype
     parameter_count: int
     parameter_bytes: int
+    # Linear layers running on pre-packed oneDNN weights (`packed_weights`); 0 when HF's own run.
+    packed_layers: int = 0
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:
@@ -218,8 +221,30 @@ def load_stage(stage: str, options: ServerOptions) -> LoadedStage:
         model = model.to(device)
     model.eval()
     count, nbytes = count_parameters(model)
+    packed = _pack_weights(model, stage, options, device, dtype)
     log.info(
-        "stage=%s loaded %s: %d parameters (%d bytes) dtype=%s device=%s quantization=%s",
-        stage, source, count, nbytes, dtype, device, options.quantization,
+        "stage=%s loaded %s: %d parameters (%d bytes) dtype=%s device=%s quantization=%s packed_layers=%d",
+        stage, source, count, nbytes, dtype, device, options.quantization, packed,
     )
-    return LoadedStage(model, processor, model.config, source, device, dtype, count, nbytes)
+    return LoadedStage(model, processor, model.config, source, device, dtype, count, nbytes, packed)
+
+
+def _pack_weights(model: nn.Module, stage: str, options: ServerOptions, device: torch.device,
+                  dtype: torch.dtype) -> int:
+    if options.packed_weights == "off":
+        return 0
+    if device.type != "cpu" or options.quantization != "none" or dtype not in PACKABLE_DTYPES:
+        if options.packed_weights == "on":
+            raise ConfigurationError(
+                "packed_weights=on needs a CPU device, quantization=none and float32 or bfloat16; got "
+                f"device={device.type}, quantization={options.quantization}, dtype={str(dtype).removeprefix('torch.')}"
+            )
+        return 0
+    try:
+        return pack_linears(model)
+    except RuntimeError as e:
+        if options.packed_weights == "on":
+            raise ConfigurationError(f"packed_weights=on: {e}") from e
+        # The server still runs, on HF's own linear layers, only slower on CPU.
+        log.warning("stage=%s: linear layers keep HF's implementation: %s", stage, e)
+        return 0

@@ -37,10 +37,12 @@ ENV_VARS = {
     "compute_lock": "BLIP2_COMPUTE_LOCK",
     "compute_lock_file": "BLIP2_COMPUTE_LOCK_FILE",
     "cudnn_attention": "BLIP2_CUDNN_ATTENTION",
+    "packed_weights": "BLIP2_PACKED_WEIGHTS",
 }
 FAMILIES = ("opt", "t5")
 SCHEDULERS = ("inflight", "static")
 COMPUTE_LOCKS = ("auto", "on", "off")
+PACKED_WEIGHTS = ("auto", "on", "off")
 ON_OFF = ("on", "off")
 
 
@@ -84,11 +86,16 @@ class ServerOptions:
     # layer call on an H200 (blip2-opt-2.7b shapes: 0.27x the static scheduler's req/s, 0.79x without it).
     # The setting is process-wide.
     cudnn_attention: str = "off"
+    # CPU stages: linear layers run on weights packed once for oneDNN (blip2_triton.packed_linear) instead of
+    # being re-packed by every GEMM call. `auto`: wherever it applies (CPU, float32/bfloat16, not quantised) and
+    # passes its load-time check; `on`: refuse to start otherwise.
+    packed_weights: str = "auto"
 
     def validate(self) -> None:
         for name, allowed in (
             ("dtype", DTYPES), ("device", DEVICES), ("quantization", QUANTIZATIONS), ("tiny_family", FAMILIES),
             ("scheduler", SCHEDULERS), ("compute_lock", COMPUTE_LOCKS), ("cudnn_attention", ON_OFF),
+            ("packed_weights", PACKED_WEIGHTS),
         ):
             value = getattr(self, name)
             if value not in allowed:

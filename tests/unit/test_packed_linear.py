@@ -1,0 +1,120 @@
+import pytest
+import torch
+from torch import nn
+
+from blip2_triton import packed_linear
+from blip2_triton.checkpoint import load_stage
+from blip2_triton.errors import ConfigurationError
+from blip2_triton.options import ServerOptions
+from blip2_triton.packed_linear import PackedLinear, pack_linears
+
+
+class QuantisedLike(nn.Linear):
+    """Stands for bitsandbytes' layers: an nn.Linear subclass with its own weight format."""
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 40, bias=False), QuantisedLike(40, 8))
+
+
+def test_packed_layers_compute_what_the_linears_did() -> None:
+    model = _model()
+    x = torch.randn(2, 7, 64)
+    with torch.inference_mode():
+        want = model(x)
+    assert pack_linears(model) == 2
+    assert [type(m).__name__ for m in model] == ["PackedLinear", "GELU", "PackedLinear", "QuantisedLike"]
+    with torch.inference_mode():
+        got = model(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_rows_result_does_not_depend_on_the_batch_size() -> None:
+    # F.linear gives a row other bits at 1-5 rows than at more (checked with torch 2.13 on CPU); the packed
+    # kernel must not, or in-flight results would depend on who else is in the batch.
+    torch.manual_seed(1)
+    layer = PackedLinear(nn.Linear(512, 2048))
+    x = torch.randn(40, 512)
+    with torch.inference_mode():
+        full = layer(x)
+        for rows in (1, 2, 3, 5, 8, 17, 32):
+            assert torch.equal(layer(x[:rows]), full[:rows]), rows
+
+
+def test_weights_stay_readable_and_tied_weights_stay_tied() -> None:
+    embed = nn.Embedding(50, 16)
+    head = nn.Linear(16, 50, bias=False)
+    head.weight = embed.weight
+    model = nn.ModuleDict({"embed": embed, "head": head})
+    pack_linears(model)
+    assert isinstance(model["head"], PackedLinear)
+    assert model["head"].weight is model["embed"].weight
+    assert set(model.state_dict()) == {"embed.weight", "head.weight"}
+
+
+def test_a_failed_check_leaves_the_model_unchanged(monkeypatch) -> None:
+    model = _model()
+    # A tolerance that no output meets stands for a kernel that computes something else.
+    monkeypatch.setitem(packed_linear._CHECK_RTOL, torch.float32, -1.0)
+    with pytest.raises(RuntimeError, match=r"failed its check on a \(96, 64\) layer: .*differs from F\.linear"):
+        pack_linears(model)
+    assert [type(m) for m in model][:3] == [nn.Linear, nn.GELU, nn.Linear]
+
+
+def test_float16_layers_are_left_alone() -> None:
+    model = nn.Sequential(nn.Linear(8, 8)).half()
+    assert pack_linears(model) == 0
+    assert type(model[0]) is nn.Linear
+
+
+@pytest.mark.parametrize("stage", ["vision", "llm"])
+def test_cpu_stages_load_with_packed_weights_by_default(tiny_model_dir, stage: str) -> None:
+    loaded = load_stage(stage, ServerOptions(model_id=str(tiny_model_dir), device="cpu"))
+    linears = [m for m in loaded.model.modules() if isinstance(m, nn.Linear | PackedLinear)]
+    assert loaded.packed_layers == len(linears) > 0
+    assert all(isinstance(m, PackedLinear) for m in linears)
+    off = load_stage(stage, ServerOptions(model_id=str(tiny_model_dir), device="cpu", packed_weights="off"))
+    assert off.packed_layers == 0
+    assert not any(isinstance(m, PackedLinear) for m in off.model.modules())
+    # Same parameters either way: the packed copy is not a parameter, and counts are taken before packing.
+    assert (loaded.parameter_count, loaded.parameter_bytes) == (off.parameter_count, off.parameter_bytes)
+
+
+def test_packed_llm_stage_matches_hf_linears_on_a_prompt(tiny_model_dir) -> None:
+    packed = load_stage("llm", ServerOptions(model_id=str(tiny_model_dir), device="cpu")).model.language_model
+    plain = load_stage("llm", ServerOptions(model_id=str(tiny_model_dir), device="cpu", packed_weights="off"))
+    ids = torch.tensor([[2, 31, 7, 19, 4, 11]])
+    with torch.inference_mode():
+        want = plain.model.language_model(input_ids=ids).logits
+        got = packed(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"dtype": "float16"}, "device=cpu, quantization=none, dtype=float16"),
+        ({"quantization": "8bit"}, "device=cpu, quantization=8bit, dtype=float32"),
+    ],
+)
+def test_packed_weights_on_refuses_what_it_cannot_pack(tiny_model_dir, options: dict[str, str],
+                                                        message: str) -> None:
+    if options.get("quantization", "none") != "none":
+        pytest.importorskip("bitsandbytes")
+    with pytest.raises(ConfigurationError, match=f"packed_weights=on needs .*; got {message}"):
+        load_stage("vision", ServerOptions(model_id=str(tiny_model_dir), device="cpu", packed_weights="on",
+                                           **options))
+
+
+def test_auto_skips_float16_quietly(tiny_model_dir) -> None:
+    loaded = load_stage("vision", ServerOptions(model_id=str(tiny_model_dir), device="cpu", dtype="float16"))
+    assert loaded.packed_layers == 0
+
+
+def test_packed_weights_option_is_validated() -> None:
+    with pytest.raises(ConfigurationError, match="packed_weights must be one of auto, on, off, got 'yes'"):
+        ServerOptions.resolve({}, env={"BLIP2_PACKED_WEIGHTS": "yes"})
+    assert ServerOptions.resolve({}, env={"BLIP2_PACKED_WEIGHTS": "off"}).packed_weights == "off"
+
