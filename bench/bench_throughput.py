@@ -9,6 +9,9 @@ dir) and measures requests/s and p50/p99 latency at each concurrency for:
   a           sequential in-process HF `generate`, one request at a time (c clients queue on one lock)
   b           in-process batched upper bound: VisionStage + LanguageStage called directly, batch size = c
   c_static    the served `blip2` ensemble, BLIP2_SCHEDULER=static (each dynamic batch generated to completion)
+  c_static_turns  c_static with BLIP2_COMPUTE_LOCK=on (stages take turns on all cores; vqa_mixed only): the
+              static scheduler's better setting at low concurrency. Targets compare in-flight with the better
+              of the two static points at each concurrency.
   d_inflight  the served ensemble, BLIP2_SCHEDULER=inflight
   d_nocache   d_inflight with BLIP2_EMBEDDING_CACHE_BYTES=0 (repeated-image workload only)
 
@@ -51,7 +54,7 @@ import random_blip2
 
 REPO = Path(__file__).resolve().parents[1]
 WORKLOADS = ("captions", "vqa_mixed", "repeated")
-MODES = ("a", "b", "c_static", "d_inflight", "d_nocache")
+MODES = ("a", "b", "c_static", "c_static_turns", "d_inflight", "d_nocache")
 QUESTIONS = (
     "Question: what color is the car? Answer:",
     "Question: how many people are in the picture? Answer:",
@@ -520,6 +523,7 @@ def vision_cache_probe_inprocess(model_dir: Path, workloads: Workloads, k: int) 
 
 SERVERS = {
     "c_static": {"BLIP2_SCHEDULER": "static"},
+    "c_static_turns": {"BLIP2_SCHEDULER": "static", "BLIP2_COMPUTE_LOCK": "on"},
     "d_inflight": {"BLIP2_SCHEDULER": "inflight"},
     "d_nocache": {"BLIP2_SCHEDULER": "inflight", "BLIP2_EMBEDDING_CACHE_BYTES": "0"},
 }
@@ -769,7 +773,8 @@ def throughput_ratios(points: list[Point], top: int, *, whole_run: bool) -> dict
     b = best(points, "b", "captions", whole_run=whole_run)
     s_top = best(points, served, "captions", top, whole_run=whole_run)
     s_any = best(points, served, "captions", whole_run=whole_run)
-    c_mix, d_mix = find(points, "c_static", "vqa_mixed", top), find(points, "d_inflight", "vqa_mixed", top)
+    c_mix = best(points, "c_static", "vqa_mixed", top, whole_run=whole_run)
+    d_mix = find(points, "d_inflight", "vqa_mixed", top)
     suffix = "_whole_run" if whole_run else ""
     out: dict[str, Any] = {
         f"served_c32_over_a{suffix}": {
@@ -791,8 +796,8 @@ def throughput_ratios(points: list[Point], top: int, *, whole_run: bool) -> dict
 
 
 def compare_mixed(c: Point, d: Point, *, whole_run: bool = False) -> dict[str, Any]:
-    """d_inflight vs c_static at one concurrency. Steady figures only when both points have them: a steady
-    figure over a whole-run one would compare a sustained rate with a burst."""
+    """d_inflight vs a static point (c_static or c_static_turns) at one concurrency. Steady figures only when
+    both points have them: a steady figure over a whole-run one would compare a sustained rate with a burst."""
     run = whole_run or not (c.steady and d.steady)
     (c_rps, c_p50, c_p99), (d_rps, d_p50, d_p99) = c.figures(whole_run=run), d.figures(whole_run=run)
     return {
@@ -801,6 +806,7 @@ def compare_mixed(c: Point, d: Point, *, whole_run: bool = False) -> dict[str, A
         "p99_lower": round(d_p99) < round(c_p99),
         "p50_ms": {"c_static": round(c_p50), "d_inflight": round(d_p50)},
         "figures": "whole run" if run else "steady window",
+        "static_mode": c.mode,
     }
 
 
@@ -814,7 +820,7 @@ def ratios(points: list[Point], probes: dict[str, Any], top: int,
         "d_over_c_mixed_by_concurrency": {
             str(c): compare_mixed(cs, d)
             for c in sorted({p.concurrency for p in points})
-            if (cs := find(points, "c_static", "vqa_mixed", c)) and (d := find(points, "d_inflight", "vqa_mixed", c))
+            if (cs := best(points, "c_static", "vqa_mixed", c)) and (d := find(points, "d_inflight", "vqa_mixed", c))
         },
         "mixed_p99_at_equal_offered_rate": [
             {
@@ -852,9 +858,9 @@ def repeated_gain(cache: Point | None, no_cache: Point | None, top: int) -> dict
 
 
 def print_table(points: list[Point]) -> None:
-    print(f"\n{'workload':<10} {'mode':<11} {'c':>3} {'n':>4} {'req/s':>7} {'tok/s':>7} {'p50 ms':>8} {'p99 ms':>8}")
+    print(f"\n{'workload':<10} {'mode':<14} {'c':>3} {'n':>4} {'req/s':>7} {'tok/s':>7} {'p50 ms':>8} {'p99 ms':>8}")
     for p in sorted(points, key=lambda p: (WORKLOADS.index(p.workload), MODES.index(p.mode), p.concurrency)):
-        print(f"{p.workload:<10} {p.mode:<11} {p.concurrency:>3} {p.requests:>4} {p.rps:>7.2f} "
+        print(f"{p.workload:<10} {p.mode:<14} {p.concurrency:>3} {p.requests:>4} {p.rps:>7.2f} "
               f"{p.tokens_per_s:>7.1f} {p.p50_ms:>8.0f} {p.p99_ms:>8.0f}")
 
 
@@ -1061,7 +1067,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def note(point: Point) -> None:
         points.append(point)
-        print(f"  {point.mode:<11} {point.workload:<10} c={point.concurrency:<3} n={point.requests:<4} "
+        print(f"  {point.mode:<14} {point.workload:<10} c={point.concurrency:<3} n={point.requests:<4} "
               f"{point.rps:6.2f} req/s  p50 {point.p50_ms:7.0f} ms  p99 {point.p99_ms:7.0f} ms  "
               f"load {point.load_1m:.1f}", flush=True)
 
@@ -1099,7 +1105,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for mode, server_env in SERVERS.items():
         if mode not in args.modes:
             continue
-        mode_workloads = ["repeated"] if mode == "d_nocache" else args.workloads
+        mode_workloads = {"d_nocache": ["repeated"], "c_static_turns": ["vqa_mixed"]}.get(mode, args.workloads)
         mode_workloads = [w for w in mode_workloads if w in args.workloads]
         if not mode_workloads:
             continue
@@ -1112,7 +1118,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 # Warm-up: the first requests of a fresh process pay one-off costs (allocations, lazy init).
                 closed_loop(served, workloads.requests("captions", 2 * min(8, max(args.concurrency))),
                             min(8, max(args.concurrency)))
-                if mode != "d_nocache" and args.probe_images:
+                if mode in ("c_static", "d_inflight") and args.probe_images:
                     probe = vision_cache_probe_served(served, workloads, args.probe_images)
                     probes.setdefault("served_vision_cache_by_mode", {})[mode] = probe
                     probes.setdefault("served_vision_cache", probe)
@@ -1140,7 +1146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         consistency.record(mode, reqs, texts)
                         op = make_open_point(mode, "vqa_mixed", rate, reqs, lat, secs)
                         open_points.append(op)
-                        print(f"  {mode:<11} vqa_mixed  open loop {op.offered_rps:5.2f} req/s  n={op.requests:<4} "
+                        print(f"  {mode:<14} vqa_mixed  open loop {op.offered_rps:5.2f} req/s  n={op.requests:<4} "
                               f"p50 {op.p50_ms:7.0f} ms  p99 {op.p99_ms:7.0f} ms"
                               f"{'  SATURATED' if op.saturated else ''}", flush=True)
                 probes.setdefault("server_metrics", {})[mode] = custom_metrics(srv.metrics_url)

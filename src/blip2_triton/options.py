@@ -38,6 +38,7 @@ ENV_VARS = {
     "compute_lock_file": "BLIP2_COMPUTE_LOCK_FILE",
     "cudnn_attention": "BLIP2_CUDNN_ATTENTION",
     "packed_weights": "BLIP2_PACKED_WEIGHTS",
+    "cpu_threads": "BLIP2_CPU_THREADS",
 }
 FAMILIES = ("opt", "t5")
 SCHEDULERS = ("inflight", "static")
@@ -77,7 +78,8 @@ class ServerOptions:
     max_kv_tokens: int = 65536
     # Vision-stage image-embedding cache budget (blip2_triton.embedding_cache); 0 disables it.
     embedding_cache_bytes: int = 256 * 1024 * 1024
-    # Stage processes take turns for forward passes (blip2_triton.compute_lock); `auto`: on CPU devices only.
+    # `on`: stage processes take turns for forward passes, each on all cores; `auto`/`off`: they overlap, and on
+    # CPU each gets its share of the cores (blip2_triton.compute_lock).
     compute_lock: str = "auto"
     # Shared by every stage process of a host; empty: blip2-triton-compute-<uid>.lock in the temp directory.
     compute_lock_file: str = ""
@@ -90,6 +92,8 @@ class ServerOptions:
     # being re-packed by every GEMM call. `auto`: wherever it applies (CPU, float32/bfloat16, not quantised) and
     # passes its load-time check; `on`: refuse to start otherwise.
     packed_weights: str = "auto"
+    # torch threads of a stage process; 0: automatic (blip2_triton.compute_lock.stage_threads).
+    cpu_threads: int = 0
 
     def validate(self) -> None:
         for name, allowed in (
@@ -104,6 +108,8 @@ class ServerOptions:
                      "max_prompt_tokens", "max_beam_width", "max_active_sequences", "max_kv_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.cpu_threads < 0:
+            raise ConfigurationError(f"cpu_threads must be >= 0 (0: automatic), got {self.cpu_threads}")
         if self.default_max_tokens > self.max_max_tokens:
             raise ConfigurationError(
                 f"default_max_tokens ({self.default_max_tokens}) exceeds max_max_tokens ({self.max_max_tokens})"

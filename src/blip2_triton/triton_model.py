@@ -38,6 +38,7 @@ class StageModel:
         configure_logging()
         config = json.loads(args["model_config"])
         self.options = ServerOptions.resolve(parameters_from_model_config(config))
+        self._set_threads(args.get("model_name", ""))
         self.load(self.options)
         count, nbytes = self.parameter_stats()
         log.info("%s: model instance ready, %d parameters, %d bytes", args.get("model_name"), count, nbytes)
@@ -48,6 +49,19 @@ class StageModel:
         )
         self._metric_family = family
         family.Metric(labels={"stage": self.stage_name, "model": args.get("model_name", "")}).set(count)
+
+    def _set_threads(self, model_name: str) -> None:
+        # Before loading: packing weights and the warm-up already run on the pool they will serve with.
+        import torch
+
+        from .checkpoint import resolve_device
+        from .compute_lock import stage_threads
+
+        threads = stage_threads(self.options, str(resolve_device(self.options.device)))
+        if threads is not None:
+            torch.set_num_threads(threads)
+        log.info("%s: %d torch threads (compute_lock=%s)", model_name, torch.get_num_threads(),
+                 self.options.compute_lock)
 
     def load(self, options: ServerOptions) -> None:
         raise NotImplementedError

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from blip2_triton.compute_lock import ComputeLock
+from blip2_triton.compute_lock import ComputeLock, available_cores, stage_threads
 from blip2_triton.errors import ConfigurationError
 from blip2_triton.options import ServerOptions
 
@@ -91,10 +92,11 @@ def test_waiters_take_turns_with_a_tight_loop(tmp_path: Path) -> None:
         t.join()
 
 
-def test_auto_turns_it_on_for_cpu_only(tmp_path: Path) -> None:
+def test_only_on_takes_turns(tmp_path: Path) -> None:
     path = str(tmp_path / "lock")
-    assert ComputeLock.for_stage("auto", "cpu", path).enabled
+    assert not ComputeLock.for_stage("auto", "cpu", path).enabled
     assert not ComputeLock.for_stage("auto", "cuda:0", path).enabled
+    assert ComputeLock.for_stage("on", "cpu", path).enabled
     assert ComputeLock.for_stage("on", "cuda:0", path).enabled
     assert not ComputeLock.for_stage("off", "cpu", path).enabled
     with ComputeLock(None):  # disabled: a no-op context
@@ -113,3 +115,38 @@ def test_option_is_validated_and_read_from_the_environment() -> None:
     assert ServerOptions.resolve({}, env={"BLIP2_COMPUTE_LOCK": "off"}).compute_lock == "off"
     with pytest.raises(ConfigurationError, match="compute_lock must be one of auto, on, off"):
         ServerOptions.resolve({"compute_lock": "sometimes"}, env={})
+
+
+@pytest.mark.parametrize(
+    ("options", "device", "env", "threads"),
+    [
+        ({}, "cpu", {}, 4),  # the default: the two stages split 8 cores
+        ({"compute_lock": "off"}, "cpu", {}, 4),
+        ({"compute_lock": "on"}, "cpu", {}, None),  # taking turns, each on torch's full pool
+        ({}, "cuda", {}, None),
+        ({}, "cpu", {"OMP_NUM_THREADS": "3"}, None),  # the operator's own choice stands
+        ({"cpu_threads": 6}, "cpu", {"OMP_NUM_THREADS": "3"}, 6),
+        ({"cpu_threads": 2, "compute_lock": "on"}, "cuda", {}, 2),
+    ],
+)
+def test_stage_threads(options: dict[str, object], device: str, env: dict[str, str], threads: int | None) -> None:
+    assert stage_threads(ServerOptions(**options), device, cores=8, env=env) == threads  # type: ignore[arg-type]
+
+
+def test_one_core_still_gets_a_thread() -> None:
+    assert stage_threads(ServerOptions(), "cpu", cores=1, env={}) == 1
+
+
+@pytest.mark.parametrize(("cpu_max", "cores"), [("250000 100000", 3), ("50000 100000", 1), ("max 100000", None),
+                                                ("garbage", None)])
+def test_a_cgroup_cpu_limit_caps_the_cores(tmp_path: Path, cpu_max: str, cores: int | None) -> None:
+    (tmp_path / "cpu.max").write_text(cpu_max + "\n")
+    affinity = len(os.sched_getaffinity(0))
+    assert available_cores(tmp_path / "cpu.max") == min(affinity, cores or affinity)
+    assert available_cores(tmp_path / "missing") == affinity
+
+
+def test_cpu_threads_option_is_validated() -> None:
+    assert ServerOptions.resolve({}, env={"BLIP2_CPU_THREADS": "3"}).cpu_threads == 3
+    with pytest.raises(ConfigurationError, match=r"cpu_threads must be >= 0 \(0: automatic\), got -1"):
+        ServerOptions.resolve({"cpu_threads": "-1"}, env={})
