@@ -8,11 +8,11 @@ the LLM engine, 45-53 ms alone). Two ways out:
 * **Split** (`compute_lock=auto` or `off`, the default): each stage process gets its own share of the cores
   (`stage_threads`: half of them, as an ensemble has two computing stages) and the stages overlap. The in-flight
   engine steps all the time and the vision stage computes whenever images arrive, so this keeps both busy.
-  Measured on 2 cores with packed weights (c=32, mixed 4/48-token VQA): in-flight 14.6-15.1 req/s split against
-  12.0 taking turns; the static scheduler 12.7 against 11.1.
+  Measured on 2 cores with packed weights (c=32, mixed 4/48-token VQA): in-flight 14.0-15.1 req/s split against
+  12.0-12.1 taking turns; the static scheduler 9.7-12.5 against 9.9-11.1.
 * **Turns** (`compute_lock=on`): every forward pass takes a host-wide lock and runs on all cores. Better where one
-  stage idles while the other computes, as with the static scheduler at low concurrency (c=8: 5.5 against 4.2
-  req/s split).
+  stage idles while the other computes, as with one request at a time (captions at c=1: 290-339 ms against
+  396-478 ms split).
 
 The lock is an advisory file lock (`flock`) that every stage process of the host opens. A second "entry" lock
 makes it fair: a waiter holds the entry lock while it waits, so the process that just released the compute lock

@@ -118,3 +118,16 @@ def test_packed_weights_option_is_validated() -> None:
         ServerOptions.resolve({}, env={"BLIP2_PACKED_WEIGHTS": "yes"})
     assert ServerOptions.resolve({}, env={"BLIP2_PACKED_WEIGHTS": "off"}).packed_weights == "off"
 
+
+
+def test_bfloat16_layers_are_packed_and_checked(tiny_model_dir) -> None:
+    options = ServerOptions(model_id=str(tiny_model_dir), device="cpu", dtype="bfloat16")
+    packed = load_stage("llm", options)
+    plain = load_stage("llm", ServerOptions(model_id=str(tiny_model_dir), device="cpu", dtype="bfloat16",
+                                            packed_weights="off"))
+    assert packed.packed_layers > 0
+    ids = torch.tensor([[2, 31, 7, 19, 4, 11]])
+    with torch.inference_mode():
+        want = plain.model.language_model(input_ids=ids).logits.float()
+        got = packed.model.language_model(input_ids=ids).logits.float()
+    torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-2 * want.abs().max().item())
