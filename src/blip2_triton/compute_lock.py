@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import math
 import os
 import tempfile
 import threading
@@ -53,7 +52,7 @@ class ComputeLock:
             self._fds = (entry, compute)
 
     @classmethod
-    def for_stage(cls, setting: str, device: str, lock_file: str = "") -> ComputeLock:
+    def for_stage(cls, setting: str, lock_file: str = "") -> ComputeLock:
         """`setting` is on/off/auto; only `on` takes turns (auto: the stages split the cores instead)."""
         if setting != "on":
             return cls(None)
@@ -63,8 +62,9 @@ class ComputeLock:
             log.info("compute lock on: forward passes take turns with the host's other stages (%s)", path)
             return lock
         except OSError as e:
-            # A read-only or missing temp dir must not stop the server; it only loses the CPU scheduling gain.
-            log.warning("compute lock disabled: cannot open %s (%s)", path, e)
+            # A read-only or missing temp dir must not stop the server, but each stage then runs on every core.
+            log.warning("compute lock disabled: cannot open %s (%s); the stages will overlap on all cores, "
+                        "set BLIP2_COMPUTE_LOCK_FILE to a writable path or BLIP2_COMPUTE_LOCK=auto", path, e)
             return cls(None)
 
     @property
@@ -107,36 +107,61 @@ class ComputeLock:
             self._fds = None
 
 
-# The computing stages of one ensemble (vision, LLM); the stream front end only forwards.
-COMPUTING_STAGES = 2
-_CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+_CGROUP_V2 = Path("/sys/fs/cgroup/cpu.max")
+_CGROUP_V1 = Path("/sys/fs/cgroup/cpu")
 
 
-def available_cores(cpu_max: Path = _CGROUP_CPU_MAX) -> int:
-    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a Kubernetes CPU limit).
+def _cgroup_limit(v2: Path, v1: Path) -> int | None:
+    """Whole cores a cgroup CPU quota allows (rounded down: a 3.5-CPU limit runs 3 threads unthrottled)."""
+    try:
+        if v2.exists():
+            quota, period = v2.read_text().split()[:2]
+        else:
+            quota = (v1 / "cpu.cfs_quota_us").read_text().strip()
+            period = (v1 / "cpu.cfs_period_us").read_text().strip()
+        if quota == "max" or int(quota) <= 0 or int(period) <= 0:
+            return None
+        return max(1, int(quota) // int(period))
+    except (OSError, ValueError):
+        return None
+
+
+def available_cores(cgroup_v2: Path = _CGROUP_V2, cgroup_v1: Path = _CGROUP_V1) -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup CPU quota (a Kubernetes `limits.cpu`).
 
     torch sizes its pool from the host's cores, which in a pod limited to 4 CPUs on a 64-core node is 16x too many.
+    Only the process's own cgroup is read (`/sys/fs/cgroup` as containers mount it), not quotas set on ancestors.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        quota, period = cpu_max.read_text().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, cores)
+    limit = _cgroup_limit(cgroup_v2, cgroup_v1)
+    return max(1, min(cores, limit) if limit else cores)
 
 
 def stage_threads(options: ServerOptions, device: str, *, cores: int | None = None,
                   env: dict[str, str] | None = None) -> int | None:
     """torch threads for one stage process, or None to leave torch's default.
 
-    An explicit `cpu_threads` wins. Otherwise a CPU stage whose forward passes do not take turns gets its share of
-    the cores; `OMP_NUM_THREADS`, when set, is taken as the operator's own choice.
+    An explicit `cpu_threads` wins, and a set `OMP_NUM_THREADS` is taken as the operator's own choice. Otherwise a
+    CPU stage takes every usable core when the stages take turns (`compute_lock=on`), and its share of them
+    (`cpu_stages` computing stage processes on the host) when they overlap.
     """
     if options.cpu_threads > 0:
         return options.cpu_threads
     environ = os.environ if env is None else env
-    if not str(device).startswith("cpu") or options.compute_lock == "on" or environ.get("OMP_NUM_THREADS"):
+    if not str(device).startswith("cpu") or environ.get("OMP_NUM_THREADS"):
         return None
-    return max(1, (available_cores() if cores is None else cores) // COMPUTING_STAGES)
+    usable = available_cores() if cores is None else cores
+    return usable if options.compute_lock == "on" else max(1, usable // options.cpu_stages)
+
+
+def oversubscription(options: ServerOptions, device: str, threads: int, *, cores: int | None = None) -> str | None:
+    """Why the stages' threads will exceed the cores while they overlap, or None."""
+    if not str(device).startswith("cpu") or options.compute_lock == "on":
+        return None
+    usable = available_cores() if cores is None else cores
+    # One thread each is the least there is; more than the fair share is what oversubscribes.
+    if threads <= max(1, usable // options.cpu_stages):
+        return None
+    return (f"{options.cpu_stages} stage processes x {threads} torch threads on {usable} cores: the stages "
+            "overlap (compute_lock is not on) and will oversubscribe the cores; set BLIP2_CPU_THREADS (or unset "
+            "OMP_NUM_THREADS), or BLIP2_COMPUTE_LOCK=on")

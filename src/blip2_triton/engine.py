@@ -182,9 +182,9 @@ class InflightEngine:
                 self._guarded(self._drop_cancelled)
                 self._flush()
                 busy = bool(self._active or self._waiting)
-                # One iteration (prefill of newcomers + one decoding step) is one turn of the stage's compute
-                # lock on CPU hosts; the vision stage computes between turns. (Longer turns of several steps
-                # measured no better on 2 cores: 10.5 vs 10.8 req/s at 100 ms.)
+                # One iteration (prefill of newcomers + one decoding step) is one turn of the compute lock when
+                # the stages take turns (BLIP2_COMPUTE_LOCK=on); the vision stage computes between turns. (Longer
+                # turns of several steps measured no better on 2 cores: 10.5 vs 10.8 req/s at 100 ms.)
                 with self.compute if busy else contextlib.nullcontext(), torch.inference_mode():
                     self._guarded(self._iteration)
                 self._flush()

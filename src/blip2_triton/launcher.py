@@ -260,6 +260,10 @@ class TritonServer:
                 env[env_var(name, "BLIP2_T5_")] = value
         if self.t5_model_id is not None:
             env[env_var("model_id", "BLIP2_T5_")] = self.t5_model_id
+        if self.with_t5:
+            # Four computing stage processes (two per family) share the cores, unless the operator said otherwise.
+            for prefix in ("BLIP2_", "BLIP2_T5_"):
+                env.setdefault(env_var("cpu_stages", prefix), "4")
         env.update(self.extra_env)
         return env
 

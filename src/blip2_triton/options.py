@@ -39,6 +39,7 @@ ENV_VARS = {
     "cudnn_attention": "BLIP2_CUDNN_ATTENTION",
     "packed_weights": "BLIP2_PACKED_WEIGHTS",
     "cpu_threads": "BLIP2_CPU_THREADS",
+    "cpu_stages": "BLIP2_CPU_STAGES",
 }
 FAMILIES = ("opt", "t5")
 SCHEDULERS = ("inflight", "static")
@@ -94,6 +95,8 @@ class ServerOptions:
     packed_weights: str = "auto"
     # torch threads of a stage process; 0: automatic (blip2_triton.compute_lock.stage_threads).
     cpu_threads: int = 0
+    # Computing stage processes sharing the host's cores (vision + LLM; the launcher says 4 with FlanT5 beside OPT).
+    cpu_stages: int = 2
 
     def validate(self) -> None:
         for name, allowed in (
@@ -105,7 +108,7 @@ class ServerOptions:
             if value not in allowed:
                 raise ConfigurationError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         for name in ("default_max_tokens", "max_max_tokens", "max_image_bytes", "max_image_pixels",
-                     "max_prompt_tokens", "max_beam_width", "max_active_sequences", "max_kv_tokens"):
+                     "max_prompt_tokens", "max_beam_width", "max_active_sequences", "max_kv_tokens", "cpu_stages"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.cpu_threads < 0:

@@ -7,9 +7,14 @@ and a 17-row decoding step fell from 34 to 16 ms. Large-row GEMMs (the vision st
 about 10%.
 
 The packed kernel rounds differently from `F.linear` (differences of about 1e-6 relative), the same kind of
-float noise as batching itself: `F.linear` already gives a row other bits at 1-5 rows than at 6 or more, so a
-batched server never matched HF's one-request `generate` bit for bit. The packed kernel gives a row the same bits
-whatever the batch size.
+float noise as batching itself: on the benchmark host `F.linear` gives a row other bits at 1-5 rows than at 6 or
+more, so a batched server never matched HF's one-request `generate` bit for bit.
+
+Memory: the packed copy replaces the dense weight, which is kept only where another module shares it (OPT's
+output projection is tied to its input embeddings, so that one costs a second copy). Elsewhere `weight` becomes a
+placeholder on the `meta` device with the original shape and dtype: HF code reads layers' weight dtypes, and any
+attempt to compute with it fails loudly instead of silently. Weights are frozen after load: the packed copy does not
+follow later changes to `weight`.
 
 `torch.ops.mkldnn._linear_pointwise` and `_reorder_linear_weight` are the operators `torch.compile` emits for
 frozen CPU linears; they are internal, so the packing checks itself against `F.linear` on the model's own layers
@@ -33,17 +38,22 @@ _CHECK_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
 class PackedLinear(nn.Module):
-    """Drop-in for an `nn.Linear` on CPU. Keeps `weight` and `bias`, so code that reads them (dtype checks in
-    HF models, tied embeddings, `state_dict`) behaves as before; the forward pass uses the packed copy."""
+    """Drop-in for an `nn.Linear` on CPU; the forward pass uses the packed copy of the weight.
 
-    def __init__(self, linear: nn.Linear) -> None:
+    `shared`: another module uses the same weight tensor (tied embeddings), so it stays as it is; otherwise it is
+    replaced by a `meta` placeholder of the same shape and dtype, freeing its memory.
+    """
+
+    def __init__(self, linear: nn.Linear, *, shared: bool = True) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight
-        self.bias = linear.bias
+        self.train(linear.training)
         with torch.no_grad():
             # A plain attribute, not a buffer: an opaque oneDNN tensor has no place in state_dict or `.to()`.
             self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
+        self.weight = linear.weight if shared else nn.Parameter(
+            torch.empty_like(linear.weight, device="meta"), requires_grad=False)
+        self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.detach()
@@ -58,7 +68,7 @@ def packable(module: nn.Module) -> bool:
     if type(module) is not nn.Linear:
         return False
     w = module.weight
-    return w.device.type == "cpu" and w.dtype in PACKABLE_DTYPES and w.dim() == 2 and not w.is_meta
+    return w.device.type == "cpu" and w.dtype in PACKABLE_DTYPES and w.dim() == 2 and w.is_contiguous()
 
 
 def _check(linear: nn.Linear, packed: PackedLinear) -> str | None:
@@ -67,7 +77,7 @@ def _check(linear: nn.Linear, packed: PackedLinear) -> str | None:
     x = torch.randn(3, 5, linear.in_features, generator=generator).to(linear.weight.dtype)
     with torch.inference_mode():
         want = F.linear(x, linear.weight, linear.bias).float()
-        got = packed(x).float()
+        got = torch.ops.mkldnn._linear_pointwise(x, packed.packed, linear.bias, "none", [], "").float()
     if got.shape != want.shape:
         return f"packed output shape {tuple(got.shape)}, expected {tuple(want.shape)}"
     scale = want.abs().max().item() or 1.0
@@ -87,13 +97,21 @@ def pack_linears(model: nn.Module) -> int:
                if packable(child)]
     if not targets:
         return 0
+    # How many places hold each weight tensor: a linear listed under two parents counts once, a weight tied to
+    # another module (embeddings) counts twice and must keep its dense copy.
+    holders: dict[int, set[int]] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            holders.setdefault(id(param), set()).add(id(module))
+    unique = {id(child): child for _, _, child in targets}
     try:
-        replacements = {id(child): PackedLinear(child) for _, _, child in targets}  # type: ignore[arg-type]
+        replacements = {key: PackedLinear(child, shared=len(holders.get(id(child.weight), ())) > 1)  # type: ignore[arg-type]
+                        for key, child in unique.items()}
     except (AttributeError, RuntimeError, NotImplementedError) as e:
         raise RuntimeError(f"oneDNN weight packing is not available in this torch build ({e})") from e
     # One check per shape and dtype covers every layer of it: the packing does not depend on the values.
     checked: set[tuple[torch.Size, torch.dtype, bool]] = set()
-    for _, _, child in targets:
+    for child in unique.values():
         key = (child.weight.shape, child.weight.dtype, child.bias is not None)
         if key in checked:
             continue
@@ -104,4 +122,4 @@ def pack_linears(model: nn.Module) -> int:
                                f"{problem}")
     for parent, name, child in targets:
         setattr(parent, name, replacements[id(child)])
-    return len(targets)
+    return len(unique)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -55,13 +56,18 @@ class StageModel:
         import torch
 
         from .checkpoint import resolve_device
-        from .compute_lock import stage_threads
+        from .compute_lock import oversubscription, stage_threads
 
-        threads = stage_threads(self.options, str(resolve_device(self.options.device)))
+        device = str(resolve_device(self.options.device))
+        threads = stage_threads(self.options, device)
         if threads is not None:
             torch.set_num_threads(threads)
-        log.info("%s: %d torch threads (compute_lock=%s)", model_name, torch.get_num_threads(),
-                 self.options.compute_lock)
+        log.info("%s: %d torch threads (compute_lock=%s, cpu_threads=%s, cpu_stages=%d, OMP_NUM_THREADS=%s)",
+                 model_name, torch.get_num_threads(), self.options.compute_lock, self.options.cpu_threads or "auto",
+                 self.options.cpu_stages, os.environ.get("OMP_NUM_THREADS", "unset"))
+        problem = oversubscription(self.options, device, torch.get_num_threads())
+        if problem is not None:
+            log.warning("%s: %s", model_name, problem)
 
     def load(self, options: ServerOptions) -> None:
         raise NotImplementedError

@@ -98,7 +98,7 @@ class VisionStage:
         self.num_query_tokens = int(config.num_query_tokens)
         self.output_width = int(config.text_config.hidden_size)
         self.cache = EmbeddingCache(options.embedding_cache_bytes, self.model_identity)
-        self.compute = ComputeLock.for_stage(options.compute_lock, str(self.loaded.device), options.compute_lock_file)
+        self.compute = ComputeLock.for_stage(options.compute_lock, options.compute_lock_file)
         if self.cache.enabled:
             log.info("embedding cache: up to %d bytes", self.cache.max_bytes)
 

@@ -1,4 +1,5 @@
-"""The cross-process compute lock that makes CPU stage processes take turns (`blip2_triton.compute_lock`)."""
+"""How CPU stage processes share the cores (`blip2_triton.compute_lock`): the cross-process lock that makes them
+take turns (`compute_lock=on`), and the thread counts that split the cores when they overlap (the default)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from blip2_triton.compute_lock import ComputeLock, available_cores, stage_threads
+from blip2_triton.compute_lock import ComputeLock, available_cores, oversubscription, stage_threads
 from blip2_triton.errors import ConfigurationError
 from blip2_triton.options import ServerOptions
 
@@ -94,11 +95,9 @@ def test_waiters_take_turns_with_a_tight_loop(tmp_path: Path) -> None:
 
 def test_only_on_takes_turns(tmp_path: Path) -> None:
     path = str(tmp_path / "lock")
-    assert not ComputeLock.for_stage("auto", "cpu", path).enabled
-    assert not ComputeLock.for_stage("auto", "cuda:0", path).enabled
-    assert ComputeLock.for_stage("on", "cpu", path).enabled
-    assert ComputeLock.for_stage("on", "cuda:0", path).enabled
-    assert not ComputeLock.for_stage("off", "cpu", path).enabled
+    assert not ComputeLock.for_stage("auto", path).enabled
+    assert ComputeLock.for_stage("on", path).enabled
+    assert not ComputeLock.for_stage("off", path).enabled
     with ComputeLock(None):  # disabled: a no-op context
         pass
 
@@ -106,7 +105,7 @@ def test_only_on_takes_turns(tmp_path: Path) -> None:
 def test_an_unusable_lock_file_disables_the_lock_instead_of_failing(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
-    lock = ComputeLock.for_stage("on", "cpu", str(blocker / "lock"))  # a path below a regular file
+    lock = ComputeLock.for_stage("on", str(blocker / "lock"))  # a path below a regular file
     assert not lock.enabled
 
 
@@ -122,7 +121,8 @@ def test_option_is_validated_and_read_from_the_environment() -> None:
     [
         ({}, "cpu", {}, 4),  # the default: the two stages split 8 cores
         ({"compute_lock": "off"}, "cpu", {}, 4),
-        ({"compute_lock": "on"}, "cpu", {}, None),  # taking turns, each on torch's full pool
+        ({"cpu_stages": 4}, "cpu", {}, 2),  # FlanT5 beside OPT: four stage processes
+        ({"compute_lock": "on"}, "cpu", {}, 8),  # taking turns, each on every usable core
         ({}, "cuda", {}, None),
         ({}, "cpu", {"OMP_NUM_THREADS": "3"}, None),  # the operator's own choice stands
         ({"cpu_threads": 6}, "cpu", {"OMP_NUM_THREADS": "3"}, 6),
@@ -134,19 +134,44 @@ def test_stage_threads(options: dict[str, object], device: str, env: dict[str, s
 
 
 def test_one_core_still_gets_a_thread() -> None:
-    assert stage_threads(ServerOptions(), "cpu", cores=1, env={}) == 1
+    assert stage_threads(ServerOptions(cpu_stages=4), "cpu", cores=2, env={}) == 1
 
 
-@pytest.mark.parametrize(("cpu_max", "cores"), [("250000 100000", 3), ("50000 100000", 1), ("max 100000", None),
-                                                ("garbage", None)])
-def test_a_cgroup_cpu_limit_caps_the_cores(tmp_path: Path, cpu_max: str, cores: int | None) -> None:
-    (tmp_path / "cpu.max").write_text(cpu_max + "\n")
-    affinity = len(os.sched_getaffinity(0))
-    assert available_cores(tmp_path / "cpu.max") == min(affinity, cores or affinity)
-    assert available_cores(tmp_path / "missing") == affinity
+def test_threads_beyond_the_fair_share_are_reported() -> None:
+    assert oversubscription(ServerOptions(), "cpu", 4, cores=8) is None
+    assert oversubscription(ServerOptions(cpu_stages=4), "cpu", 1, cores=2) is None  # one each is the least
+    assert oversubscription(ServerOptions(compute_lock="on"), "cpu", 8, cores=8) is None
+    assert oversubscription(ServerOptions(), "cuda", 8, cores=8) is None
+    message = oversubscription(ServerOptions(), "cpu", 8, cores=8)
+    assert message is not None and "2 stage processes x 8 torch threads on 8 cores" in message
 
 
-def test_cpu_threads_option_is_validated() -> None:
+@pytest.mark.parametrize(
+    ("files", "cores"),
+    [
+        ({"cpu.max": "250000 100000"}, 2),  # 2.5 CPUs: 2 whole cores
+        ({"cpu.max": "50000 100000"}, 1),
+        ({"cpu.max": "max 100000"}, 8),
+        ({"cpu.max": "100000 0"}, 8),  # a zero period is no limit, not a crash
+        ({"cpu.max": ""}, 8),
+        ({"cpu.max": "garbage"}, 8),
+        ({"cpu/cpu.cfs_quota_us": "300000", "cpu/cpu.cfs_period_us": "100000"}, 3),  # cgroup v1
+        ({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, 8),
+        ({}, 8),
+    ],
+)
+def test_a_cgroup_cpu_limit_caps_the_cores(tmp_path: Path, monkeypatch, files: dict[str, str], cores: int) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text + "\n")
+    assert available_cores(tmp_path / "cpu.max", tmp_path / "cpu") == cores
+
+
+def test_cpu_threads_and_stages_options_are_validated() -> None:
     assert ServerOptions.resolve({}, env={"BLIP2_CPU_THREADS": "3"}).cpu_threads == 3
+    assert ServerOptions.resolve({}, env={"BLIP2_CPU_STAGES": "4"}).cpu_stages == 4
     with pytest.raises(ConfigurationError, match=r"cpu_threads must be >= 0 \(0: automatic\), got -1"):
         ServerOptions.resolve({"cpu_threads": "-1"}, env={})
+    with pytest.raises(ConfigurationError, match="cpu_stages must be >= 1"):
+        ServerOptions.resolve({"cpu_stages": "0"}, env={})
