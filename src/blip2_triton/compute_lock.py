@@ -138,7 +138,7 @@ def available_cores(cgroup_v2: Path = _CGROUP_V2, cgroup_v1: Path = _CGROUP_V1) 
 
 
 def stage_threads(options: ServerOptions, device: str, *, cores: int | None = None,
-                  env: dict[str, str] | None = None) -> int | None:
+                  env: dict[str, str] | None = None, torch_default: int | None = None) -> int | None:
     """torch threads for one stage process, or None to leave torch's default.
 
     An explicit `cpu_threads` wins, and a set `OMP_NUM_THREADS` is taken as the operator's own choice. Otherwise a
@@ -151,7 +151,10 @@ def stage_threads(options: ServerOptions, device: str, *, cores: int | None = No
     if not str(device).startswith("cpu") or environ.get("OMP_NUM_THREADS"):
         return None
     usable = available_cores() if cores is None else cores
-    return usable if options.compute_lock == "on" else max(1, usable // options.cpu_stages)
+    if options.compute_lock == "on":
+        # torch's own default counts physical cores; affinity counts hyperthreads too.
+        return min(usable, torch_default) if torch_default else usable
+    return max(1, usable // options.cpu_stages)
 
 
 def oversubscription(options: ServerOptions, device: str, threads: int, *, cores: int | None = None) -> str | None:
@@ -162,6 +165,8 @@ def oversubscription(options: ServerOptions, device: str, threads: int, *, cores
     # One thread each is the least there is; more than the fair share is what oversubscribes.
     if threads <= max(1, usable // options.cpu_stages):
         return None
-    return (f"{options.cpu_stages} stage processes x {threads} torch threads on {usable} cores: the stages "
-            "overlap (compute_lock is not on) and will oversubscribe the cores; set BLIP2_CPU_THREADS (or unset "
-            "OMP_NUM_THREADS), or BLIP2_COMPUTE_LOCK=on")
+    cause = (f"BLIP2_CPU_THREADS={options.cpu_threads}" if options.cpu_threads
+             else f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')}")
+    return (f"{options.cpu_stages} stage processes x {threads} torch threads ({cause}) on {usable} cores: the "
+            "stages overlap (compute_lock is not on) and will oversubscribe the cores; lower it, or set "
+            "BLIP2_COMPUTE_LOCK=on")

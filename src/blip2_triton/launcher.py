@@ -260,11 +260,14 @@ class TritonServer:
                 env[env_var(name, "BLIP2_T5_")] = value
         if self.t5_model_id is not None:
             env[env_var("model_id", "BLIP2_T5_")] = self.t5_model_id
-        if self.with_t5:
-            # Four computing stage processes (two per family) share the cores, unless the operator said otherwise.
-            for prefix in ("BLIP2_", "BLIP2_T5_"):
-                env.setdefault(env_var("cpu_stages", prefix), "4")
         env.update(self.extra_env)
+        if self.with_t5:
+            # Four computing stage processes (two per family) share the cores. An operator's value for either
+            # family (shell or `env`) serves both; an empty one counts as unset, as the options read it.
+            value = env.get(env_var("cpu_stages")) or env.get(env_var("cpu_stages", "BLIP2_T5_")) or "4"
+            for prefix in ("BLIP2_", "BLIP2_T5_"):
+                if not env.get(env_var("cpu_stages", prefix)):
+                    env[env_var("cpu_stages", prefix)] = value
         return env
 
     def start(self, *, interrupt: threading.Event | None = None) -> TritonServer:

@@ -10,11 +10,10 @@ The packed kernel rounds differently from `F.linear` (differences of about 1e-6 
 float noise as batching itself: on the benchmark host `F.linear` gives a row other bits at 1-5 rows than at 6 or
 more, so a batched server never matched HF's one-request `generate` bit for bit.
 
-Memory: the packed copy replaces the dense weight, which is kept only where another module shares it (OPT's
-output projection is tied to its input embeddings, so that one costs a second copy). Elsewhere `weight` becomes a
-placeholder on the `meta` device with the original shape and dtype: HF code reads layers' weight dtypes, and any
-attempt to compute with it fails loudly instead of silently. Weights are frozen after load: the packed copy does not
-follow later changes to `weight`.
+Memory: the packed copy comes on top of the dense weight, which stays: HF code reads layers' weights (dtype
+checks, tied embeddings), and a placeholder in its place is not safe (`F.linear` on a CPU input and a `meta` weight
+returns uninitialised memory instead of failing). Weights are frozen after load: the packed copy does not follow
+later changes to `weight`.
 
 `torch.ops.mkldnn._linear_pointwise` and `_reorder_linear_weight` are the operators `torch.compile` emits for
 frozen CPU linears; they are internal, so the packing checks itself against `F.linear` on the model's own layers
@@ -38,21 +37,16 @@ _CHECK_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
 class PackedLinear(nn.Module):
-    """Drop-in for an `nn.Linear` on CPU; the forward pass uses the packed copy of the weight.
+    """Drop-in for an `nn.Linear` on CPU: keeps `weight` and `bias`; the forward pass uses the packed copy."""
 
-    `shared`: another module uses the same weight tensor (tied embeddings), so it stays as it is; otherwise it is
-    replaced by a `meta` placeholder of the same shape and dtype, freeing its memory.
-    """
-
-    def __init__(self, linear: nn.Linear, *, shared: bool = True) -> None:
+    def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.train(linear.training)
         with torch.no_grad():
             # A plain attribute, not a buffer: an opaque oneDNN tensor has no place in state_dict or `.to()`.
             self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
-        self.weight = linear.weight if shared else nn.Parameter(
-            torch.empty_like(linear.weight, device="meta"), requires_grad=False)
+        self.weight = linear.weight
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,16 +91,10 @@ def pack_linears(model: nn.Module) -> int:
                if packable(child)]
     if not targets:
         return 0
-    # How many places hold each weight tensor: a linear listed under two parents counts once, a weight tied to
-    # another module (embeddings) counts twice and must keep its dense copy.
-    holders: dict[int, set[int]] = {}
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            holders.setdefault(id(param), set()).add(id(module))
+    # A linear listed under two parents is packed (and counted) once.
     unique = {id(child): child for _, _, child in targets}
     try:
-        replacements = {key: PackedLinear(child, shared=len(holders.get(id(child.weight), ())) > 1)  # type: ignore[arg-type]
-                        for key, child in unique.items()}
+        replacements = {key: PackedLinear(child) for key, child in unique.items()}  # type: ignore[arg-type]
     except (AttributeError, RuntimeError, NotImplementedError) as e:
         raise RuntimeError(f"oneDNN weight packing is not available in this torch build ({e})") from e
     # One check per shape and dtype covers every layer of it: the packing does not depend on the values.

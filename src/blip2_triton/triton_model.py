@@ -59,7 +59,7 @@ class StageModel:
         from .compute_lock import oversubscription, stage_threads
 
         device = str(resolve_device(self.options.device))
-        threads = stage_threads(self.options, device)
+        threads = stage_threads(self.options, device, torch_default=torch.get_num_threads())
         if threads is not None:
             torch.set_num_threads(threads)
         log.info("%s: %d torch threads (compute_lock=%s, cpu_threads=%s, cpu_stages=%d, OMP_NUM_THREADS=%s)",

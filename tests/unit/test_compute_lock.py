@@ -142,8 +142,8 @@ def test_threads_beyond_the_fair_share_are_reported() -> None:
     assert oversubscription(ServerOptions(cpu_stages=4), "cpu", 1, cores=2) is None  # one each is the least
     assert oversubscription(ServerOptions(compute_lock="on"), "cpu", 8, cores=8) is None
     assert oversubscription(ServerOptions(), "cuda", 8, cores=8) is None
-    message = oversubscription(ServerOptions(), "cpu", 8, cores=8)
-    assert message is not None and "2 stage processes x 8 torch threads on 8 cores" in message
+    message = oversubscription(ServerOptions(cpu_threads=8), "cpu", 8, cores=8)
+    assert message is not None and "2 stage processes x 8 torch threads (BLIP2_CPU_THREADS=8) on 8 cores" in message
 
 
 @pytest.mark.parametrize(
@@ -175,3 +175,40 @@ def test_cpu_threads_and_stages_options_are_validated() -> None:
         ServerOptions.resolve({"cpu_threads": "-1"}, env={})
     with pytest.raises(ConfigurationError, match="cpu_stages must be >= 1"):
         ServerOptions.resolve({"cpu_stages": "0"}, env={})
+
+
+def _server_env(monkeypatch, shell: dict[str, str], *, with_t5: bool, extra: dict[str, str] | None = None
+                ) -> dict[str, str]:
+    from blip2_triton.launcher import TritonInstall, TritonServer
+
+    for name in ("BLIP2_CPU_STAGES", "BLIP2_T5_CPU_STAGES"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in shell.items():
+        monkeypatch.setenv(name, value)
+    server = TritonServer(with_t5=with_t5, env=extra)
+    return server.environment(TritonInstall(binary=Path("tritonserver"), backend_directory=None, env={}))
+
+
+@pytest.mark.parametrize(
+    ("shell", "extra", "with_t5", "stages"),
+    [
+        ({}, None, True, ("4", "4")),  # OPT and FlanT5: four computing stage processes
+        ({}, None, False, (None, None)),  # one family: the stages' own default (2)
+        ({"BLIP2_CPU_STAGES": "6"}, None, True, ("6", "6")),  # one value serves both families
+        ({"BLIP2_T5_CPU_STAGES": "5"}, None, True, ("5", "5")),
+        ({"BLIP2_CPU_STAGES": ""}, None, True, ("4", "4")),  # empty counts as unset, as the options read it
+        ({"BLIP2_CPU_STAGES": "6"}, {"BLIP2_CPU_STAGES": "8"}, True, ("8", "8")),  # the launcher's env wins
+    ],
+)
+def test_the_launcher_tells_the_stages_how_many_share_the_cores(
+        monkeypatch, shell: dict[str, str], extra: dict[str, str] | None, with_t5: bool,
+        stages: tuple[str | None, str | None]) -> None:
+    env = _server_env(monkeypatch, shell, with_t5=with_t5, extra=extra)
+    assert (env.get("BLIP2_CPU_STAGES") or None, env.get("BLIP2_T5_CPU_STAGES") or None) == stages
+
+
+def test_taking_turns_stays_within_torchs_default_pool() -> None:
+    # Affinity counts hyperthreads; torch's default counts physical cores.
+    assert stage_threads(ServerOptions(compute_lock="on"), "cpu", cores=16, env={}, torch_default=8) == 8
+    assert stage_threads(ServerOptions(compute_lock="on"), "cpu", cores=4, env={}, torch_default=8) == 4
+    assert stage_threads(ServerOptions(compute_lock="on"), "cpu", cores=8, env={"OMP_NUM_THREADS": "2"}) is None
