@@ -154,6 +154,11 @@ def stage_threads(options: ServerOptions, device: str, *, cores: int | None = No
     if options.compute_lock == "on":
         # torch's own default counts physical cores; affinity counts hyperthreads too.
         return min(usable, torch_default) if torch_default else usable
+    return _fair_share(options, usable)
+
+
+def _fair_share(options: ServerOptions, usable: int) -> int:
+    # One thread each is the least there is, however many stage processes share the cores.
     return max(1, usable // options.cpu_stages)
 
 
@@ -162,8 +167,7 @@ def oversubscription(options: ServerOptions, device: str, threads: int, *, cores
     if not str(device).startswith("cpu") or options.compute_lock == "on":
         return None
     usable = available_cores() if cores is None else cores
-    # One thread each is the least there is; more than the fair share is what oversubscribes.
-    if threads <= max(1, usable // options.cpu_stages):
+    if threads <= _fair_share(options, usable):
         return None
     cause = (f"BLIP2_CPU_THREADS={options.cpu_threads}" if options.cpu_threads
              else f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')}")

@@ -56,16 +56,17 @@ class StageModel:
         import torch
 
         from .checkpoint import resolve_device
-        from .compute_lock import oversubscription, stage_threads
+        from .compute_lock import available_cores, oversubscription, stage_threads
 
         device = str(resolve_device(self.options.device))
-        threads = stage_threads(self.options, device, torch_default=torch.get_num_threads())
+        cores = available_cores()
+        threads = stage_threads(self.options, device, cores=cores, torch_default=torch.get_num_threads())
         if threads is not None:
             torch.set_num_threads(threads)
         log.info("%s: %d torch threads (compute_lock=%s, cpu_threads=%s, cpu_stages=%d, OMP_NUM_THREADS=%s)",
                  model_name, torch.get_num_threads(), self.options.compute_lock, self.options.cpu_threads or "auto",
                  self.options.cpu_stages, os.environ.get("OMP_NUM_THREADS", "unset"))
-        problem = oversubscription(self.options, device, torch.get_num_threads())
+        problem = oversubscription(self.options, device, torch.get_num_threads(), cores=cores)
         if problem is not None:
             log.warning("%s: %s", model_name, problem)
 
