@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,19 @@ def tiny_dirname(family: str) -> str:
     return f"tiny-blip2-{family}-v{TINY_VERSION}"
 
 
+# Generating the tiny model takes seconds; a staging directory this old belongs to a generator that was killed.
+STALE_STAGING_S = 600.0
+
+
+def _remove_stale_staging(cache_dir: Path, now: float) -> None:
+    for staging in cache_dir.glob(".tiny-*"):
+        try:
+            if now - staging.stat().st_mtime > STALE_STAGING_S:
+                shutil.rmtree(staging, ignore_errors=True)
+        except FileNotFoundError:
+            pass  # a concurrent generator finished or cleaned it meanwhile
+
+
 def ensure_tiny_model(cache_dir: Path, family: str = "opt") -> Path:
     """The embedded default: generated once, then reused. Safe when both stages start at once."""
     from .tiny import write_tiny_model
@@ -64,6 +78,7 @@ def ensure_tiny_model(cache_dir: Path, family: str = "opt") -> Path:
     if (target / "TINY_MODEL.json").exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(cache_dir, time.time())
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=cache_dir))
     try:
         write_tiny_model(staging, family=family)

@@ -126,10 +126,9 @@ class InflightEngine:
         self._cache: SlotKVCache | None = None
         self._mask: torch.Tensor | None = None
         self._stopping = False
-        self._cancelled_ids: set[str] = set()
-        # Ids of submitted, unfinished jobs: a cancel for any other id (late, or unknown) is dropped instead of
-        # being kept forever.
-        self._live_ids: set[str] = set()
+        # Id of every submitted, unfinished job -> whether it was cancelled. A cancel for any other id (late, or
+        # unknown) is dropped instead of being kept forever.
+        self._cancel_flags: dict[str, bool] = {}
         # Last value sent per gauge event (`_report`), so unchanged gauges cost no IPC.
         self._reported: dict[str, tuple[int, ...]] = {}
         self._cancel_lock = threading.Lock()
@@ -143,13 +142,13 @@ class InflightEngine:
         ids = [j.job_id for j in jobs if j.job_id is not None]
         if ids:
             with self._cancel_lock:
-                self._live_ids.update(ids)
+                self._cancel_flags.update(dict.fromkeys(ids, False))
         self._queue.put(list(jobs))
 
     def cancel(self, job_id: str) -> None:
         with self._cancel_lock:
-            if job_id in self._live_ids:
-                self._cancelled_ids.add(job_id)
+            if job_id in self._cancel_flags:
+                self._cancel_flags[job_id] = True
 
     def stop(self, timeout_s: float = 30.0) -> None:
         self._stopping = True
@@ -230,8 +229,7 @@ class InflightEngine:
         job.finished = True
         if job.job_id is not None:
             with self._cancel_lock:
-                self._live_ids.discard(job.job_id)
-                self._cancelled_ids.discard(job.job_id)
+                self._cancel_flags.pop(job.job_id, None)
         outcome = "ok" if isinstance(result, str) else type(result).__name__
         self._deferred.append(lambda: job.on_done(result))
         self._notify("on_finished", job, outcome)
@@ -299,22 +297,21 @@ class InflightEngine:
 
     def _drop_cancelled(self) -> None:
         now = time.monotonic()
+        keep = self._unstopped(self._active, now)
+        if len(keep) < len(self._active):
+            self._select(keep)
+        self._waiting = [self._waiting[i] for i in self._unstopped(self._waiting, now)]
+
+    def _unstopped(self, jobs: list[Job], now: float) -> list[int]:
+        """Finishes the cancelled or abandoned jobs; returns the positions of the others."""
         keep: list[int] = []
-        for i, job in enumerate(self._active):
+        for i, job in enumerate(jobs):
             stop = self._stop_error(job, now)
             if stop is not None:
                 self._finish(job, stop)
             else:
                 keep.append(i)
-        if len(keep) < len(self._active):
-            self._select(keep)
-        waiting, self._waiting = self._waiting, []
-        for job in waiting:
-            stop = self._stop_error(job, now)
-            if stop is not None:
-                self._finish(job, stop)
-            else:
-                self._waiting.append(job)
+        return keep
 
     def _stop_error(self, job: Job, now: float) -> CancelledError | None:
         if job.is_abandoned():
@@ -322,9 +319,8 @@ class InflightEngine:
         return CancelledError("request cancelled") if self._cancelled(job, now) else None
 
     def _cancelled(self, job: Job, now: float) -> bool:
-        if job.job_id is not None and job.job_id in self._cancelled_ids:
-            with self._cancel_lock:
-                self._cancelled_ids.discard(job.job_id)
+        # A flag read without the lock is at worst seen one iteration late; `_finish` then drops it.
+        if job.job_id is not None and self._cancel_flags.get(job.job_id):
             return True
         if now - job.cancel_checked_at < self.limits.cancel_check_interval_s:
             return False

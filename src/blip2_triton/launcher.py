@@ -28,7 +28,7 @@ from pathlib import Path
 from types import TracebackType
 
 from .options import default_cache_dir, env_var
-from .watchdog import Endpoints, StubWatchdog, drain_and_stop, kill_server, stub_processes
+from .watchdog import Endpoints, StubWatchdog, drain_and_stop, end_with_parent, kill_server, stub_processes
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +294,7 @@ class TritonServer:
         # drains; tritonserver signalled directly would stop its models at once and fail requests in flight.
         self.process = subprocess.Popen(  # noqa: S603  (our own command line: the tritonserver binary + flags)
             cmd, env=self.environment(install), stdout=stdout, stderr=subprocess.STDOUT if stdout else None,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=end_with_parent(),
         )
         try:
             self.wait_ready(self.startup_timeout_s, interrupt=interrupt)

@@ -207,6 +207,38 @@ def kill_server(proc: subprocess.Popen[bytes], stubs: Sequence[Stub] = (), shm_d
     return code
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def end_with_parent(signum: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A `preexec_fn` that has the child sent `signum` when this process dies, even by SIGKILL; None where it
+    cannot be armed safely.
+
+    Without it a SIGKILLed launcher (OOM killer, `kill -9`, a supervisor's hard stop) leaves tritonserver
+    running, holding its ports and memory. SIGTERM lets the orphan unload its models and remove its stubs'
+    shared memory. Linux ties the signal to the thread that forks, not the process, so it is armed only from
+    the main thread, which lives as long as the process.
+    """
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def arm() -> None:
+        # Runs in the child between fork and exec: nothing here may import or take a lock.
+        prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+        if os.getppid() != parent:
+            # The parent died before the signal was armed: it will never come, so do not start at all.
+            os._exit(1)
+
+    return arm
+
+
 def remove_shm_regions(stubs: Sequence[Stub], shm_dir: Path = SHM_DIR) -> None:
     # Triton unlinks these on a clean shutdown only; in a pod /dev/shm is a memory-backed volume that outlives
     # container restarts, so leaked regions would eat the memory limit restart after restart.
@@ -447,7 +479,7 @@ def run_wrapped(cmd: Sequence[str], *, interval_s: float = 0.5, quiet_s: float =
     stop = threading.Event()
     fault: list[str] = []
     with _forward_signals(stop):
-        proc = subprocess.Popen(list(cmd))  # noqa: S603  (the operator's own tritonserver command)
+        proc = subprocess.Popen(list(cmd), preexec_fn=end_with_parent())  # noqa: S603  (the operator's own command)
         watchdog: StubWatchdog | None = None
 
         def on_fault(reason: str) -> None:

@@ -375,4 +375,4 @@ def test_cancels_for_finished_or_unknown_jobs_are_not_kept(setup) -> None:
     finally:
         engine.stop()
     assert isinstance(collector.results[0], str)
-    assert engine._cancelled_ids == set() and engine._live_ids == set()
+    assert engine._cancel_flags == {}

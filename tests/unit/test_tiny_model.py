@@ -1,9 +1,11 @@
+import os
+import time
 from pathlib import Path
 
 from safetensors.torch import load_file
 from transformers import Blip2Config, Blip2Processor
 
-from blip2_triton.checkpoint import ensure_tiny_model, tiny_dirname
+from blip2_triton.checkpoint import STALE_STAGING_S, ensure_tiny_model, tiny_dirname
 from blip2_triton.tiny import TINY_VERSION, write_tiny_model
 
 
@@ -27,3 +29,16 @@ def test_embedded_default_is_generated_once(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == [tiny_dirname("opt")]
     # A cache written by another generator version is not reused.
     assert tiny_dirname("opt").endswith(f"-v{TINY_VERSION}")
+
+
+def test_a_killed_generators_staging_directory_is_removed(tmp_path: Path) -> None:
+    # A generator killed mid-write leaves its staging directory; the next one removes it unless it may still be
+    # in use by a generator running right now.
+    stale, fresh = tmp_path / ".tiny-killed", tmp_path / ".tiny-running"
+    for d in (stale, fresh):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"partial")
+    old = time.time() - STALE_STAGING_S - 60
+    os.utime(stale, (old, old))
+    ensure_tiny_model(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tiny-running", tiny_dirname("opt")]

@@ -365,3 +365,50 @@ def test_a_server_killed_past_its_exit_timeout_takes_its_stubs_with_it(stub_bina
         for pid in stubs:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+# --- parent death -------------------------------------------------------------------------------------------
+
+
+def test_a_child_is_signalled_when_its_parent_is_sigkilled(tmp_path: Path) -> None:
+    # A middle process (standing in for the launcher or the wrapper) starts a long sleep armed with
+    # end_with_parent, reports the sleeper's pid, and is then SIGKILLed: the sleeper must end with it.
+    pid_file = tmp_path / "child.pid"
+    middle = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import subprocess, sys, time
+        from blip2_triton.watchdog import end_with_parent
+        arm = end_with_parent()
+        assert arm is not None
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], preexec_fn=arm)
+        open({str(pid_file)!r}, "w").write(str(child.pid))
+        time.sleep(120)
+    """)])
+    try:
+        deadline = time.monotonic() + 30
+        while not pid_file.exists() or not pid_file.read_text():
+            assert middle.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        child = int(pid_file.read_text())
+        assert wd.process_state(child) not in (None, "Z")
+        middle.kill()
+        middle.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while wd.process_state(child) not in (None, "Z"):
+            assert time.monotonic() < deadline, "the child outlived its SIGKILLed parent"
+            time.sleep(0.05)
+    finally:
+        middle.kill()
+        with contextlib.suppress(ValueError, FileNotFoundError, ProcessLookupError):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def test_parent_death_signal_is_armed_only_from_the_main_thread() -> None:
+    # Linux sends it when the forking thread ends: a server started from a short-lived thread would be killed.
+    import threading
+
+    assert callable(wd.end_with_parent())
+    seen: list[object] = []
+    worker = threading.Thread(target=lambda: seen.append(wd.end_with_parent()))
+    worker.start()
+    worker.join()
+    assert seen == [None]
