@@ -75,10 +75,12 @@ def ensure_tiny_model(cache_dir: Path, family: str = "opt") -> Path:
     from .tiny import write_tiny_model
 
     target = cache_dir / tiny_dirname(family)
+    # Also when the model exists: a generator killed in a crash loop is usually followed, seconds later, by one
+    # that succeeds, and every start after that takes the early return.
+    _remove_stale_staging(cache_dir, time.time())
     if (target / "TINY_MODEL.json").exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(cache_dir, time.time())
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=cache_dir))
     try:
         write_tiny_model(staging, family=family)

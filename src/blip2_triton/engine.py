@@ -142,7 +142,9 @@ class InflightEngine:
         ids = [j.job_id for j in jobs if j.job_id is not None]
         if ids:
             with self._cancel_lock:
-                self._cancel_flags.update(dict.fromkeys(ids, False))
+                for job_id in ids:
+                    # A cancel still pending for a live job of the same id must not be undone.
+                    self._cancel_flags.setdefault(job_id, False)
         self._queue.put(list(jobs))
 
     def cancel(self, job_id: str) -> None:

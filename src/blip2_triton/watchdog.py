@@ -215,22 +215,29 @@ def end_with_parent(signum: int = signal.SIGTERM) -> Callable[[], None] | None:
     cannot be armed safely.
 
     Without it a SIGKILLed launcher (OOM killer, `kill -9`, a supervisor's hard stop) leaves tritonserver
-    running, holding its ports and memory. SIGTERM lets the orphan unload its models and remove its stubs'
-    shared memory. Linux ties the signal to the thread that forks, not the process, so it is armed only from
-    the main thread, which lives as long as the process.
+    running, holding its ports and memory. SIGTERM lets a serving orphan unload its models and remove its stubs'
+    shared memory (a server still loading may leave stubs behind, as for any SIGTERM then; see ROBUSTNESS.md).
+    Linux ties the signal to the thread that forks, not the process, so it is armed only from the main thread,
+    which lives as long as the process.
     """
     if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
         return None
     import ctypes
 
     try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl, set_handler = libc.prctl, libc.signal
     except (OSError, AttributeError):
         return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    set_handler.argtypes, set_handler.restype = [ctypes.c_int, ctypes.c_void_p], ctypes.c_void_p
     parent = os.getpid()
 
     def arm() -> None:
-        # Runs in the child between fork and exec: nothing here may import or take a lock.
+        # Runs in the child between fork and exec: nothing here may import or take a lock. The parent's Python
+        # handler for `signum` stays installed until exec and would swallow a signal that came before it; the
+        # default action (0, SIG_DFL) ends the child instead.
+        set_handler(int(signum), 0)
         prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
         if os.getppid() != parent:
             # The parent died before the signal was armed: it will never come, so do not start at all.

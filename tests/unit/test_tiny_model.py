@@ -42,3 +42,14 @@ def test_a_killed_generators_staging_directory_is_removed(tmp_path: Path) -> Non
     os.utime(stale, (old, old))
     ensure_tiny_model(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".tiny-running", tiny_dirname("opt")]
+
+
+def test_stale_staging_is_removed_when_the_model_already_exists(tmp_path: Path) -> None:
+    # The usual crash loop: a killed generator, then one that succeeds; later starts return early.
+    ensure_tiny_model(tmp_path)
+    stale = tmp_path / ".tiny-killed"
+    stale.mkdir()
+    old = time.time() - STALE_STAGING_S - 60
+    os.utime(stale, (old, old))
+    ensure_tiny_model(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [tiny_dirname("opt")]

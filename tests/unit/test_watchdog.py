@@ -374,6 +374,7 @@ def test_a_child_is_signalled_when_its_parent_is_sigkilled(tmp_path: Path) -> No
     # A middle process (standing in for the launcher or the wrapper) starts a long sleep armed with
     # end_with_parent, reports the sleeper's pid, and is then SIGKILLed: the sleeper must end with it.
     pid_file = tmp_path / "child.pid"
+    child: wd.Stub | None = None
     middle = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import subprocess, sys, time
         from blip2_triton.watchdog import end_with_parent
@@ -388,18 +389,22 @@ def test_a_child_is_signalled_when_its_parent_is_sigkilled(tmp_path: Path) -> No
         while not pid_file.exists() or not pid_file.read_text():
             assert middle.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
-        child = int(pid_file.read_text())
-        assert wd.process_state(child) not in (None, "Z")
+        pid = int(pid_file.read_text())
+        fields = wd._stat_fields(pid)
+        assert fields is not None
+        child = wd.Stub(pid, wd._start_ticks(fields), "sleeper", None)
+        assert wd.stub_is_alive(child)
         middle.kill()
         middle.wait(timeout=10)
         deadline = time.monotonic() + 10
-        while wd.process_state(child) not in (None, "Z"):
+        while wd.stub_is_alive(child):
             assert time.monotonic() < deadline, "the child outlived its SIGKILLed parent"
             time.sleep(0.05)
     finally:
         middle.kill()
-        with contextlib.suppress(ValueError, FileNotFoundError, ProcessLookupError):
-            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        middle.wait(timeout=10)
+        if child is not None and wd.stub_is_alive(child):
+            os.kill(child.pid, signal.SIGKILL)
 
 
 def test_parent_death_signal_is_armed_only_from_the_main_thread() -> None:
