@@ -61,7 +61,8 @@ def tiny_dirname(family: str) -> str:
 STALE_STAGING_S = 600.0
 
 
-def _remove_stale_staging(cache_dir: Path, now: float) -> None:
+def _remove_stale_staging(cache_dir: Path) -> None:
+    now = time.time()
     for staging in cache_dir.glob(".tiny-*"):
         try:
             if now - staging.stat().st_mtime > STALE_STAGING_S:
@@ -77,7 +78,7 @@ def ensure_tiny_model(cache_dir: Path, family: str = "opt") -> Path:
     target = cache_dir / tiny_dirname(family)
     # Also when the model exists: a generator killed in a crash loop is usually followed, seconds later, by one
     # that succeeds, and every start after that takes the early return.
-    _remove_stale_staging(cache_dir, time.time())
+    _remove_stale_staging(cache_dir)
     if (target / "TINY_MODEL.json").exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from triton_helpers import infer, tritonserver_children
 
 from blip2_triton.checkpoint import tiny_dirname
 from blip2_triton.launcher import free_port
-from blip2_triton.watchdog import SHM_DIR, process_state, stub_processes
+from blip2_triton.watchdog import SHM_DIR, Stub, _start_ticks, _stat_fields, stub_is_alive, stub_processes
 
 
 def _serve(args: list[str], env: dict[str, str], log: Path) -> tuple[subprocess.Popen, int]:
@@ -63,24 +63,11 @@ def test_serve_without_arguments_serves_the_tiny_model(tmp_path: Path, sample_im
     assert "stopping" in (tmp_path / "serve.log").read_text()
 
 
-def _started(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
-    except OSError:
-        return None
-
-
-def _ended(pid: int, started: str | None = None) -> bool:
-    # With `started`, a pid reused by another process after ours ended counts as ended.
-    state = process_state(pid)
-    return state is None or state == "Z" or (started is not None and _started(pid) != started)
-
-
 def test_serve_model_id_directory_and_sigkill(tmp_path: Path, tiny_model_dir: Path, sample_images,
                                               reference) -> None:
     env = {**os.environ, "BLIP2_CACHE_DIR": str(tmp_path / "unused-cache")}
     proc, http = _serve(["--model-id", str(tiny_model_dir)], env, tmp_path / "serve.log")
-    pids: dict[int, str | None] = {}
+    watched: list[Stub] = []
     try:
         client = httpclient.InferenceServerClient(f"127.0.0.1:{http}")
         data = sample_images["cmyk_jpeg"]
@@ -91,24 +78,27 @@ def test_serve_model_id_directory_and_sigkill(tmp_path: Path, tiny_model_dir: Pa
         stubs = stub_processes(server)
         regions = [SHM_DIR / s.shm_region for s in stubs.values() if s.shm_region]
         assert stubs and regions and all(r.exists() for r in regions)
-        pids = {pid: _started(pid) for pid in (server, *stubs)}
+        fields = _stat_fields(server)
+        assert fields is not None
+        # Records with start times: a pid reused by another process after ours ended is not ours.
+        watched = [Stub(server, _start_ticks(fields), "tritonserver", None), *stubs.values()]
         # A launcher killed outright (OOM killer, kill -9) must not leave its server holding ports and memory.
         proc.kill()
         proc.wait(timeout=10)
         killed = time.monotonic()
-        while not all(_ended(pid, started) for pid, started in pids.items()):
+        while any(stub_is_alive(p) for p in watched):
             assert time.monotonic() < killed + 60, "tritonserver or a stub outlived the SIGKILLed launcher"
             time.sleep(0.2)
-        print(f"tritonserver and {len(pids) - 1} stubs ended {time.monotonic() - killed:.1f} s after the launcher")
+        print(f"tritonserver and {len(stubs)} stubs ended {time.monotonic() - killed:.1f} s after the launcher")
         assert not [r for r in regions if r.exists()], "shared-memory regions left behind"
     finally:
         if proc.poll() is None:
             _stop(proc)
-        for pid, started in pids.items():
+        for p in watched:
             # Only after a failure: nothing else may be left running for the tests that follow.
             with contextlib.suppress(ProcessLookupError):
-                if not _ended(pid, started):
-                    os.kill(pid, signal.SIGKILL)
+                if stub_is_alive(p):
+                    os.kill(p.pid, signal.SIGKILL)
     text = (tmp_path / "serve.log").read_text()
     assert f"loaded {tiny_model_dir}" in text
     assert not (tmp_path / "unused-cache").exists()
