@@ -449,7 +449,7 @@ class Stages:
     """Mode b: the serving code's two stages called directly, a whole batch at a time, no Triton."""
 
     def __init__(self, model_dir: Path, cache_bytes: int = 0) -> None:
-        from blip2_triton.generation import LanguageStage
+        from blip2_triton.llm import LanguageStage
         from blip2_triton.options import ServerOptions
         from blip2_triton.vision import VisionStage
 

@@ -53,7 +53,7 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 def build_stages(shapes: random_blip2.Shapes, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any, Any]:
     from blip2_triton.checkpoint import LoadedStage, count_parameters
-    from blip2_triton.generation import LanguageStage
+    from blip2_triton.llm import LanguageStage
     from blip2_triton.options import ServerOptions
     from blip2_triton.vision import VisionStage
 
@@ -189,7 +189,7 @@ def engine_call(engine: Any, request: Any, timeout_s: float) -> str:
     """Submits one request to an `InflightEngine` and waits for its text; raises what ended the job."""
     import threading
 
-    from blip2_triton.engine import Job
+    from blip2_triton.llm import Job
 
     done = threading.Event()
     box: list[str | Exception] = []
@@ -202,7 +202,7 @@ def engine_call(engine: Any, request: Any, timeout_s: float) -> str:
 
 
 def inflight_latency(llm: Any, embeds: list[Any], tokens: int, runs: int) -> list[float]:
-    from blip2_triton.engine import InflightEngine
+    from blip2_triton.llm import InflightEngine
     from blip2_triton.requests import GenerationRequest
 
     engine = InflightEngine(llm)
@@ -221,23 +221,28 @@ def inflight_latency(llm: Any, embeds: list[Any], tokens: int, runs: int) -> lis
 def decode_step_costs(llm: Any, embeds: list[Any], rows: int, device: torch.device, steps: int = 20
                       ) -> dict[str, float]:
     """Median ms of one decoding step on the engine's KV buffers, for 1 and `rows` rows, unpadded and padded."""
-    from blip2_triton.kv_cache import SlotKVCache
+    from blip2_triton.llm.batch import BatchState
     from blip2_triton.requests import GenerationRequest
 
     def step_ms(prompts: list[str]) -> float:
-        prepared = [llm.prepare(GenerationRequest(query_embeds=embeds[i % len(embeds)], prompt=p, max_tokens=steps))
-                    for i, p in enumerate(prompts)]
-        lengths = [len(r.input_ids) for r in prepared]
+        seqs = [llm.prepare(GenerationRequest(query_embeds=embeds[i % len(embeds)], prompt=p, max_tokens=steps + 1))
+                for i, p in enumerate(prompts)]
         with torch.inference_mode():
-            cache, mask, logits = llm.prefill(prepared)
-            slots = SlotKVCache(cache, max_rows=len(prompts))
-            tokens = logits.argmax(-1).tolist()
+            prefilled = llm.runner.prefill(seqs)
+            batch = BatchState(max_rows=len(prompts))
+            tokens = prefilled.logits.argmax(-1).tolist()
             times = []
-            for _ in range(steps):
-                mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
+            for step in range(steps + 1):
+                for seq, token in zip(seqs, tokens, strict=True):
+                    seq.generated.append(token)
+                    seq.next_token = token
+                if step == 0:
+                    batch.merge(seqs, prefilled)
+                    continue
+                batch.begin_step()
                 _sync(device)
                 t = time.perf_counter()
-                logits = llm.step(slots.cache, mask, tokens, padded=min(lengths) < max(lengths))
+                logits = llm.runner.decode(batch)
                 tokens = logits.argmax(-1).tolist()  # reads the result back, as every scheduler does
                 times.append(time.perf_counter() - t)
         return round(statistics.median(times[2:]) * 1e3, 2)
@@ -259,7 +264,7 @@ def static_vs_inflight(llm: Any, embeds: list[Any], concurrency: int, rounds: in
     engine with `concurrency` closed-loop clients, over the same requests."""
     import threading
 
-    from blip2_triton.engine import InflightEngine
+    from blip2_triton.llm import InflightEngine
     from blip2_triton.requests import GenerationRequest
 
     n = concurrency * rounds

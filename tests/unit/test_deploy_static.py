@@ -28,7 +28,8 @@ GPU_OVERLAYS = ("gpu", "t4-8bit")
 
 # The server's own custom metrics, read from where they are declared so that a rename breaks this test.
 SERVER_METRICS = set(re.findall(r'"(blip2_[a-z_]+_(?:total|sequences|bytes|parameters))"',
-                                (ROOT / "src" / "blip2_triton" / "triton_model.py").read_text(encoding="utf-8")))
+                                "".join((ROOT / "src" / "blip2_triton" / "serving" / name).read_text(encoding="utf-8")
+                                        for name in ("models.py", "metrics.py"))))
 
 
 def read(path: Path) -> str:

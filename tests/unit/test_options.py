@@ -46,7 +46,7 @@ def test_triton_parameters_are_flattened() -> None:
 def test_cudnn_attention_is_switched_off_on_cuda_only_unless_asked_for() -> None:
     import torch
 
-    from blip2_triton.generation import configure_attention
+    from blip2_triton.llm.runner import configure_attention
 
     before = torch.backends.cuda.cudnn_sdp_enabled()
     try:
@@ -64,11 +64,11 @@ def test_cudnn_attention_is_switched_off_on_cuda_only_unless_asked_for() -> None
 
 @pytest.mark.parametrize(("setting", "allowed"), [("off", False), ("on", True)])
 def test_language_stage_applies_the_cudnn_setting(tiny_model_dir, monkeypatch, setting: str, allowed: bool) -> None:
-    from blip2_triton import generation
+    from blip2_triton.llm import stage
 
     calls: list[tuple[str, bool]] = []
-    monkeypatch.setattr(generation, "configure_attention", lambda device, *, cudnn: calls.append((device, cudnn)))
-    generation.LanguageStage(ServerOptions(model_id=str(tiny_model_dir), cudnn_attention=setting))
+    monkeypatch.setattr(stage, "configure_attention", lambda device, *, cudnn: calls.append((device, cudnn)))
+    stage.LanguageStage(ServerOptions(model_id=str(tiny_model_dir), cudnn_attention=setting))
     assert calls == [("cpu", allowed)]
 
 
@@ -89,7 +89,7 @@ def test_quantization_without_bitsandbytes_is_a_configuration_error(monkeypatch)
 
 def test_checkpoint_without_image_token_index_is_a_configuration_error(tiny_model_dir) -> None:
     from blip2_triton.checkpoint import load_stage
-    from blip2_triton.generation import LanguageStage
+    from blip2_triton.llm import LanguageStage
 
     options = ServerOptions(model_id=str(tiny_model_dir))
     loaded = load_stage("llm", options)

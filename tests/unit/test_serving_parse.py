@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from blip2_triton.errors import InvalidRequestError
-from blip2_triton.serving import generation_requests, image_requests, run_grouped, text_output
+from blip2_triton.serving.tensors import generation_requests, image_requests, run_grouped, text_output
 
 EMB = np.zeros((2, 8, 64), dtype=np.float32)
 

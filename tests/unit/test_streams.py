@@ -8,7 +8,7 @@ import time
 import pytest
 
 from blip2_triton.errors import InvalidRequestError
-from blip2_triton.streams import StreamHub, UnknownStreamError
+from blip2_triton.serving.streams import StreamHub, UnknownStreamError
 
 
 class Replies:

@@ -1,14 +1,13 @@
-"""The in-flight engine's KV cache: preallocated buffers written in place.
+"""The running batch's KV cache: preallocated buffers written in place.
 
-HF's `DynamicCache` concatenates every layer's keys and values on every step, and re-batching the running set
-(a newcomer joins, a finished row leaves) copied the whole cache again: at 32 rows of the benchmark model that was
-about three copies of 60 MB per engine iteration. Here each layer keeps its keys and values in one buffer with
-spare rows and columns: a decoding step writes one column in place, a newcomer's prefill is copied into free rows,
-a finished row is overwritten by a row from the end (one row copied), and all-padding columns on the left are
-dropped by moving an offset. HF attention reads views of the live region `[:rows, :, start:end]`.
+HF's `DynamicCache` concatenates every layer's keys and values on every step, and re-batching the running set (a
+newcomer joins, a finished row leaves) would copy the whole cache again. Here each layer keeps its keys and values
+in one buffer with spare rows and columns: a decoding step writes one column in place, a newcomer's prefill is
+copied into free rows, a finished row is overwritten by a row from the end (one row copied), and all-padding columns
+on the left are dropped by moving an offset. HF attention reads views of the live region `[:rows, :, start:end]`.
 
 Layout is the engine's left-padded one: every row's newest token sits in the last live column, and the attention
-mask (kept by the engine, one column per live column) marks each row's own positions. Buffers start zeroed and
+mask (kept by `batch.BatchState`, one column per live column) marks each row's own positions. Buffers start zeroed and
 padding only ever holds zeros or another row's finite values, which masked attention weighs by exactly zero.
 """
 

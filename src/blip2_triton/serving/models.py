@@ -1,5 +1,5 @@
-"""Shared skeleton of the two stage models. It imports `triton_python_backend_utils` lazily, from the
-`model.py` that Triton loads, so the rest of the package stays importable without Triton."""
+"""The Python-backend models: parse each request, hand it to its stage, answer. Triton's `pb_utils` is handed in by
+the `model.py` shim Triton loads (`python_model`), so this module stays importable without Triton."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InvalidRequestError
-from .options import ServerOptions, parameters_from_model_config
-from .serving import run_grouped
+from ..errors import InvalidRequestError
+from ..options import ServerOptions, parameters_from_model_config
+from .control import CONTROL_INPUTS, CancelStream, Generate, LlmMessage, PollStream, StartStream, parse_message
+from .tensors import LLM_INPUTS, image_requests, run_grouped, text_output
 
 log = logging.getLogger("blip2_triton")
 
@@ -55,8 +56,8 @@ class StageModel:
         # Before loading: packing weights and the warm-up already run on the pool they will serve with.
         import torch
 
-        from .checkpoint import resolve_device
-        from .compute_lock import available_cores, oversubscription, stage_threads
+        from ..checkpoint import resolve_device
+        from ..compute_lock import available_cores, oversubscription, stage_threads
 
         device = str(resolve_device(self.options.device))
         cores = available_cores()
@@ -115,50 +116,18 @@ class StageModel:
         return responses
 
 
-class CacheMetrics:
-    """The vision stage's embedding-cache counters as Triton custom metrics (served on the metrics port)."""
-
-    def __init__(self, pb_utils: Any, model_name: str) -> None:
-        labels = {"model": model_name}
-        counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
-        # Families must stay referenced for as long as their metrics are updated.
-        self._families = {
-            name: pb_utils.MetricFamily(name=f"blip2_embedding_cache_{name}", description=text, kind=kind)
-            for name, text, kind in (
-                ("hits_total", "Images answered from the embedding cache", counter),
-                ("misses_total", "Images looked up and not found in the embedding cache", counter),
-                ("evictions_total", "Embedding-cache entries evicted to stay within its byte budget", counter),
-                ("bytes", "Bytes held by the embedding cache", gauge),
-                ("entries", "Entries held by the embedding cache", gauge),
-                ("capacity_bytes", "Byte budget of the embedding cache (0 = disabled)", gauge),
-            )
-        }
-        self._metrics = {name: family.Metric(labels=labels) for name, family in self._families.items()}
-        self._exported = {"hits_total": 0, "misses_total": 0, "evictions_total": 0}
-
-    def export(self, stats: Any) -> None:
-        # Counters only go up by increments, so send the change since the last export.
-        for name, value in (("hits_total", stats.hits), ("misses_total", stats.misses),
-                            ("evictions_total", stats.evictions)):
-            delta = value - self._exported[name]
-            if delta > 0:
-                self._metrics[name].increment(delta)
-                self._exported[name] = value
-        self._metrics["bytes"].set(stats.bytes)
-        self._metrics["entries"].set(stats.entries)
-        self._metrics["capacity_bytes"].set(stats.capacity_bytes)
-
-
 class VisionModel(StageModel):
     stage_name = "vision"
     input_names = ("image",)
 
     def load(self, options: ServerOptions) -> None:
-        from .vision import VisionStage
+        from ..vision import VisionStage
 
         self.stage = VisionStage(options)
 
     def initialize(self, args: dict[str, Any]) -> None:
+        from .metrics import CacheMetrics
+
         super().initialize(args)
         self._cache_metrics = CacheMetrics(self.pb, args.get("model_name", ""))
         self._cache_metrics.export(self.stage.cache.stats())
@@ -167,8 +136,6 @@ class VisionModel(StageModel):
         return self.stage.loaded.parameter_count, self.stage.loaded.parameter_bytes
 
     def parse(self, inputs: dict[str, np.ndarray | None]) -> list[Any]:
-        from .serving import image_requests
-
         return image_requests(inputs)
 
     def run_rows(self, rows: list[Any]) -> list[Any]:
@@ -179,71 +146,6 @@ class VisionModel(StageModel):
 
     def output_tensors(self, results: list[Any]) -> list[Any]:
         return [self.pb.Tensor("_query_embeds", np.stack(results).astype(np.float32, copy=False))]
-
-
-class EngineMetrics:
-    """The LLM engine's figures for capacity planning, as Triton custom metrics."""
-
-    def __init__(self, pb_utils: Any, model_name: str) -> None:
-        labels = {"model": model_name}
-        counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
-        specs = (
-            ("blip2_generated_tokens_total", "Tokens generated by the LLM stage", counter),
-            ("blip2_engine_steps_total",
-             "Decoding steps and prefill groups of the LLM stage (an in-flight iteration may run one of each; "
-             "both count)", counter),
-            ("blip2_engine_step_sequences_total",
-             "Sequences summed over steps and prefill groups; divided by steps it is the average batch size", counter),
-            ("blip2_active_sequences", "Sequences decoding in the LLM stage right now", gauge),
-            ("blip2_waiting_sequences", "Sequences waiting for a slot in the LLM stage's running batch", gauge),
-            ("blip2_kv_cache_bytes",
-             "Bytes of the in-flight engine's KV-cache buffers (spare rows and columns included)", gauge),
-            ("blip2_engine_queue_us_total",
-             "Time sequences waited for a slot in the running batch, summed (÷ admitted = mean)", counter),
-            ("blip2_engine_admitted_total", "Sequences admitted into the running batch", counter),
-            ("blip2_time_to_first_token_us_total", "Submission-to-first-token time summed over requests", counter),
-            ("blip2_first_tokens_total", "Requests that produced their first token", counter),
-            ("blip2_requests_cancelled_total", "Generations stopped because their request was cancelled", counter),
-        )
-        # Families must stay referenced for as long as their metrics are updated.
-        self._families = [pb_utils.MetricFamily(name=name, description=text, kind=kind) for name, text, kind in specs]
-        self.m = {name: family.Metric(labels=labels) for (name, _, _), family in zip(specs, self._families,
-                                                                                      strict=True)}
-
-
-def _engine_observer(metrics: EngineMetrics) -> Any:
-    from .engine import EngineObserver
-
-    class Observer(EngineObserver):
-        def on_step(self, active: int, new_tokens: int) -> None:
-            metrics.m["blip2_engine_steps_total"].increment(1)
-            metrics.m["blip2_engine_step_sequences_total"].increment(active)
-            metrics.m["blip2_generated_tokens_total"].increment(new_tokens)
-
-        def on_active(self, active: int, waiting: int) -> None:
-            metrics.m["blip2_active_sequences"].set(active)
-            metrics.m["blip2_waiting_sequences"].set(waiting)
-
-        def on_kv_cache(self, nbytes: int) -> None:
-            metrics.m["blip2_kv_cache_bytes"].set(nbytes)
-
-        def on_admitted(self, waited_s: float) -> None:
-            metrics.m["blip2_engine_queue_us_total"].increment(int(waited_s * 1e6))
-            metrics.m["blip2_engine_admitted_total"].increment(1)
-
-        def on_first_token(self, seconds: float) -> None:
-            metrics.m["blip2_time_to_first_token_us_total"].increment(int(seconds * 1e6))
-            metrics.m["blip2_first_tokens_total"].increment(1)
-
-        def on_finished(self, job: Any, outcome: str) -> None:
-            if outcome == "CancelledError":
-                metrics.m["blip2_requests_cancelled_total"].increment(1)
-
-    return Observer()
-
-
-# Receives the result of row i of one Triton request.
-_RowsDone = Callable[[int, "str | Exception"], None]
 
 
 class _Responder:
@@ -259,8 +161,6 @@ class _Responder:
         self.lock = threading.Lock()
 
     def done(self, index: int, result: str | Exception) -> None:
-        from .serving import text_output
-
         with self.lock:
             if self.answered:
                 return
@@ -279,7 +179,7 @@ class _Responder:
 
 def _triton_error(pb: Any, error: Exception, stage: str) -> Any:
     """The error a client sees: request errors with their message, anything else without details."""
-    from .engine import CancelledError
+    from ..llm.engine import CancelledError
 
     if isinstance(error, InvalidRequestError):
         return pb.TritonError(str(error), pb.TritonError.INVALID_ARG)
@@ -290,169 +190,89 @@ def _triton_error(pb: Any, error: Exception, stage: str) -> Any:
 
 
 class LanguageModel(StageModel):
-    """The LLM stage. A plain (non-decoupled) model whose answers go out through each request's response sender
-    from the engine thread as that request finishes: `execute` only queues work and returns at once, so Triton
-    keeps feeding new requests into the running batch while the ensemble still calls it with ordinary infer.
-
-    Besides generation requests it takes stream control messages from the `blip2_stream` front end (see
-    `streams.py`): `_job_id` starts a streamed job, `_poll_id` asks for its next text, `_cancel_id` stops it."""
+    """The LLM stage: a plain (non-decoupled) model whose engine thread answers each request through its response
+    sender when it finishes. `execute` only hands work over, so requests keep joining the running batch while the
+    `blip2` ensemble calls this model with ordinary infer. Stream control messages: `control.py`."""
 
     stage_name = "llm"
-
-    def __init__(self, pb_utils: Any) -> None:
-        super().__init__(pb_utils)
-        from .serving import LLM_INPUTS
-
-        self.input_names = LLM_INPUTS
-        self.engine: Any = None
+    input_names = (*LLM_INPUTS, *CONTROL_INPUTS)
 
     def initialize(self, args: dict[str, Any]) -> None:
+        from ..llm import EngineLimits, InflightEngine
+        from .metrics import EngineMetrics, engine_observer
         from .streams import StreamHub
 
         super().initialize(args)
         self.streams = StreamHub()
-        if self.options.scheduler == "inflight":
-            from .engine import EngineLimits, InflightEngine
-
-            self._metrics = EngineMetrics(self.pb, args.get("model_name", ""))
-            self.engine = InflightEngine(
-                self.stage,
-                limits=EngineLimits(
-                    max_active=self.options.max_active_sequences, max_kv_tokens=self.options.max_kv_tokens
-                ),
-                observer=_engine_observer(self._metrics),
-                on_iteration=self.streams.expire_polls,
-            )
+        self._metrics = EngineMetrics(self.pb, args.get("model_name", ""))
+        limits = EngineLimits(max_active=self.options.max_active_sequences, max_kv_tokens=self.options.max_kv_tokens,
+                              policy=self.options.scheduler)
+        self.engine = InflightEngine(self.stage, limits=limits, observer=engine_observer(self._metrics),
+                                     on_iteration=self.streams.expire_polls)
         log.info("%s: scheduler=%s", args.get("model_name"), self.options.scheduler)
 
     def load(self, options: ServerOptions) -> None:
-        from .generation import LanguageStage
+        from ..llm import LanguageStage
+        from ..requests import GenerationRequest
 
         self.stage = LanguageStage(options)
-        self.warmup()
-
-    def warmup(self) -> None:
-        # The first forward pass pays for lazy initialisation (kernels, allocator); do it before serving.
-        from .requests import GenerationRequest
-
-        embeds = np.zeros(self.stage.embeds_shape, dtype=np.float32)
-        self.stage.run([GenerationRequest(query_embeds=embeds, max_tokens=2)])
+        # The first forward pass pays for lazy initialisation (kernels, allocator): done before serving.
+        self.stage.run([GenerationRequest(query_embeds=np.zeros(self.stage.embeds_shape, dtype=np.float32),
+                                          max_tokens=2)])
 
     def parameter_stats(self) -> tuple[int, int]:
         return self.stage.loaded.parameter_count, self.stage.loaded.parameter_bytes
 
-    def parse(self, inputs: dict[str, np.ndarray | None]) -> list[Any]:
-        from .serving import generation_requests
-
-        return generation_requests(inputs)
-
-    def _string_input(self, request: Any, name: str) -> str | None:
-        tensor = self.pb.get_input_tensor_by_name(request, name)
-        if tensor is None:
-            return None
-        value = tensor.as_numpy().reshape(-1)[0]
-        return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-    def _send(self, sender: Any, *, error: Exception | None = None, text: str | None = None,
-              done: bool | None = None) -> None:
-        from .serving import text_output
-
+    def _send(self, sender: Any, *, error: Exception | None = None, text: str = "", done: bool | None = None) -> None:
         if error is not None:
             response = self.pb.InferenceResponse(error=_triton_error(self.pb, error, self.stage_name))
         else:
-            tensors = [self.pb.Tensor("text_output", text_output([text or ""]))]
+            tensors = [self.pb.Tensor("text_output", text_output([text]))]
             if done is not None:
                 tensors.append(self.pb.Tensor("_done", np.array([[done]], dtype=np.bool_)))
             response = self.pb.InferenceResponse(output_tensors=tensors)
         sender.send(response, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def execute(self, requests: list[Any]) -> None:  # type: ignore[override]
-        static: list[tuple[_RowsDone, list[Any]]] = []
         for request in requests:
             sender = request.get_response_sender()
             try:
-                work = self._accept(request, sender)
-            except InvalidRequestError as e:
-                self._send(sender, error=e)
-                continue
+                self._dispatch(parse_message(self._inputs(request)), request, sender)
             except Exception as e:
-                log.exception("llm: request failed")
+                if not isinstance(e, InvalidRequestError):
+                    log.exception("llm: request failed")
                 self._send(sender, error=e)
-                continue
-            if work is not None:
-                static.append(work)
-        if static:
-            self._run_static(static)
         return None
 
-    def _accept(self, request: Any, sender: Any) -> tuple[_RowsDone, list[Any]] | None:
-        """Hands a request to the engine (or answers a stream control message) and returns None; under the
-        static scheduler returns its rows and where their results go, for `_run_static`."""
-        from .engine import CancelledError, Job
+    def _dispatch(self, message: LlmMessage, request: Any, sender: Any) -> None:
+        from ..llm import CancelledError, Job
 
-        poll_id = self._string_input(request, "_poll_id")
-        if poll_id is not None:
-            self.streams.poll(poll_id, lambda text, done, error: self._send(sender, error=error, text=text,
-                                                                            done=done))
-            return None
-        cancel_id = self._string_input(request, "_cancel_id")
-        if cancel_id is not None:
-            if self.engine is not None:
-                self.engine.cancel(cancel_id)
-            self.streams.discard(cancel_id, CancelledError("request cancelled"))
-            self._send(sender, text="", done=True)
-            return None
-        stream_id = self._string_input(request, "_job_id")
-        rows = self.parse(self._inputs(request))
-        if stream_id is not None:
-            if len(rows) != 1:
-                raise InvalidRequestError(f"streaming: expected 1 row per request, got {len(rows)}")
-            self.streams.open(stream_id)
-            # Acknowledged at once: the front end's BLS call returns and it starts polling.
-            self._send(sender, text="", done=False)
-            if self.engine is None:
-                return (lambda _row, result: self._end_static_stream(stream_id, result)), rows
-            self.engine.submit([Job(
-                request=rows[0],
-                on_piece=lambda piece: self.streams.piece(stream_id, piece),
-                on_done=lambda result: self.streams.finish(stream_id, result),
-                job_id=stream_id,
-            )])
-            return None
-        responder = _Responder(self.pb, sender, len(rows))
-        if self.engine is None:
-            return responder.done, rows
-        self.engine.submit([
-            # Once a sibling row has failed the request is answered: the other rows stop at the next iteration.
-            Job(request=row, on_piece=None, on_done=lambda result, i=i: responder.done(i, result),
-                is_cancelled=request.is_cancelled, is_abandoned=lambda: responder.answered)
-            for i, row in enumerate(rows)
-        ])
-        return None
-
-    def _run_static(self, batch: list[tuple[_RowsDone, list[Any]]]) -> None:
-        # Plain dynamic batching: the whole Triton batch is generated before any of it is answered.
-        rows = [row for _, rs in batch for row in rs]
-        try:
-            results = self.stage.run(rows)
-        except Exception as e:
-            log.exception("llm: batch of %d rows failed", len(rows))
-            results = [e] * len(rows)
-        pos = 0
-        for done, rs in batch:
-            for i in range(len(rs)):
-                done(i, results[pos])
-                pos += 1
-
-    def _end_static_stream(self, stream_id: str, result: str | Exception) -> None:
-        # Generated whole: the text is the stream's one piece.
-        if isinstance(result, str):
-            self.streams.piece(stream_id, result)
-        self.streams.finish(stream_id, result)
+        match message:
+            case PollStream(stream_id):
+                self.streams.poll(stream_id, lambda text, done, error: self._send(sender, error=error, text=text,
+                                                                                  done=done))
+            case CancelStream(stream_id):
+                self.engine.cancel(stream_id)
+                self.streams.discard(stream_id, CancelledError("request cancelled"))
+                self._send(sender, done=True)
+            case StartStream(stream_id, row):
+                self.streams.open(stream_id)
+                # Acknowledged at once: the front end's BLS call returns and it starts polling.
+                self._send(sender, done=False)
+                self.engine.submit([Job(request=row, on_piece=lambda piece: self.streams.piece(stream_id, piece),
+                                        on_done=lambda result: self.streams.finish(stream_id, result),
+                                        job_id=stream_id)])
+            case Generate(rows):
+                responder = _Responder(self.pb, sender, len(rows))
+                # Once a sibling row has failed the request is answered: the other rows stop at the next iteration.
+                self.engine.submit([
+                    Job(request=row, on_piece=None, on_done=lambda result, i=i: responder.done(i, result),
+                        is_cancelled=request.is_cancelled, is_abandoned=lambda: responder.answered)
+                    for i, row in enumerate(rows)
+                ])
 
     def finalize(self) -> None:
-        if self.engine is not None:
-            self.engine.stop()
+        self.engine.stop()
 
 
 class StreamModel:
@@ -471,8 +291,6 @@ class StreamModel:
 
     def initialize(self, args: dict[str, Any]) -> None:
         import uuid
-
-        from .serving import LLM_INPUTS
 
         configure_logging()
         params = parameters_from_model_config(json.loads(args["model_config"]))

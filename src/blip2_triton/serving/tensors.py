@@ -1,18 +1,14 @@
-"""Triton-facing glue without Triton: converts the numpy tensors of one Triton request into stage requests
-and stage results back into output arrays. `model_repository/*/1/model.py` only moves tensors in and out."""
+"""Numpy tensors of one Triton request -> stage requests, and stage results -> output arrays (no Triton import)."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from .errors import InvalidRequestError
-from .requests import GenerationRequest, ImageRequest
-
-log = logging.getLogger(__name__)
+from ..errors import InvalidRequestError
+from ..requests import GenerationRequest, ImageRequest
 
 CONTROL_DTYPES: dict[str, tuple[type, np.dtype]] = {
     "max_tokens": (int, np.dtype(np.int32)),

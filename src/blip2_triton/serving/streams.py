@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .errors import InvalidRequestError
+from ..errors import InvalidRequestError
 
 # text since the previous reply, whether the stream has ended, the error that ended it (or None)
 Reply = Callable[[str, bool, Exception | None], None]
