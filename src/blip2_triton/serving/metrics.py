@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 
@@ -25,9 +26,14 @@ class CacheMetrics:
         }
         self._metrics = {name: family.Metric(labels=labels) for name, family in self._families.items()}
         self._exported = {"hits_total": 0, "misses_total": 0, "evictions_total": 0}
+        self._lock = threading.Lock()
 
     def export(self, stats: Any) -> None:
-        # Counters only go up by increments, so send the change since the last export.
+        # Counters only go up by increments, so send the change since the last export (from one thread at a time).
+        with self._lock:
+            self._export(stats)
+
+    def _export(self, stats: Any) -> None:
         for name, value in (("hits_total", stats.hits), ("misses_total", stats.misses),
                             ("evictions_total", stats.evictions)):
             delta = value - self._exported[name]

@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import InvalidRequestError
 from ..options import ServerOptions, parameters_from_model_config
 from .control import CONTROL_INPUTS, CancelStream, Generate, LlmMessage, PollStream, StartStream, parse_message
-from .tensors import LLM_INPUTS, image_requests, run_grouped, text_output
+from .tensors import LLM_INPUTS, image_requests, text_output
 
 log = logging.getLogger("blip2_triton")
 
@@ -28,7 +28,7 @@ def configure_logging() -> None:
 
 
 class StageModel:
-    """`execute` for a stage: parse each request, run all rows as one batch, answer each request."""
+    """What the computing stages share: options from the model config, torch threads, loading, the size metric."""
 
     stage_name = ""
     input_names: tuple[str, ...] = ()
@@ -77,15 +77,6 @@ class StageModel:
     def parameter_stats(self) -> tuple[int, int]:
         raise NotImplementedError
 
-    def parse(self, inputs: dict[str, np.ndarray | None]) -> list[Any]:
-        raise NotImplementedError
-
-    def run_rows(self, rows: list[Any]) -> list[Any]:
-        raise NotImplementedError
-
-    def output_tensors(self, results: list[Any]) -> list[Any]:
-        raise NotImplementedError
-
     def _inputs(self, request: Any) -> dict[str, np.ndarray | None]:
         out: dict[str, np.ndarray | None] = {}
         for name in self.input_names:
@@ -93,30 +84,11 @@ class StageModel:
             out[name] = None if tensor is None else tensor.as_numpy()
         return out
 
-    def execute(self, requests: list[Any]) -> list[Any]:
-        grouped: list[list[Any] | InvalidRequestError] = []
-        for request in requests:
-            try:
-                grouped.append(self.parse(self._inputs(request)))
-            except InvalidRequestError as e:
-                grouped.append(e)
-        try:
-            results = run_grouped(grouped, self.run_rows)
-        except Exception:
-            # A failure outside per-request validation (OOM, a bug) fails this batch, not the server.
-            log.exception("%s: batch of %d requests failed", self.stage_name, len(requests))
-            error = self.pb.TritonError(f"{self.stage_name} stage failed; see server log")
-            return [self.pb.InferenceResponse(error=error) for _ in requests]
-        responses = []
-        for result in results:
-            if isinstance(result, InvalidRequestError):
-                responses.append(self.pb.InferenceResponse(error=_triton_error(self.pb, result, self.stage_name)))
-            else:
-                responses.append(self.pb.InferenceResponse(output_tensors=self.output_tensors(result)))
-        return responses
-
 
 class VisionModel(StageModel):
+    """The vision stage, answering each request from its pipeline's threads when its images are embedded: `execute`
+    only hands requests over, so one slow image never holds up the requests behind it."""
+
     stage_name = "vision"
     input_names = ("image",)
 
@@ -126,26 +98,45 @@ class VisionModel(StageModel):
         self.stage = VisionStage(options)
 
     def initialize(self, args: dict[str, Any]) -> None:
+        from ..compute_lock import available_cores
+        from ..vision.pipeline import VisionPipeline
         from .metrics import CacheMetrics
 
         super().initialize(args)
         self._cache_metrics = CacheMetrics(self.pb, args.get("model_name", ""))
         self._cache_metrics.export(self.stage.cache.stats())
+        config = json.loads(args["model_config"])
+        self.pipeline = VisionPipeline(self.stage, decode_threads=min(8, max(2, available_cores())),
+                                       max_batch=int(config.get("max_batch_size") or 16),
+                                       on_batch=lambda: self._cache_metrics.export(self.stage.cache.stats()))
 
     def parameter_stats(self) -> tuple[int, int]:
         return self.stage.loaded.parameter_count, self.stage.loaded.parameter_bytes
 
-    def parse(self, inputs: dict[str, np.ndarray | None]) -> list[Any]:
-        return image_requests(inputs)
+    def execute(self, requests: list[Any]) -> None:  # type: ignore[override]
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                rows = image_requests(self._inputs(request))
+            except InvalidRequestError as e:
+                self._answer(sender, [e])
+                continue
+            self.pipeline.submit(rows, lambda results, sender=sender: self._answer(sender, results))
+        # Cache hits are answered without a compute batch: their counters go out here.
+        self._cache_metrics.export(self.stage.cache.stats())
+        return None
 
-    def run_rows(self, rows: list[Any]) -> list[Any]:
-        try:
-            return self.stage.run(rows)
-        finally:
-            self._cache_metrics.export(self.stage.cache.stats())
+    def _answer(self, sender: Any, results: list[Any]) -> None:
+        error = next((r for r in results if isinstance(r, Exception)), None)
+        if error is not None:
+            response = self.pb.InferenceResponse(error=_triton_error(self.pb, error, self.stage_name))
+        else:
+            embeds = np.stack(results).astype(np.float32, copy=False)
+            response = self.pb.InferenceResponse(output_tensors=[self.pb.Tensor("_query_embeds", embeds)])
+        sender.send(response, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
-    def output_tensors(self, results: list[Any]) -> list[Any]:
-        return [self.pb.Tensor("_query_embeds", np.stack(results).astype(np.float32, copy=False))]
+    def finalize(self) -> None:
+        self.pipeline.stop()
 
 
 class _Responder:

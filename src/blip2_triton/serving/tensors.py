@@ -87,30 +87,3 @@ def generation_requests(inputs: Arrays) -> list[GenerationRequest]:
 
 def text_output(texts: list[str]) -> np.ndarray:
     return np.array([[t.encode("utf-8")] for t in texts], dtype=np.object_)
-
-
-def run_grouped(
-    grouped: list[list[Any] | InvalidRequestError],
-    run: Any,
-) -> list[list[Any] | InvalidRequestError]:
-    """Runs all rows of all Triton requests as one batch and regroups the results per request.
-
-    `grouped[i]` is request i's rows, or the error its inputs already raised. A row's error fails only the
-    request it belongs to; its neighbours in the dynamic batch get their results.
-    """
-    flat: list[Any] = []
-    for rows in grouped:
-        if not isinstance(rows, InvalidRequestError):
-            flat.extend(rows)
-    results = run(flat) if flat else []
-    out: list[list[Any] | InvalidRequestError] = []
-    pos = 0
-    for rows in grouped:
-        if isinstance(rows, InvalidRequestError):
-            out.append(rows)
-            continue
-        mine = results[pos:pos + len(rows)]
-        pos += len(rows)
-        error = next((r for r in mine if isinstance(r, InvalidRequestError)), None)
-        out.append(error if error is not None else mine)
-    return out

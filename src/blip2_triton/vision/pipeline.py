@@ -1,0 +1,209 @@
+"""The served vision stage: images decode on a pool of threads while one compute thread embeds whatever is ready.
+
+A request never waits for another's decoding: a huge image occupies one decoder thread while the others, and the
+model, go on with the rest. Decoders take the smallest waiting image first (waiting ones age into FIFO order), and the
+pixels being decoded at once stay under a budget, which bounds the memory decoded images take. Identical bytes in
+flight are decoded and embedded once.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import InvalidRequestError
+from ..requests import ImageRequest
+from .stage import VisionStage
+
+log = logging.getLogger(__name__)
+
+RowResult = np.ndarray | Exception
+# Receives one result per row of a submitted request, once all rows are done.
+OnDone = Callable[[list[RowResult]], None]
+
+
+def declared_pixels(data: bytes) -> int:
+    """Width x height from the file header (no decoding); 0 when unreadable (the decoder then fails fast)."""
+    try:
+        width, height = Image.open(io.BytesIO(data)).size
+        return int(width) * int(height)
+    except Exception:
+        return 0
+
+
+@dataclass(eq=False)
+class _Request:
+    rows: list[RowResult | None]
+    pending: int
+    on_done: OnDone
+
+
+@dataclass(eq=False)
+class _Decode:
+    key: object
+    request: ImageRequest
+    pixels: int
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+class DecodeQueue:
+    """Smallest image first among those that fit the pixel budget; an image that waited `aging_s` goes first."""
+
+    def __init__(self, budget_pixels: int, *, aging_s: float = 1.0) -> None:
+        self.budget_pixels, self.aging_s = budget_pixels, aging_s
+        self.in_flight = 0
+        self._waiting: list[_Decode] = []
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def put(self, task: _Decode) -> None:
+        with self._cond:
+            self._waiting.append(task)
+            self._cond.notify()
+
+    def _pick(self) -> _Decode | None:
+        now = time.monotonic()
+        fits = [t for t in self._waiting
+                if self.in_flight == 0 or self.in_flight + t.pixels <= self.budget_pixels]
+        if not fits:
+            return None
+        aged = [t for t in fits if now - t.queued_at >= self.aging_s]
+        return min(aged, key=lambda t: t.queued_at) if aged else min(fits, key=lambda t: t.pixels)
+
+    def get(self) -> _Decode | None:
+        """The next task (its pixels counted in flight until `done`), or None once closed."""
+        with self._cond:
+            while not self._closed:
+                task = self._pick()
+                if task is not None:
+                    self._waiting.remove(task)
+                    self.in_flight += task.pixels
+                    return task
+                self._cond.wait(timeout=self.aging_s)
+            return None
+
+    def done(self, task: _Decode) -> None:
+        with self._cond:
+            self.in_flight -= task.pixels
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+class VisionPipeline:
+    def __init__(self, stage: VisionStage, *, decode_threads: int = 2, max_batch: int = 16,
+                 budget_pixels: int | None = None, on_batch: Callable[[], None] | None = None) -> None:
+        self.stage = stage
+        self.max_batch = max_batch
+        # Called on the compute thread after every batch (metrics export).
+        self.on_batch = on_batch
+        self._decodes = DecodeQueue(budget_pixels or 2 * stage.options.max_image_pixels)
+        self._ready: queue.Queue[tuple[object, torch.Tensor] | None] = queue.Queue()
+        # Cache key (or a unique token without a cache) -> the rows waiting for that image.
+        self._waiters: dict[object, list[tuple[_Request, int]]] = {}
+        self._lock = threading.Lock()
+        self._unique = itertools.count()
+        self._threads = [threading.Thread(target=self._decode_loop, name=f"blip2-vision-decode-{i}", daemon=True)
+                         for i in range(decode_threads)]
+        self._threads.append(threading.Thread(target=self._compute_loop, name="blip2-vision-compute", daemon=True))
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, requests: list[ImageRequest], on_done: OnDone) -> None:
+        """Starts every row of one request; `on_done` gets their results (on a pipeline thread, or this one)."""
+        request = _Request([None] * len(requests), len(requests), on_done)
+        for row, image in enumerate(requests):
+            try:
+                key = self.stage.cache_key(image)
+            except InvalidRequestError as e:
+                self._resolve_row(request, row, e)
+                continue
+            cached = self.stage.cache.get(key) if key is not None else None
+            if cached is not None:
+                self._resolve_row(request, row, cached)
+                continue
+            token: object = key if key is not None else next(self._unique)
+            with self._lock:
+                joined = token in self._waiters
+                self._waiters.setdefault(token, []).append((request, row))
+            if joined:
+                self.stage.cache.count_hit()
+            else:
+                self._decodes.put(_Decode(token, image, declared_pixels(image.data)))
+
+    def stop(self) -> None:
+        self._decodes.close()
+        self._ready.put(None)
+        for thread in self._threads:
+            thread.join(timeout=10)
+
+    def _decode_loop(self) -> None:
+        while (task := self._decodes.get()) is not None:
+            try:
+                pixels = self.stage.prepare(task.request)
+            except Exception as e:
+                if not isinstance(e, InvalidRequestError):
+                    log.exception("decoding an image failed")
+                self._resolve(task.key, e)
+                continue
+            finally:
+                self._decodes.done(task)
+            self._ready.put((task.key, pixels))
+
+    def _compute_loop(self) -> None:
+        while (first := self._ready.get()) is not None:
+            batch = [first]
+            while len(batch) < self.max_batch:
+                try:
+                    item = self._ready.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._ready.put(None)
+                    break
+                batch.append(item)
+            keys = [key for key, _ in batch]
+            try:
+                embeds: list[RowResult] = list(self.stage.embed_pixels(torch.stack([p for _, p in batch])))
+            except Exception as e:
+                log.exception("vision batch of %d images failed", len(batch))
+                embeds = [e] * len(batch)
+            for key, result in zip(keys, embeds, strict=True):
+                if isinstance(result, np.ndarray) and isinstance(key, bytes):
+                    self.stage.cache.put(key, result)
+                self._resolve(key, result)
+            if self.on_batch is not None:
+                try:
+                    self.on_batch()
+                except Exception:
+                    log.exception("vision batch hook failed")
+
+    def _resolve(self, token: object, result: RowResult) -> None:
+        with self._lock:
+            waiters = self._waiters.pop(token, [])
+        for request, row in waiters:
+            self._resolve_row(request, row, result)
+
+    def _resolve_row(self, request: _Request, row: int, result: RowResult) -> None:
+        with self._lock:
+            request.rows[row] = result
+            request.pending -= 1
+            finished = request.pending == 0
+        if finished:
+            try:
+                request.on_done(request.rows)  # type: ignore[arg-type]
+            except Exception:
+                log.exception("answering a vision request failed")
