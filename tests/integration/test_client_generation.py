@@ -145,7 +145,8 @@ def test_health_and_metadata(url: str, protocol: str) -> None:
         inputs = {t.name: t.datatype for t in meta.inputs}
         assert inputs["image"] == "BYTES"
         assert inputs["max_tokens"] == "INT32"
-        assert {t.name: t.datatype for t in meta.outputs} == {"text_output": "BYTES"}
+        assert {t.name: t.datatype for t in meta.outputs} == {"text_output": "BYTES", "num_output_tokens": "INT32",
+                                                               "finish_reason": "BYTES"}
         # Streaming needs gRPC; over HTTP a clear error, not a hang.
         if protocol == "http":
             with pytest.raises(StreamingUnsupportedError, match="grpc"):

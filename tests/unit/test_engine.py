@@ -13,6 +13,7 @@ from blip2_triton.errors import InvalidRequestError
 from blip2_triton.llm import (
     AbandonedError,
     CancelledError,
+    Completion,
     EngineLimits,
     EngineObserver,
     InflightEngine,
@@ -28,14 +29,16 @@ from blip2_triton.vision import VisionStage
 class Collector:
     def __init__(self, count: int) -> None:
         self.results: dict[int, str | Exception] = {}
+        self.completions: dict[int, Completion | Exception] = {}
         self.pieces: dict[int, list[str]] = {i: [] for i in range(count)}
         self.count = count
         self.all_done = threading.Event()
 
     def job(self, i: int, request: GenerationRequest, *, stream: bool = True, **kwargs) -> Job:
-        def done(result: str | Exception) -> None:
+        def done(result: Completion | Exception) -> None:
             assert i not in self.results, "on_done must be called exactly once"
-            self.results[i] = result
+            self.results[i] = result.text if isinstance(result, Completion) else result
+            self.completions[i] = result
             if len(self.results) == self.count:
                 self.all_done.set()
 
@@ -183,8 +186,8 @@ def test_a_failed_step_answers_every_job_exactly_once(setup, sample_images) -> N
     everyone = threading.Event()
 
     def job(i: int, max_tokens: int) -> Job:
-        def done(result: str | Exception) -> None:
-            calls[i].append(result)
+        def done(result: Completion | Exception) -> None:
+            calls[i].append(result.text if isinstance(result, Completion) else result)
             if all(calls.values()):
                 everyone.set()
 
@@ -380,3 +383,54 @@ def test_cancels_for_finished_or_unknown_jobs_are_not_kept(setup) -> None:
         engine.stop()
     assert isinstance(collector.results[0], str)
     assert engine._cancel_flags == {}
+
+
+def test_completions_count_tokens_and_say_why_they_stopped(setup) -> None:
+    language, embeds, _ = setup
+    emb = next(iter(embeds.values()))
+    collector = Collector(2)
+    engine = InflightEngine(language)
+    try:
+        engine.submit([collector.job(0, GenerationRequest(query_embeds=emb, max_tokens=5)),
+                       collector.job(1, GenerationRequest(query_embeds=emb, max_tokens=3, beam_width=2))])
+        assert collector.all_done.wait(60)
+    finally:
+        engine.stop()
+    for i, limit in ((0, 5), (1, 3)):
+        completion = collector.completions[i]
+        assert isinstance(completion, Completion)
+        assert completion.text == collector.results[i]
+        assert (completion.finish_reason, completion.tokens) in (("length", limit), ("stop", completion.tokens))
+        assert completion.tokens <= limit
+        if completion.finish_reason == "stop":
+            assert completion.tokens < limit
+
+
+def test_beam_search_does_not_hold_up_greedy_rows(setup) -> None:
+    # Beam search runs whole, on its own thread: greedy requests submitted after it keep stepping meanwhile.
+    language, embeds, _ = setup
+    if not language.decoder_only:
+        pytest.skip("encoder-decoder requests are all generated whole")
+    emb = next(iter(embeds.values()))
+    order: list[str] = []
+    done = threading.Event()
+
+    def job(name: str, request: GenerationRequest) -> Job:
+        def finished(result: Completion | Exception) -> None:
+            assert isinstance(result, Completion), result
+            order.append(name)
+            if len(order) == 3:
+                done.set()
+
+        return Job(request=request, on_piece=None, on_done=finished)
+
+    engine = InflightEngine(language)
+    try:
+        engine.submit([job(f"beam{i}", GenerationRequest(query_embeds=emb, max_tokens=200, beam_width=8))
+                       for i in range(2)])
+        time.sleep(0.2)  # the beams are running
+        engine.submit([job("greedy", GenerationRequest(query_embeds=emb, max_tokens=4))])
+        assert done.wait(300)
+    finally:
+        engine.stop()
+    assert order[0] == "greedy", order

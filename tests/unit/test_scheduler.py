@@ -120,3 +120,13 @@ def test_the_static_policy_admits_only_into_an_empty_batch() -> None:
 def test_an_unknown_policy_is_refused() -> None:
     with pytest.raises(ValueError, match="policy must be one of inflight, static"):
         SchedulerConfig(policy="fifo")
+
+
+def test_a_sequence_says_why_it_stopped() -> None:
+    eos = {2}
+    ended = seq(max_tokens=5)
+    assert not ended.append(7, eos) and ended.append(2, eos)
+    assert (ended.generated, ended.finish_reason) == ([7], "stop")
+    cut = seq(max_tokens=2)
+    assert not cut.append(7, eos) and cut.append(8, eos)
+    assert (cut.generated, cut.finish_reason) == ([7, 8], "length")

@@ -2,7 +2,8 @@
 `runner` (model execution), `sampler` (next tokens), `engine` (the thread that connects them)."""
 
 from .engine import AbandonedError, CancelledError, EngineLimits, EngineObserver, InflightEngine, Job
+from .sequence import Completion
 from .stage import LanguageStage
 
-__all__ = ["AbandonedError", "CancelledError", "EngineLimits", "EngineObserver", "InflightEngine", "Job",
-           "LanguageStage"]
+__all__ = ["AbandonedError", "CancelledError", "Completion", "EngineLimits", "EngineObserver", "InflightEngine",
+           "Job", "LanguageStage"]

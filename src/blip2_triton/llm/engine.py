@@ -21,7 +21,7 @@ from ..errors import InvalidRequestError
 from ..requests import GenerationRequest
 from .batch import BatchState, Prefilled
 from .scheduler import Scheduler, SchedulerConfig
-from .sequence import Sequence
+from .sequence import Completion, Sequence
 from .stage import LanguageStage
 
 log = logging.getLogger(__name__)
@@ -40,14 +40,16 @@ class Job:
     request: GenerationRequest
     # Receives each new piece of text when streaming; the pieces concatenate to the final text.
     on_piece: Callable[[str], None] | None
-    # Receives the final text, or the exception that ended the job. Called exactly once.
-    on_done: Callable[[str | Exception], None]
+    # Receives the completion, or the exception that ended the job. Called exactly once.
+    on_done: Callable[[Completion | Exception], None]
     is_cancelled: Callable[[], bool] = lambda: False
     # A local check, made every iteration: whether the result can no longer reach anyone.
     is_abandoned: Callable[[], bool] = lambda: False
     # Set by callers that may cancel the job later through `InflightEngine.cancel` (the stream front end, whose
     # cancellation Triton does not pass on to the requests it makes).
     job_id: str | None = None
+    # The client's request id, for log lines about this job.
+    request_id: str = ""
     submitted_at: float = field(default_factory=time.monotonic)
     seq: Sequence | None = None
     sent: str = ""
@@ -252,7 +254,7 @@ class InflightEngine:
             return
         text = self.stage.text(job.seq)
         self._emit(job, text, final=True)
-        self._finish(job, text)
+        self._finish(job, Completion(text, len(job.seq.generated), job.seq.finish_reason))
 
     def _emit(self, job: Job, text: str, *, final: bool) -> None:
         if job.on_piece is None:
@@ -292,7 +294,7 @@ class InflightEngine:
         job.cancel_checked_at = now
         return CancelledError("request cancelled") if job.is_cancelled() else None
 
-    def _finish(self, job: Job, result: str | Exception) -> None:
+    def _finish(self, job: Job, result: Completion | Exception) -> None:
         if job.finished:
             return
         job.finished = True
@@ -302,7 +304,9 @@ class InflightEngine:
         if job.job_id is not None:
             with self._cancel_lock:
                 self._cancel_flags.pop(job.job_id, None)
-        outcome = "ok" if isinstance(result, str) else type(result).__name__
+        outcome = "ok" if isinstance(result, Completion) else type(result).__name__
+        if type(result) is CancelledError and job.seq is not None:
+            log.info("request %s: %s after %d tokens", job.request_id or "-", result, len(job.seq.generated))
         self._deferred.append(lambda: job.on_done(result))
         self._notify("on_finished", job, outcome)
 
@@ -375,7 +379,7 @@ class InflightEngine:
 
 def generate_batch(stage: LanguageStage, requests: list[GenerationRequest]) -> list[str | InvalidRequestError]:
     """`requests` as one static batch on the calling thread; an error that is not a request's own is raised."""
-    results: list[str | Exception] = [""] * len(requests)
+    results: list[Completion | Exception] = [Completion("", 0, "stop")] * len(requests)
     engine = InflightEngine(stage, threaded=False, limits=EngineLimits(
         policy="static", max_active=max(1, len(requests)), max_kv_tokens=2**62))
 
@@ -391,4 +395,4 @@ def generate_batch(stage: LanguageStage, requests: list[GenerationRequest]) -> l
     for result in results:
         if isinstance(result, Exception) and not isinstance(result, InvalidRequestError):
             raise result
-    return results  # type: ignore[return-value]
+    return [r.text if isinstance(r, Completion) else r for r in results]  # type: ignore[misc]

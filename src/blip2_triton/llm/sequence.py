@@ -15,6 +15,16 @@ if TYPE_CHECKING:
 _ids = itertools.count()
 
 
+@dataclass(frozen=True)
+class Completion:
+    """A finished generation: its text, how many tokens it generated and why it stopped."""
+
+    text: str
+    tokens: int
+    # "stop": the model ended it (EOS); "length": it reached max_tokens.
+    finish_reason: str
+
+
 @dataclass(eq=False)
 class Sequence:
     request: GenerationRequest
@@ -45,6 +55,11 @@ class Sequence:
         """Positions held in the KV cache between steps: the prompt and every generated token but the newest,
         which the next step feeds."""
         return len(self.prompt_ids) + len(self.generated) - 1
+
+    @property
+    def finish_reason(self) -> str:
+        # EOS is never kept, so a sequence that reached max_tokens was cut by the limit.
+        return "length" if len(self.generated) >= self.max_tokens else "stop"
 
     def append(self, token: int, eos_token_ids: set[int]) -> bool:
         """Records a sampled token; True when the sequence is complete (EOS, which is not kept, max_tokens, or

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 
@@ -45,6 +46,10 @@ class CacheMetrics:
         self._metrics["capacity_bytes"].set(stats.capacity_bytes)
 
 
+TTFT_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+DURATION_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
 class EngineMetrics:
     """The LLM engine's figures for capacity planning, as Triton custom metrics."""
 
@@ -73,6 +78,14 @@ class EngineMetrics:
         self._families = [pb_utils.MetricFamily(name=name, description=text, kind=kind) for name, text, kind in specs]
         self.m = {name: family.Metric(labels=labels) for (name, _, _), family in zip(specs, self._families,
                                                                                       strict=True)}
+        histograms = (
+            ("blip2_time_to_first_token_seconds", "Submission to first token in the LLM stage", TTFT_BUCKETS_S),
+            ("blip2_request_duration_seconds", "Submission to the last token in the LLM stage", DURATION_BUCKETS_S),
+        )
+        for name, text, buckets in histograms:
+            family = pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.HISTOGRAM)
+            self._families.append(family)
+            self.m[name] = family.Metric(labels=labels, buckets=list(buckets))
 
 
 def engine_observer(metrics: EngineMetrics) -> Any:
@@ -98,9 +111,12 @@ def engine_observer(metrics: EngineMetrics) -> Any:
         def on_first_token(self, seconds: float) -> None:
             metrics.m["blip2_time_to_first_token_us_total"].increment(int(seconds * 1e6))
             metrics.m["blip2_first_tokens_total"].increment(1)
+            metrics.m["blip2_time_to_first_token_seconds"].observe(seconds)
 
         def on_finished(self, job: Any, outcome: str) -> None:
             if outcome == "CancelledError":
                 metrics.m["blip2_requests_cancelled_total"].increment(1)
+            elif outcome == "ok":
+                metrics.m["blip2_request_duration_seconds"].observe(time.monotonic() - job.submitted_at)
 
     return Observer()

@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import InvalidRequestError
 from ..options import ServerOptions, parameters_from_model_config
 from .control import CONTROL_INPUTS, CancelStream, Generate, LlmMessage, PollStream, StartStream, parse_message
-from .tensors import LLM_INPUTS, image_requests, text_output
+from .tensors import LLM_INPUTS, completion_outputs, image_requests
 
 log = logging.getLogger("blip2_triton")
 
@@ -142,33 +142,34 @@ class VisionModel(StageModel):
 class _Responder:
     """Collects the rows of one Triton request and answers it once, when all rows are done (or one failed)."""
 
-    def __init__(self, pb: Any, sender: Any, rows: int) -> None:
+    def __init__(self, pb: Any, sender: Any, rows: int, request_id: str) -> None:
         import threading
 
-        self.pb, self.sender = pb, sender
-        self.results: list[str | None] = [None] * rows
+        self.pb, self.sender, self.request_id = pb, sender, request_id
+        self.results: list[Any] = [None] * rows
         self.remaining = rows
         self.answered = False
         self.lock = threading.Lock()
 
-    def done(self, index: int, result: str | Exception) -> None:
+    def done(self, index: int, result: Any) -> None:
         with self.lock:
             if self.answered:
                 return
             if isinstance(result, Exception):
-                response = self.pb.InferenceResponse(error=_triton_error(self.pb, result, "llm"))
+                response = self.pb.InferenceResponse(error=_triton_error(self.pb, result, "llm", self.request_id))
             else:
                 self.results[index] = result
                 self.remaining -= 1
                 if self.remaining:
                     return
-                texts = [r or "" for r in self.results]
-                response = self.pb.InferenceResponse(output_tensors=[self.pb.Tensor("text_output", text_output(texts))])
+                outputs = completion_outputs(self.results)
+                response = self.pb.InferenceResponse(
+                    output_tensors=[self.pb.Tensor(name, array) for name, array in outputs.items()])
             self.answered = True
         self.sender.send(response, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
 
-def _triton_error(pb: Any, error: Exception, stage: str) -> Any:
+def _triton_error(pb: Any, error: Exception, stage: str, request_id: str = "") -> Any:
     """The error a client sees: request errors with their message, anything else without details."""
     from ..llm.engine import CancelledError
 
@@ -176,7 +177,7 @@ def _triton_error(pb: Any, error: Exception, stage: str) -> Any:
         return pb.TritonError(str(error), pb.TritonError.INVALID_ARG)
     if isinstance(error, CancelledError):
         return pb.TritonError(str(error), pb.TritonError.CANCELLED)
-    log.error("%s stage failed: %r", stage, error)
+    log.error("request %s: %s stage failed: %r", request_id or "-", stage, error)
     return pb.TritonError(f"{stage} stage failed; see server log")
 
 
@@ -214,56 +215,64 @@ class LanguageModel(StageModel):
     def parameter_stats(self) -> tuple[int, int]:
         return self.stage.loaded.parameter_count, self.stage.loaded.parameter_bytes
 
-    def _send(self, sender: Any, *, error: Exception | None = None, text: str = "", done: bool | None = None) -> None:
-        if error is not None:
-            response = self.pb.InferenceResponse(error=_triton_error(self.pb, error, self.stage_name))
+    def _send(self, sender: Any, text: str = "", end: object | None = None, *, request_id: str = "") -> None:
+        """A stream control reply: text since the last one, and once the stream has ended its completion or error."""
+        from ..llm import Completion
+
+        if isinstance(end, Exception):
+            response = self.pb.InferenceResponse(error=_triton_error(self.pb, end, self.stage_name, request_id))
         else:
-            tensors = [self.pb.Tensor("text_output", text_output([text]))]
-            if done is not None:
-                tensors.append(self.pb.Tensor("_done", np.array([[done]], dtype=np.bool_)))
-            response = self.pb.InferenceResponse(output_tensors=tensors)
+            # Every reply carries every output (the counts are final once `_done`), as a BLS caller asks for all.
+            summary = end if isinstance(end, Completion) else Completion(text, 0, "")
+            outputs = completion_outputs([Completion(text, summary.tokens, summary.finish_reason)])
+            outputs["_done"] = np.array([[end is not None]], dtype=np.bool_)
+            response = self.pb.InferenceResponse(output_tensors=[self.pb.Tensor(k, v) for k, v in outputs.items()])
         sender.send(response, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def execute(self, requests: list[Any]) -> None:  # type: ignore[override]
         for request in requests:
             sender = request.get_response_sender()
+            request_id = request.request_id()
             try:
-                self._dispatch(parse_message(self._inputs(request)), request, sender)
+                self._dispatch(parse_message(self._inputs(request)), request, sender, request_id)
             except Exception as e:
                 if not isinstance(e, InvalidRequestError):
-                    log.exception("llm: request failed")
-                self._send(sender, error=e)
+                    log.exception("request %s: llm stage failed", request_id or "-")
+                self._send(sender, end=e, request_id=request_id)
         return None
 
-    def _dispatch(self, message: LlmMessage, request: Any, sender: Any) -> None:
-        from ..llm import CancelledError, Job
+    def _dispatch(self, message: LlmMessage, request: Any, sender: Any, request_id: str) -> None:
+        from ..llm import CancelledError, Completion, Job
 
         match message:
             case PollStream(stream_id):
-                self.streams.poll(stream_id, lambda text, done, error: self._send(sender, error=error, text=text,
-                                                                                  done=done))
+                self.streams.poll(stream_id, lambda text, end: self._send(sender, text, end, request_id=request_id))
             case CancelStream(stream_id):
                 self.engine.cancel(stream_id)
                 self.streams.discard(stream_id, CancelledError("request cancelled"))
-                self._send(sender, done=True)
+                self._send(sender, end=Completion("", 0, "cancelled"))
             case StartStream(stream_id, row):
                 self.streams.open(stream_id)
                 # Acknowledged at once: the front end's BLS call returns and it starts polling.
-                self._send(sender, done=False)
+                self._send(sender)
                 self.engine.submit([Job(request=row, on_piece=lambda piece: self.streams.piece(stream_id, piece),
                                         on_done=lambda result: self.streams.finish(stream_id, result),
-                                        job_id=stream_id)])
+                                        job_id=stream_id, request_id=request_id)])
             case Generate(rows):
-                responder = _Responder(self.pb, sender, len(rows))
+                responder = _Responder(self.pb, sender, len(rows), request_id)
                 # Once a sibling row has failed the request is answered: the other rows stop at the next iteration.
                 self.engine.submit([
                     Job(request=row, on_piece=None, on_done=lambda result, i=i: responder.done(i, result),
-                        is_cancelled=request.is_cancelled, is_abandoned=lambda: responder.answered)
+                        is_cancelled=request.is_cancelled, is_abandoned=lambda: responder.answered,
+                        request_id=request_id)
                     for i, row in enumerate(rows)
                 ])
 
     def finalize(self) -> None:
         self.engine.stop()
+
+
+STREAM_OUTPUTS = ("text_output", "num_output_tokens", "finish_reason")
 
 
 class StreamModel:
@@ -310,7 +319,7 @@ class StreamModel:
         return None
 
     def _llm(self, *tensors: Any) -> Any:
-        return self.pb.InferenceRequest(model_name=self.target, requested_output_names=["text_output", "_done"],
+        return self.pb.InferenceRequest(model_name=self.target, requested_output_names=[*STREAM_OUTPUTS, "_done"],
                                         inputs=list(tensors)).exec()
 
     def _control(self, name: str, job_id: str) -> Any:
@@ -342,12 +351,13 @@ class StreamModel:
             reply = self._llm(self._control("_poll_id", job_id))
             if reply.has_error():
                 return self._error(reply)
-            text = pb.get_output_tensor_by_name(reply, "text_output").as_numpy().reshape(-1)[0]
-            if text:
-                sender.send(pb.InferenceResponse(output_tensors=[
-                    pb.Tensor("text_output", np.array([[text]], dtype=np.object_))]))
             if bool(pb.get_output_tensor_by_name(reply, "_done").as_numpy().reshape(-1)[0]):
-                return None
+                # The last piece carries the token count and finish reason.
+                return pb.InferenceResponse(output_tensors=[
+                    pb.Tensor(name, pb.get_output_tensor_by_name(reply, name).as_numpy()) for name in STREAM_OUTPUTS])
+            text = pb.get_output_tensor_by_name(reply, "text_output").as_numpy()
+            if text.reshape(-1)[0]:
+                sender.send(pb.InferenceResponse(output_tensors=[pb.Tensor("text_output", text)]))
 
 
 def python_model(cls: Callable[[Any], Any]) -> type:

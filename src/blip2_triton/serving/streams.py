@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 
 from ..errors import InvalidRequestError
 
-# text since the previous reply, whether the stream has ended, the error that ended it (or None)
-Reply = Callable[[str, bool, Exception | None], None]
+# Text since the previous reply, and how the stream ended: None while it runs, else its result (an exception when it
+# failed or was cancelled).
+Reply = Callable[[str, object | None], None]
 
 
 class UnknownStreamError(InvalidRequestError):
@@ -29,8 +30,7 @@ class UnknownStreamError(InvalidRequestError):
 @dataclass
 class _Stream:
     pending: str = ""
-    done: bool = False
-    error: Exception | None = None
+    end: object | None = None
     waiter: Reply | None = None
     waiter_since: float = 0.0
     touched: float = field(default_factory=time.monotonic)
@@ -58,34 +58,33 @@ class StreamHub:
             self._streams[stream_id] = _Stream(touched=now)
 
     def piece(self, stream_id: str, text: str) -> None:
-        self._update(stream_id, text, None, done=False)
+        self._update(stream_id, text, None)
 
-    def finish(self, stream_id: str, result: str | Exception) -> None:
-        # The final text was already streamed piece by piece; only an error adds something here.
-        error = result if isinstance(result, Exception) else None
-        self._update(stream_id, "", error, done=True)
+    def finish(self, stream_id: str, result: object) -> None:
+        # The final text was already streamed piece by piece; the result says how it ended.
+        self._update(stream_id, "", result)
 
-    def _update(self, stream_id: str, text: str, error: Exception | None, *, done: bool) -> None:
+    def _update(self, stream_id: str, text: str, end: object | None) -> None:
         with self._lock:
             stream = self._streams.get(stream_id)
             if stream is None:  # cancelled or abandoned meanwhile
                 return
             stream.pending += text
-            stream.done = stream.done or done
-            stream.error = stream.error or error
+            if stream.end is None:
+                stream.end = end
             call = self._take(stream_id, stream) if stream.waiter is not None else None
         if call is not None:
             call()
 
     def _take(self, stream_id: str, stream: _Stream) -> Callable[[], None]:
         # Under the lock: hand the pending text to the waiting poll; forget a stream once its end is read.
-        waiter, text, done, error = stream.waiter, stream.pending, stream.done, stream.error
+        waiter, text, end = stream.waiter, stream.pending, stream.end
         assert waiter is not None
         stream.waiter, stream.pending = None, ""
         stream.touched = time.monotonic()
-        if done:
+        if end is not None:
             del self._streams[stream_id]
-        return lambda: waiter(text, done, error)
+        return lambda: waiter(text, end)
 
     def poll(self, stream_id: str, reply: Reply) -> None:
         with self._lock:
@@ -95,7 +94,7 @@ class StreamHub:
             if stream.waiter is not None:
                 raise InvalidRequestError(f"_poll_id: stream {stream_id!r} is already being polled")
             stream.waiter, stream.waiter_since = reply, time.monotonic()
-            call = self._take(stream_id, stream) if stream.pending or stream.done else None
+            call = self._take(stream_id, stream) if stream.pending or stream.end is not None else None
         if call is not None:
             call()
 
@@ -105,7 +104,7 @@ class StreamHub:
             stream = self._streams.pop(stream_id, None)
             waiter = stream.waiter if stream is not None else None
         if waiter is not None:
-            waiter("", True, error)
+            waiter("", error)
         return stream is not None
 
     def expire_polls(self) -> None:

@@ -87,3 +87,12 @@ def generation_requests(inputs: Arrays) -> list[GenerationRequest]:
 
 def text_output(texts: list[str]) -> np.ndarray:
     return np.array([[t.encode("utf-8")] for t in texts], dtype=np.object_)
+
+
+def completion_outputs(completions: list[Any]) -> dict[str, np.ndarray]:
+    """The LLM stage's outputs for finished rows (`llm.Completion`s): the text, and the optional extras."""
+    return {
+        "text_output": text_output([c.text for c in completions]),
+        "num_output_tokens": np.array([[c.tokens] for c in completions], dtype=np.int32),
+        "finish_reason": np.array([[c.finish_reason.encode()] for c in completions], dtype=np.object_),
+    }
