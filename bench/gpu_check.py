@@ -192,13 +192,13 @@ def engine_call(engine: Any, request: Any, timeout_s: float) -> str:
     from blip2_triton.llm import Job
 
     done = threading.Event()
-    box: list[str | Exception] = []
+    box: list[Any] = []
     engine.submit([Job(request=request, on_piece=None, on_done=lambda r: (box.append(r), done.set()))])
     if not done.wait(timeout_s):
         raise TimeoutError(f"the in-flight engine did not answer in {timeout_s:.0f} s")
     if isinstance(box[0], Exception):
         raise box[0]
-    return box[0]
+    return str(box[0].text)
 
 
 def inflight_latency(llm: Any, embeds: list[Any], tokens: int, runs: int) -> list[float]:
