@@ -33,7 +33,12 @@ class TritonServer:
         self.settings = settings or LaunchSettings()
         self.log_path = Path(log_path) if log_path else None
         # A wildcard bind is reached on loopback.
-        self.host = "127.0.0.1" if self.settings.host in WILDCARDS else self.settings.host
+        host = "127.0.0.1" if self.settings.host in WILDCARDS else self.settings.host
+        self.http_hostport = f"{host}:{self.settings.http_port}"
+        self.http_url = f"http://{self.http_hostport}"
+        self.grpc_url = f"{host}:{self.settings.grpc_port}"
+        self.metrics_url = f"http://{host}:{self.settings.metrics_port}/metrics"
+        self._endpoints = Endpoints((host, self.settings.http_port), self.metrics_url)
         # Why the watchdog ended the server (a dead stub), or None.
         self.fault: str | None = None
         self.fault_event = threading.Event()
@@ -42,22 +47,6 @@ class TritonServer:
         self._stop_lock = threading.Lock()
         self._stop_code: int | None = None
         self._log_file: BinaryIO | None = None
-
-    @property
-    def http_hostport(self) -> str:
-        return f"{self.host}:{self.settings.http_port}"
-
-    @property
-    def http_url(self) -> str:
-        return f"http://{self.http_hostport}"
-
-    @property
-    def grpc_url(self) -> str:
-        return f"{self.host}:{self.settings.grpc_port}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://{self.host}:{self.settings.metrics_port}/metrics"
 
     def start(self, *, interrupt: threading.Event | None = None) -> TritonServer:
         """Starts tritonserver and waits until it is ready; callable again after the server ended.
@@ -161,10 +150,9 @@ class TritonServer:
                 self._watchdog.stop()
                 self._watchdog = None
             if proc.poll() is None:
-                endpoints = Endpoints((self.host, self.settings.http_port), self.metrics_url)
                 # 0 also when the drained server had to be ended because idle client connections held it.
                 self._stop_code = drain_and_stop(
-                    proc, endpoints, quiet_s=self.settings.drain_quiet_s,
+                    proc, self._endpoints, quiet_s=self.settings.drain_quiet_s,
                     exit_timeout_s=timeout_s if timeout_s is not None else self.settings.exit_timeout_s,
                 )
             self._close_log()

@@ -42,6 +42,8 @@ def setting(default: Any, env: str, help: str, *, shown: str | None = None, secr
 def _parse(kind: str, raw: str) -> Any:
     if kind == "int":
         return int(raw)
+    if kind == "float":
+        return float(raw)
     if kind == "bool":
         return raw.strip().lower() not in ("0", "false", "no", "off")
     if kind.startswith("tuple"):
@@ -77,8 +79,10 @@ class LaunchSettings:
     with_t5: bool = False
     options: Mapping[str, str] = field(default_factory=dict)
     env: Mapping[str, str] = field(default_factory=dict)
+    startup_timeout_s: float = setting(1800.0, "BLIP2_STARTUP_TIMEOUT_S", "seconds tritonserver may take to become "
+                                       "ready, checkpoint download included")
     restrict_admin_apis: bool = True
-    startup_timeout_s: float = 1800.0
+    # The restart budget of `lifecycle.supervise`: at most `max_restarts` within `restart_window_s`.
     max_restarts: int = 0
     restart_window_s: float = 600.0
     watchdog_interval_s: float = 0.5
