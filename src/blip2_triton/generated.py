@@ -1,7 +1,8 @@
 """Repository text generated from code, between `>>> generated: <block>` and `<<< generated` comment lines: the
-inputs the ensembles, stream front ends and LLM stages share (config.pbtxt, from `serving.LLM_INPUTS`) and README's
-settings tables (from `ServerOptions` and `LaunchSettings`). `python -m blip2_triton.generated --write` rewrites
-them; `--check` (run by a unit test) fails when a file differs."""
+inputs the ensembles, stream front ends and LLM stages share (config.pbtxt, from `serving.LLM_INPUTS` and
+`serving.control.CONTROL_INPUTS`) and README's settings tables (from `ServerOptions` and `LaunchSettings`).
+`python -m blip2_triton.generated --write` rewrites them; `--check` (run by a unit test) fails when a file
+differs."""
 
 from __future__ import annotations
 
@@ -13,11 +14,10 @@ from pathlib import Path
 
 from .options import ServerOptions
 from .serving import CONTROL_DTYPES, LLM_INPUTS
+from .serving.control import CONTROL_INPUTS
 from .supervisor.settings import PACKAGE_ROOT, LaunchSettings
 
 TRITON_TYPES = {"int32": "TYPE_INT32", "float32": "TYPE_FP32", "uint64": "TYPE_UINT64"}
-# Stream control inputs of the LLM stages, read by triton_model.LanguageModel.
-STREAM_INPUTS = ("_job_id", "_poll_id", "_cancel_id")
 COMMENTS = {
     "_query_embeds": "Optional only so that stream control messages (_poll_id or _cancel_id alone) are accepted;\n"
                      "generation requires it.",
@@ -52,7 +52,7 @@ def _table(rows: list[tuple[str, str, str]], *extra: str) -> list[str]:
 
 BLOCKS: dict[str, Callable[[], list[str]]] = {
     "public_inputs": lambda: _inputs(["image", *(n for n in LLM_INPUTS if not n.startswith("_"))]),
-    "llm_inputs": lambda: _inputs([*LLM_INPUTS, *STREAM_INPUTS]),
+    "llm_inputs": lambda: _inputs([*LLM_INPUTS, *CONTROL_INPUTS]),
     "llm_input_map": lambda: [f'input_map {{ key: "{n}" value: "{n}" }}' for n in LLM_INPUTS],
     "options": lambda: _table(ServerOptions.documented(), "| `BLIP2_T5_*` | as above | the same options for the "
                               "FlanT5 models (`BLIP2_T5_MODEL_ID`, `BLIP2_T5_DTYPE`, ...) |"),
