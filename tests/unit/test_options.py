@@ -115,6 +115,7 @@ def test_launch_settings_from_the_environment() -> None:
     assert settings.extra_args == ("--a=1", "--b", "c d") and str(settings.model_repository) == "/srv/repo"
     assert settings.host == "0.0.0.0" and LaunchSettings().host == "127.0.0.1", "serving binds all interfaces"
     assert settings.admin_key == "k" and LaunchSettings.from_env({"BLIP2_WATCHDOG": "1"}).watchdog
+    assert LaunchSettings.from_env({"BLIP2_STARTUP_TIMEOUT_S": "90.5"}).startup_timeout_s == 90.5
     with pytest.raises(LauncherError, match="TRITON_GRPC_PORT: expected int, got 'x'"):
         LaunchSettings.from_env({"TRITON_GRPC_PORT": "x"})
     with pytest.raises(LauncherError, match=r"not stage options: \['dtpye', 'model_id'\]"):
