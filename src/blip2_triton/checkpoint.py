@@ -8,7 +8,6 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,16 +29,6 @@ from .options import ServerOptions
 from .packed_linear import PACKABLE_DTYPES, pack_linears
 
 log = logging.getLogger(__name__)
-
-# Pickle weights (`pytorch_model.bin`) can run arbitrary code while loading; only safetensors are read unless
-# the operator opts in for a checkpoint they trust. Checkpoint code (`trust_remote_code`) is never run.
-ALLOW_PICKLE_ENV = "BLIP2_ALLOW_PICKLE"
-
-
-def pickle_allowed(env: Mapping[str, str] | None = None) -> bool:
-    value = (os.environ if env is None else env).get(ALLOW_PICKLE_ENV, "")
-    return value.strip().lower() in ("1", "true", "yes")
-
 
 def _has_only_pickle_weights(source: str) -> bool:
     path = Path(source)
@@ -213,13 +202,13 @@ def load_stage(stage: str, options: ServerOptions) -> LoadedStage:
     dtype = resolve_dtype(options.dtype, device)
     quant = quantization_config(options, dtype)
     cls = Blip2VisionStageModel if stage == "vision" else Blip2LanguageStageModel
-    allow_pickle = pickle_allowed()
-    # None lets transformers fall back to .bin when no safetensors exist; True refuses it.
+    # Pickle weights (`pytorch_model.bin`) can run code while loading: safetensors only unless the operator opts in
+    # for a checkpoint they trust (None lets transformers fall back to .bin). Checkpoint code is never run.
+    allow_pickle = options.allow_pickle
     kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": None if allow_pickle else True,
                               "trust_remote_code": False}
     if allow_pickle:
-        log.warning("%s=1: pickle (.bin) weights may be loaded; only do this for checkpoints you trust",
-                    ALLOW_PICKLE_ENV)
+        log.warning("allow_pickle: pickle (.bin) weights may be loaded; only do this for checkpoints you trust")
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": device.index if device.type == "cuda" and device.index is not None
@@ -231,8 +220,8 @@ def load_stage(stage: str, options: ServerOptions) -> LoadedStage:
         if not allow_pickle and _has_only_pickle_weights(source):
             raise ConfigurationError(
                 f"checkpoint {source!r} has only pickle (.bin) weights, which are refused because loading them can "
-                f"run code; convert them to safetensors, or set {ALLOW_PICKLE_ENV}=1 (unsafe) for a trusted "
-                "checkpoint"
+                "run code; convert them to safetensors, or set BLIP2_ALLOW_PICKLE=1 (unsafe; BLIP2_T5_ALLOW_PICKLE for "
+                "FlanT5) for a trusted checkpoint"
             ) from e
         raise ConfigurationError(f"cannot load BLIP-2 checkpoint {source!r}: {e}") from e
     if quant is None:

@@ -21,8 +21,9 @@ import pytest
 from blip2_client import Blip2Client, ServerUnavailableError
 from triton_helpers import Clients, start_server, tritonserver_children
 
-from blip2_triton.launcher import free_port
-from blip2_triton.watchdog import StubWatchdog, kill_server, process_state, stub_processes
+from blip2_triton.supervisor import free_port
+from blip2_triton.supervisor.processes import kill_server, running, stub_processes
+from blip2_triton.supervisor.watchdog import StubWatchdog
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +45,7 @@ def http_status(url: str, timeout_s: float = 2.0) -> int:
 
 def gone(pid: int) -> bool:
     # Exited; a zombie waiting for its new parent to reap it counts.
-    return process_state(pid) in (None, "Z", "X")
+    return not running(pid)
 
 
 def stub_of(server_pid: int, model: str) -> Any:
@@ -204,7 +205,7 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(
 ) -> None:
     server = start_server(server_log_dir, "drain", model_repository=busy_repository, model_id=str(tiny_model_dir),
                           env={"ROBUSTNESS_TEST_VISION_BUSY_S": "1.5"})
-    exit_timeout = server.exit_timeout_s
+    exit_timeout = server.settings.exit_timeout_s
     data = sample_images["rgb_jpeg"]
     jobs = [(protocol, prompt) for protocol in ("grpc", "http") for prompt in (None, VQA) for _ in range(2)]
     clients = {p: Clients(p, server) for p in ("grpc", "http")}

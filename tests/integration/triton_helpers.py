@@ -1,14 +1,19 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from blip2_triton.launcher import TritonServer, free_port
+from blip2_triton.options import ServerOptions
+from blip2_triton.supervisor import LaunchSettings, TritonServer
+
+STAGE_OPTIONS = {f.name for f in fields(ServerOptions)} - {"model_id"}
 
 DTYPES = {
     "max_tokens": ("INT32", np.int32),
@@ -84,17 +89,11 @@ def model_stats(http_hostport: str, model: str) -> tuple[int, int]:
     return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
 
 
-def start_server(log_dir: Path, name: str, **kwargs: object) -> TritonServer:
-    server = TritonServer(
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        startup_timeout_s=300,
-        exit_timeout_s=10,
-        log_path=log_dir / f"{name}.log",
-        **kwargs,  # type: ignore[arg-type]
-    )
-    return server.start()
+def start_server(log_dir: Path, name: str, **settings: Any) -> TritonServer:
+    """A started server on free ports with short timeouts; `settings` are LaunchSettings fields or stage options."""
+    options = {key: str(settings.pop(key)) for key in list(settings) if key in STAGE_OPTIONS}
+    launch = LaunchSettings.on_free_ports(startup_timeout_s=300, exit_timeout_s=10, options=options, **settings)
+    return TritonServer(launch, log_path=log_dir / f"{name}.log").start()
 
 
 def engine_counts(server: Any, llm_model: str) -> tuple[float, float]:
@@ -116,13 +115,10 @@ def engine_counts(server: Any, llm_model: str) -> tuple[float, float]:
 def tritonserver_children(pid: int) -> list[int]:
     """Pids of the live (not zombie) tritonserver processes whose parent is `pid`."""
     found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            state, ppid = stat.rpartition(")")[2].split()[:2]
-            if "(tritonserver)" in stat and int(ppid) == pid and state != "Z":
-                found.append(int(entry.name))
+    for child in psutil.Process(pid).children():
+        try:
+            if child.name() == "tritonserver" and child.status() != psutil.STATUS_ZOMBIE:
+                found.append(child.pid)
+        except psutil.NoSuchProcess:
+            continue
     return found

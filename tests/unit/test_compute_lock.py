@@ -177,16 +177,11 @@ def test_cpu_threads_and_stages_options_are_validated() -> None:
         ServerOptions.resolve({"cpu_stages": "0"}, env={})
 
 
-def _server_env(monkeypatch, shell: dict[str, str], *, with_t5: bool, extra: dict[str, str] | None = None
-                ) -> dict[str, str]:
-    from blip2_triton.launcher import TritonInstall, TritonServer
+def _server_env(shell: dict[str, str], *, with_t5: bool, extra: dict[str, str] | None = None) -> dict[str, str]:
+    from blip2_triton.supervisor import LaunchSettings, TritonInstall, stage_environment
 
-    for name in ("BLIP2_CPU_STAGES", "BLIP2_T5_CPU_STAGES"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in shell.items():
-        monkeypatch.setenv(name, value)
-    server = TritonServer(with_t5=with_t5, env=extra)
-    return server.environment(TritonInstall(binary=Path("tritonserver"), backend_directory=None, env={}))
+    install = TritonInstall(binary=Path("tritonserver"), backend_directory=None, env={})
+    return stage_environment(LaunchSettings(with_t5=with_t5, env=extra or {}), install, shell)
 
 
 @pytest.mark.parametrize(
@@ -201,9 +196,9 @@ def _server_env(monkeypatch, shell: dict[str, str], *, with_t5: bool, extra: dic
     ],
 )
 def test_the_launcher_tells_the_stages_how_many_share_the_cores(
-        monkeypatch, shell: dict[str, str], extra: dict[str, str] | None, with_t5: bool,
+        shell: dict[str, str], extra: dict[str, str] | None, with_t5: bool,
         stages: tuple[str | None, str | None]) -> None:
-    env = _server_env(monkeypatch, shell, with_t5=with_t5, extra=extra)
+    env = _server_env(shell, with_t5=with_t5, extra=extra)
     assert (env.get("BLIP2_CPU_STAGES") or None, env.get("BLIP2_T5_CPU_STAGES") or None) == stages
 
 

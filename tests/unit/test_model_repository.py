@@ -85,3 +85,42 @@ def test_llm_stages_run_exactly_one_instance() -> None:
     for config in (_read("blip2_llm"), t5.read_text()):
         assert re.findall(r"instance_group \[ \{ count: (\d+)", config) == ["1"]
         assert "model_transaction_policy" not in config
+
+
+def test_generated_text_is_up_to_date() -> None:
+    from blip2_triton.generated import sync
+
+    assert sync(REPO.parent, write=False) == []
+
+
+def test_a_hand_edited_block_is_caught(tmp_path: Path) -> None:
+    from blip2_triton.generated import FILES, sync
+
+    for relative in FILES:
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_text((REPO.parent / relative).read_text())
+    llm = tmp_path / "model_repository_t5" / "blip2_t5_llm" / "config.pbtxt"
+    llm.write_text(llm.read_text().replace('"seed" data_type: TYPE_UINT64', '"seed" data_type: TYPE_INT64'))
+    ensemble = tmp_path / "model_repository" / "blip2" / "config.pbtxt"
+    ensemble.write_text(ensemble.read_text().replace("  # <<< generated\n", "  # end\n", 1))
+    assert sync(tmp_path, write=False) == [
+        "model_repository/blip2/config.pbtxt: generated blocks ('llm_input_map',), expected ('public_inputs', "
+        "'llm_input_map')",
+        "model_repository_t5/blip2_t5_llm/config.pbtxt: out of date; run python -m blip2_triton.generated --write",
+    ]
+    assert sync(tmp_path, write=True) == sync(tmp_path, write=False) == [sync(tmp_path, write=False)[0]]
+    assert llm.read_text() == (REPO.parent / "model_repository_t5" / "blip2_t5_llm" / "config.pbtxt").read_text()
+
+
+def test_config_parameters_only_where_a_model_differs() -> None:
+    # Defaults live in ServerOptions; a parameter repeating one would drift from it.
+    from dataclasses import fields
+
+    from blip2_triton.options import ServerOptions
+
+    defaults = {f.name: str(f.default) for f in fields(ServerOptions)}
+    per_model = {"env_prefix", "vision_model", "llm_model"}
+    for config in REPO.parent.glob("model_repository*/*/config.pbtxt"):
+        text = config.read_text()
+        for key, value in re.findall(r'parameters: \{ key: "(\w+)" value: \{ string_value: "([^"]*)" \} \}', text):
+            assert key in per_model or (key in defaults and value != defaults[key]), (config, key, value)

@@ -96,3 +96,27 @@ def test_checkpoint_without_image_token_index_is_a_configuration_error(tiny_mode
     loaded.config.image_token_id = None  # as in configs saved by older transformers releases
     with pytest.raises(ConfigurationError, match="no image_token_index"):
         LanguageStage(options, loaded)
+
+
+def test_boolean_options_and_the_t5_prefix() -> None:
+    assert ServerOptions.resolve({}, env={"BLIP2_ALLOW_PICKLE": "on"}).allow_pickle is True
+    t5 = {"env_prefix": "BLIP2_T5_", "tiny_family": "t5"}
+    options = ServerOptions.resolve(t5, env={"BLIP2_DTYPE": "float16", "BLIP2_T5_DTYPE": "bfloat16"})
+    assert (options.dtype, options.tiny_family) == ("bfloat16", "t5")
+
+
+def test_launch_settings_from_the_environment() -> None:
+    from blip2_triton.supervisor import LauncherError, LaunchSettings
+
+    env = {"TRITON_HTTP_PORT": "9000", "BLIP2_TRITON_ARGS": "--a=1 --b 'c d'", "BLIP2_WATCHDOG": "0",
+           "BLIP2_MODEL_REPOSITORY": "/srv/repo", "TRITON_HOST": "", "TRITON_ADMIN_KEY": "k"}
+    settings = LaunchSettings.from_env(env, max_restarts=2)
+    assert (settings.http_port, settings.grpc_port, settings.watchdog, settings.max_restarts) == (9000, 8001, False, 2)
+    assert settings.extra_args == ("--a=1", "--b", "c d") and str(settings.model_repository) == "/srv/repo"
+    assert settings.host == "0.0.0.0" and LaunchSettings().host == "127.0.0.1", "serving binds all interfaces"
+    assert settings.admin_key == "k" and LaunchSettings.from_env({"BLIP2_WATCHDOG": "1"}).watchdog
+    assert LaunchSettings.from_env({"BLIP2_STARTUP_TIMEOUT_S": "90.5"}).startup_timeout_s == 90.5
+    with pytest.raises(LauncherError, match="TRITON_GRPC_PORT: expected int, got 'x'"):
+        LaunchSettings.from_env({"TRITON_GRPC_PORT": "x"})
+    with pytest.raises(LauncherError, match=r"not stage options: \['dtpye', 'model_id'\]"):
+        LaunchSettings(options={"dtpye": "float16", "model_id": "m"})

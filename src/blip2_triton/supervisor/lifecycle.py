@@ -1,0 +1,80 @@
+"""The one supervision loop, for `blip2-triton serve` and the container (whose entrypoint runs it as PID 1):
+start tritonserver, drain it on SIGTERM/SIGINT, restart it after a fault within a budget, else exit."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+
+from .server import TritonServer
+from .settings import LauncherError, LaunchSettings, StartupInterruptedError
+
+# Exit status after a stub died: EX_SOFTWARE, apart from Triton's own failures (1) and signals (128+n).
+FAULT_EXIT_CODE = 70
+
+
+def exit_status(code: int) -> int:
+    return 128 - code if code < 0 else code
+
+
+def _say(message: str) -> None:
+    print(f"blip2-triton: {message}", file=sys.stderr, flush=True)
+
+
+def _failure_code(server: TritonServer) -> int:
+    if server.fault:
+        return FAULT_EXIT_CODE
+    code = server.process.returncode if server.process is not None else None
+    return exit_status(code) if code else 1
+
+
+def supervise(server: TritonServer, stop: threading.Event) -> int:
+    """Serves until `stop` is set (drain; 0) or tritonserver ends past `max_restarts` (its failure status)."""
+    settings = server.settings
+    restarts: list[float] = []
+    while True:
+        try:
+            server.start(interrupt=stop)
+            _say(f"ready  http={server.http_url}  grpc={server.grpc_url}  metrics={server.metrics_url}")
+        except StartupInterruptedError:
+            _say("stopped during startup")
+            return 0
+        except LauncherError as e:
+            _say(str(e))
+            if server.process is None or (not restarts and not settings.max_restarts):
+                return 1  # no process at all (no tritonserver or stub found), or no budget: restarting cannot help
+        process = server.process
+        while not stop.is_set() and process.poll() is None:
+            stop.wait(0.2)
+        if process.poll() is None:
+            _say("stopping (draining in-flight requests)")
+            code = server.stop()
+            return 0 if code in (0, -signal.SIGTERM) else exit_status(int(code or 1))
+        _say(server.fault or f"tritonserver exited with code {process.returncode}")
+        now = time.monotonic()
+        restarts = [t for t in restarts if now - t < settings.restart_window_s]
+        if stop.is_set() or len(restarts) >= settings.max_restarts:
+            if settings.max_restarts and not stop.is_set():
+                _say(f"{len(restarts)} restarts within {settings.restart_window_s:.0f} s; giving up")
+            server.stop()
+            return _failure_code(server)
+        restarts.append(now)
+        _say(f"restarting tritonserver ({len(restarts)}/{settings.max_restarts} within "
+             f"{settings.restart_window_s:.0f} s)")
+        # Backoff: a server that fails at once would otherwise spin through its restarts in seconds.
+        if stop.wait(min(2.0 ** (len(restarts) - 1), 30.0)):
+            server.stop()
+            return _failure_code(server)
+
+
+def serve(settings: LaunchSettings) -> int:
+    """`supervise` with SIGTERM and SIGINT as the stop request (as PID 1 nothing handles them by default)."""
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return supervise(TritonServer(settings), stop)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
