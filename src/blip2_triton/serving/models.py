@@ -43,7 +43,8 @@ class StageModel:
         self._set_threads(args.get("model_name", ""))
         self.load(self.options)
         count, nbytes = self.parameter_stats()
-        log.info("%s: model instance ready, %d parameters, %d bytes", args.get("model_name"), count, nbytes)
+        log.info("%s: model instance ready in pid %d, %d parameters, %d bytes", args.get("model_name"), os.getpid(),
+                 count, nbytes)
         family = self.pb.MetricFamily(
             name="blip2_stage_parameters",
             description="Parameters held by this stage process (logical element count)",
@@ -298,6 +299,7 @@ class StreamModel:
         self.target = params.get("llm_model") or "blip2_llm"
         self.input_names = LLM_INPUTS
         self._uuid = uuid.uuid4
+        log.info("%s: model instance ready in pid %d", args.get("model_instance_name"), os.getpid())
 
     def _inputs(self, request: Any, names: tuple[str, ...]) -> list[Any]:
         tensors = (self.pb.get_input_tensor_by_name(request, n) for n in names)
@@ -376,11 +378,10 @@ def python_model(cls: Callable[[Any], Any]) -> type:
             import gc
 
             log.info("%s stage unloading", self.impl.stage_name)
-            finalize = getattr(self.impl, "finalize", None)
-            if finalize is not None:
-                finalize()
-            # Custom metric families must die now: destroyed later, at interpreter exit, they write to the
-            # stub's shared memory after it is gone and the stub segfaults (MetricFamily::~MetricFamily).
+            if hasattr(self.impl, "finalize"):
+                self.impl.finalize()  # no bound method kept in a local: it would keep the model alive below
+            # Custom metrics must die now: destroyed later, at interpreter exit, they write to the stub's shared
+            # memory after it is gone and the stub segfaults (Metric::SaveToSharedMemory).
             del self.impl
             gc.collect()
 
