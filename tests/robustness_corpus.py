@@ -13,7 +13,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-MAX_IMAGE_PIXELS = 40_000_000
+MAX_IMAGE_PIXELS = 24_000_000
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 
 
@@ -111,7 +111,7 @@ def good_images() -> dict[str, bytes]:
         # One scan, and a comment full of FF DA bytes (metadata, not scans).
         "jpeg_comment_with_sos_bytes": jpeg_with_comment(
             _encode(Image.fromarray(_pattern(80, 60, 57)), "JPEG", quality=90), b"\xff\xda" * 32000),
-        # Large but legal: 20 MP (half the default pixel limit); smooth so the file stays small.
+        # Large but legal: 20 MP (under the 24 MP default); smooth so the file stays small.
         "large_20mp_jpeg": _encode(Image.fromarray(_smooth(5000, 4000)), "JPEG", quality=80),
     }
 

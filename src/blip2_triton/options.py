@@ -53,8 +53,13 @@ class ServerOptions:
     default_max_tokens: int = option(30, "`max_tokens` when a request sends none")
     max_max_tokens: int = option(256, "largest accepted `max_tokens`")
     max_image_bytes: int = option(20 * 1024 * 1024, "largest accepted encoded image", shown="20 MiB")
-    max_image_pixels: int = option(40_000_000, "largest accepted width × height (from the header, before decoding)",
-                                   shown="40 M")
+    max_image_pixels: int = option(24_000_000, "largest accepted width × height (from the header, before decoding):"
+                                   " 24 MP covers phone photos and most cameras; BLIP-2 sees 224 px anyway",
+                                   shown="24 M")
+    max_request_pixels: int = option(100_000_000, "largest width × height summed over the rows of one request",
+                                     shown="100 M")
+    decode_threads: int = option(0, "vision stage: threads decoding images beside the model; `0`: the usable cores, "
+                                 "2 to 8", shown="`0` (automatic)")
     max_prompt_tokens: int = option(256, "longest accepted prompt, in text tokens")
     max_beam_width: int = option(8, "largest accepted `beam_width`")
     tiny_family: str = option("opt", "embedded tiny checkpoint served when `model_id` is empty: `opt`, `t5`")
@@ -95,11 +100,13 @@ class ServerOptions:
             if value not in allowed:
                 raise ConfigurationError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         for name in ("default_max_tokens", "max_max_tokens", "max_image_bytes", "max_image_pixels",
-                     "max_prompt_tokens", "max_beam_width", "max_active_sequences", "max_kv_tokens", "cpu_stages"):
+                     "max_request_pixels", "max_prompt_tokens", "max_beam_width", "max_active_sequences",
+                     "max_kv_tokens", "cpu_stages"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.cpu_threads < 0:
-            raise ConfigurationError(f"cpu_threads must be >= 0 (0: automatic), got {self.cpu_threads}")
+        for name in ("cpu_threads", "decode_threads"):
+            if getattr(self, name) < 0:
+                raise ConfigurationError(f"{name} must be >= 0 (0: automatic), got {getattr(self, name)}")
         if self.default_max_tokens > self.max_max_tokens:
             raise ConfigurationError(
                 f"default_max_tokens ({self.default_max_tokens}) exceeds max_max_tokens ({self.max_max_tokens})"

@@ -158,3 +158,28 @@ def test_an_image_larger_than_the_budget_runs_alone() -> None:
     assert q.get() is huge
     q.close()
     assert q.get() is None
+
+
+def test_a_request_over_its_pixel_budget_fails_whole_before_decoding(tiny_model_dir, monkeypatch) -> None:
+    from PIL import Image
+
+    def png(width: int, height: int) -> bytes:
+        buffer = __import__("io").BytesIO()
+        Image.new("1", (width, height)).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    stage = VisionStage(ServerOptions(model_id=str(tiny_model_dir), max_request_pixels=1_000_000))
+    decoded: list[bytes] = []
+    real = stage.prepare
+    monkeypatch.setattr(stage, "prepare", lambda request: (decoded.append(request.data), real(request))[1])
+    pipeline = VisionPipeline(stage, decode_threads=1)
+    results = Results()
+    try:
+        pipeline.submit([ImageRequest(png(800, 800)), ImageRequest(png(800, 800))], results.on_done("big"))
+        pipeline.submit([ImageRequest(png(800, 800))], results.on_done("ok"))
+        big, ok = results.wait("big"), results.wait("ok")
+    finally:
+        pipeline.stop()
+    assert all(isinstance(row, InvalidRequestError) for row in big)
+    assert "expected at most 1000000 pixels in one request, got 1280000" in str(big[0])
+    assert isinstance(ok[0], np.ndarray) and len(decoded) == 1

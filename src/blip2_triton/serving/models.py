@@ -107,7 +107,8 @@ class VisionModel(StageModel):
         self._cache_metrics = CacheMetrics(self.pb, args.get("model_name", ""))
         self._cache_metrics.export(self.stage.cache.stats())
         config = json.loads(args["model_config"])
-        self.pipeline = VisionPipeline(self.stage, decode_threads=min(8, max(2, available_cores())),
+        threads = self.options.decode_threads or min(8, max(2, available_cores()))
+        self.pipeline = VisionPipeline(self.stage, decode_threads=threads,
                                        max_batch=int(config.get("max_batch_size") or 16),
                                        on_batch=lambda: self._cache_metrics.export(self.stage.cache.stats()))
 

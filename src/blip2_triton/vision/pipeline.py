@@ -125,11 +125,22 @@ class VisionPipeline:
     def submit(self, requests: list[ImageRequest], on_done: OnDone) -> None:
         """Starts every row of one request; `on_done` gets their results (on a pipeline thread, or this one)."""
         request = _Request([None] * len(requests), len(requests), on_done)
-        for row, image in enumerate(requests):
+        keys: list[bytes | InvalidRequestError | None] = []
+        for image in requests:
             try:
-                key = self.stage.cache_key(image)
+                keys.append(self.stage.cache_key(image))
             except InvalidRequestError as e:
-                self._resolve_row(request, row, e)
+                keys.append(e)
+        pixels = [declared_pixels(image.data) if not isinstance(key, Exception) else 0
+                  for image, key in zip(requests, keys, strict=True)]
+        limit = self.stage.options.max_request_pixels
+        if sum(pixels) > limit:
+            # Bounded decoding work per request: past this a request would crowd out the decoders for seconds.
+            error = InvalidRequestError(f"image: expected at most {limit} pixels in one request, got {sum(pixels)}")
+            keys = [error] * len(requests)
+        for row, (image, key) in enumerate(zip(requests, keys, strict=True)):
+            if isinstance(key, InvalidRequestError):
+                self._resolve_row(request, row, key)
                 continue
             cached = self.stage.cache.get(key) if key is not None else None
             if cached is not None:
@@ -142,7 +153,7 @@ class VisionPipeline:
             if joined:
                 self.stage.cache.count_hit()
             else:
-                self._decodes.put(_Decode(token, image, declared_pixels(image.data)))
+                self._decodes.put(_Decode(token, image, pixels[row]))
 
     def stop(self) -> None:
         self._decodes.close()
