@@ -69,7 +69,12 @@ class _ClientConfig:
         return err
 
     def _is_stream_model_missing(self, exc: Blip2Error) -> bool:
-        return exc.status in NOT_FOUND_STATUS or "unknown model" in exc.message.lower()
+        # A model that exists with no version ready (loading, or unloading while the server drains) is
+        # unavailable for now, not missing: "has no available versions", "is not at ready state".
+        message = exc.message.lower()
+        if "no available versions" in message or "not at ready state" in message:
+            return False
+        return exc.status in NOT_FOUND_STATUS or "unknown model" in message
 
     def _stream_missing_error(self) -> StreamingUnsupportedError:
         return StreamingUnsupportedError(
