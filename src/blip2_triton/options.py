@@ -76,6 +76,10 @@ class ServerOptions:
                                f"{BENCHMARK}#packed-weights-and-cores-split-between-the-stages-d1b5313-03f4e72))")
     compute_lock_file: str = option("", "lock file the stage processes of a host share",
                                     shown="`blip2-triton-compute-<uid>.lock` in the temp directory")
+    cuda_graphs: str = option("off", "LLM stage, OPT checkpoints: decoding steps on fixed buffers, replayed from CUDA "
+                              "graphs on a GPU. `auto`: on for CUDA, float16/bfloat16, not quantized; `on`: also the "
+                              "fixed-buffer step on CPU (eager), refuse to start where it cannot apply; `off` (default "
+                              "until measured on a GPU)")
     cudnn_attention: str = option("off", "LLM stage on CUDA, process-wide: `on` lets PyTorch pick cuDNN attention, "
                                   "slow with the in-flight batch's shape changing every step ([GPU check]("
                                   f"{BENCHMARK}#gpu-check-benchgpu_checkpy))")
@@ -94,7 +98,7 @@ class ServerOptions:
         for name, allowed in (
             ("dtype", DTYPES), ("device", DEVICES), ("quantization", QUANTIZATIONS), ("tiny_family", FAMILIES),
             ("scheduler", SCHEDULERS), ("compute_lock", COMPUTE_LOCKS), ("cudnn_attention", ON_OFF),
-            ("packed_weights", PACKED_WEIGHTS),
+            ("cuda_graphs", COMPUTE_LOCKS), ("packed_weights", PACKED_WEIGHTS),
         ):
             value = getattr(self, name)
             if value not in allowed:

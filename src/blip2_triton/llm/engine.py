@@ -19,7 +19,7 @@ import torch
 
 from ..errors import InvalidRequestError
 from ..requests import GenerationRequest
-from .batch import BatchState, Prefilled
+from .batch import Prefilled
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Completion, Sequence
 from .stage import LanguageStage
@@ -73,6 +73,8 @@ class EngineObserver:
 
     def on_kv_cache(self, nbytes: int) -> None: ...
 
+    def on_graphs(self, nbytes: int) -> None: ...
+
 
 @dataclass
 class EngineLimits:
@@ -100,7 +102,7 @@ class InflightEngine:
         self.idle_tick_s = idle_tick_s
         self.scheduler = Scheduler(SchedulerConfig(policy=self.limits.policy, max_active=self.limits.max_active,
                                                    max_kv_tokens=self.limits.max_kv_tokens))
-        self.batch = BatchState(max_rows=self.limits.max_active)
+        self.batch = stage.runner.new_batch(max_rows=self.limits.max_active)
         self._jobs: dict[int, Job] = {}  # seq_id -> job of every sequence the scheduler or the worker holds
         self._queue: queue.Queue[_Item] = queue.Queue()
         # Id of every submitted, unfinished job -> whether it was cancelled; cancels for other ids are dropped.
@@ -152,6 +154,7 @@ class InflightEngine:
                         self._guarded(self._iteration)
                 self._report("on_active", len(self.scheduler.running), len(self.scheduler.waiting))
                 self._report("on_kv_cache", self.batch.nbytes)
+                self._report("on_graphs", self.stage.runner.graph_bytes)
                 self._flush()
                 if self.on_iteration is not None:
                     try:

@@ -65,6 +65,14 @@ class ModelRunner:
             self._output_projection = lm.get_output_embeddings()
 
     @property
+    def graph_bytes(self) -> int:
+        """Memory held by captured CUDA graphs (`static.StaticRunner`)."""
+        return 0
+
+    def new_batch(self, *, max_rows: int) -> BatchState:
+        return BatchState(max_rows=max_rows)
+
+    @property
     def shares_output_projection(self) -> bool:
         """Whether `decode_and_prefill` serves a step and a prefill with one output projection."""
         return self._decoder is not None

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -12,9 +13,13 @@ from ..compute_lock import ComputeLock
 from ..errors import ConfigurationError, InvalidRequestError
 from ..options import ServerOptions
 from ..requests import GenerationRequest
+from . import static
 from .runner import ModelRunner, configure_attention
 from .sampler import Sampler
 from .sequence import Sequence
+from .static import StaticRunner
+
+log = logging.getLogger(__name__)
 
 
 class LanguageStage:
@@ -52,11 +57,32 @@ class LanguageStage:
         self.max_positions = int(getattr(config.text_config, "max_position_embeddings", 2048))
         self.device = self.loaded.device
         configure_attention(str(self.device), cudnn=options.cudnn_attention == "on")
-        self.runner = ModelRunner(self.lm, device=self.device, image_token_id=self.image_token_id,
-                                  pad_token_id=pad_token_id, decoder_only=self.decoder_only,
-                                  eos_token_ids=self.eos_token_ids,
-                                  compute=ComputeLock.for_stage(options.compute_lock, options.compute_lock_file))
+        runner_kwargs = {"device": self.device, "image_token_id": self.image_token_id, "pad_token_id": pad_token_id,
+                         "decoder_only": self.decoder_only, "eos_token_ids": self.eos_token_ids,
+                         "compute": ComputeLock.for_stage(options.compute_lock, options.compute_lock_file)}
+        if self._fixed_buffers():
+            graphs = self.device.type == "cuda"
+            # Room for the longest request `prepare` accepts.
+            capacity = min(self.max_positions, self.num_query_tokens + options.max_prompt_tokens + 1
+                           + options.max_max_tokens)
+            self.runner: ModelRunner = StaticRunner(self.lm, capacity=capacity, graphs=graphs, **runner_kwargs)
+            log.info("decoding steps on fixed buffers (%s): up to %d positions per sequence",
+                     "CUDA graphs" if graphs else "eager, no CUDA device", capacity)
+        else:
+            self.runner = ModelRunner(self.lm, **runner_kwargs)
         self.sampler = Sampler(gen.repetition_penalty)
+
+    def _fixed_buffers(self) -> bool:
+        mode = self.options.cuda_graphs
+        if mode == "off":
+            return False
+        reason = static.supports(self.lm) if self.decoder_only else "encoder-decoder LMs are generated whole"
+        if mode == "on":
+            if reason is not None:
+                raise ConfigurationError(f"cuda_graphs=on: {reason}")
+            return True
+        half = self.loaded.dtype in (torch.float16, torch.bfloat16)
+        return reason is None and self.device.type == "cuda" and half
 
     @property
     def embeds_shape(self) -> tuple[int, int]:

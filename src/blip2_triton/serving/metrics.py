@@ -67,6 +67,7 @@ class EngineMetrics:
             ("blip2_waiting_sequences", "Sequences waiting for a slot in the LLM stage's running batch", gauge),
             ("blip2_kv_cache_bytes",
              "Bytes of the in-flight engine's KV-cache buffers (spare rows and columns included)", gauge),
+            ("blip2_cuda_graph_bytes", "GPU memory held by the LLM stage's captured decoding-step graphs", gauge),
             ("blip2_engine_queue_us_total",
              "Time sequences waited for a slot in the running batch, summed (÷ admitted = mean)", counter),
             ("blip2_engine_admitted_total", "Sequences admitted into the running batch", counter),
@@ -103,6 +104,9 @@ def engine_observer(metrics: EngineMetrics) -> Any:
 
         def on_kv_cache(self, nbytes: int) -> None:
             metrics.m["blip2_kv_cache_bytes"].set(nbytes)
+
+        def on_graphs(self, nbytes: int) -> None:
+            metrics.m["blip2_cuda_graph_bytes"].set(nbytes)
 
         def on_admitted(self, waited_s: float) -> None:
             metrics.m["blip2_engine_queue_us_total"].increment(int(waited_s * 1e6))
