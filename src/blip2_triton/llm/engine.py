@@ -380,16 +380,15 @@ class InflightEngine:
                 self._complete(job)
 
 
-def generate_batch(stage: LanguageStage, requests: list[GenerationRequest]) -> list[str | InvalidRequestError]:
-    """`requests` as one static batch on the calling thread; an error that is not a request's own is raised."""
+def run_static(stage: LanguageStage, requests: list[GenerationRequest]) -> list[tuple[Job, Completion | Exception]]:
+    """`requests` as one static batch on the calling thread: each job (its `seq` holds the tokens) and its result;
+    an error that is not a request's own is raised."""
     results: list[Completion | Exception] = [Completion("", 0, "stop")] * len(requests)
     engine = InflightEngine(stage, threaded=False, limits=EngineLimits(
         policy="static", max_active=max(1, len(requests)), max_kv_tokens=2**62))
-
-    def job(i: int, request: GenerationRequest) -> Job:
-        return Job(request=request, on_piece=None, on_done=lambda result: results.__setitem__(i, result))
-
-    engine.submit([job(i, r) for i, r in enumerate(requests)])
+    jobs = [Job(request=r, on_piece=None, on_done=lambda result, i=i: results.__setitem__(i, result))
+            for i, r in enumerate(requests)]
+    engine.submit(jobs)
     engine._collect(block=False)
     with torch.inference_mode():
         while engine.scheduler.has_work():
@@ -398,4 +397,9 @@ def generate_batch(stage: LanguageStage, requests: list[GenerationRequest]) -> l
     for result in results:
         if isinstance(result, Exception) and not isinstance(result, InvalidRequestError):
             raise result
-    return [r.text if isinstance(r, Completion) else r for r in results]  # type: ignore[misc]
+    return list(zip(jobs, results, strict=True))
+
+
+def generate_batch(stage: LanguageStage, requests: list[GenerationRequest]) -> list[str | InvalidRequestError]:
+    """The texts of `run_static`."""
+    return [r.text if isinstance(r, Completion) else r for _, r in run_static(stage, requests)]  # type: ignore[misc]
