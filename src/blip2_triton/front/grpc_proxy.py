@@ -62,14 +62,16 @@ def grpc_code(error: FrontError) -> grpc.StatusCode:
 class GrpcProxy(grpc.GenericRpcHandler):
     def __init__(self, front: FrontState, channel: grpc.aio.Channel) -> None:
         self.front = front
-        self.channel = channel
-        self.methods = {PREFIX + m.name for m in SERVICE.methods}
+        # Raw bytes both ways: no (de)serialisation of what is only forwarded.
+        self.upstream = {PREFIX + m.name: channel.unary_unary(PREFIX + m.name) for m in SERVICE.methods
+                         if PREFIX + m.name != STREAM}
+        self.upstream_stream = channel.stream_stream(STREAM)
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         method = handler_call_details.method
         if method == STREAM:
             return grpc.stream_stream_rpc_method_handler(self._stream)
-        if method in self.methods:
+        if method in self.upstream:
             return grpc.unary_unary_rpc_method_handler(functools.partial(self._unary, method))
         return None  # UNIMPLEMENTED
 
@@ -134,8 +136,8 @@ class GrpcProxy(grpc.GenericRpcHandler):
                     held = await self.front.budget.acquire(len(request))
             except BudgetExhaustedError as e:
                 raise FrontError(503, str(e), reason="budget") from e
-            response = await self.channel.unary_unary(method)(
-                request, metadata=self._forwarded(context, rid), timeout=self._timeout(context))
+            response = await self.upstream[method](request, metadata=self._forwarded(context, rid),
+                                                   timeout=self._timeout(context))
             if method == SERVER_READY and not self.front.stages_ready():
                 response = pb.ServerReadyResponse(ready=False).SerializeToString()
             return response
@@ -167,8 +169,7 @@ class GrpcProxy(grpc.GenericRpcHandler):
             metrics.in_flight.labels("grpc").dec()
             self._finish(rid, STREAM, None, grpc.StatusCode.UNAUTHENTICATED, start, 0, context, "auth")
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "front: missing or wrong API key")
-        call = self.channel.stream_stream(STREAM)(metadata=self._forwarded(context, rid),
-                                                  timeout=self._timeout(context))
+        call = self.upstream_stream(metadata=self._forwarded(context, rid), timeout=self._timeout(context))
         out: asyncio.Queue[Any] = asyncio.Queue()
 
         async def pump() -> None:

@@ -119,6 +119,7 @@ class ChatRequest:
     top_k: int | None = None
     repetition_penalty: float | None = None
     seed: int | None = None
+    max_tokens_param: str = "max_tokens"  # which of the two names the client used, for error messages
 
     @classmethod
     def from_json(cls, body: Any) -> ChatRequest:
@@ -161,12 +162,12 @@ class ChatRequest:
             top_k=body.get("top_k"),
             repetition_penalty=body.get("repetition_penalty"),
             seed=body.get("seed"),
+            max_tokens_param="max_completion_tokens" if max_completion is not None else "max_tokens",
         ).validate()
 
     def validate(self) -> ChatRequest:
-        name = "max_completion_tokens" if self.max_tokens is not None else "max_tokens"
         if self.max_tokens is not None and not (_is_int(self.max_tokens) and 1 <= self.max_tokens <= INT32_MAX):
-            raise ChatRequestError(name, f"expected an integer >= 1, got {self.max_tokens!r}")
+            raise ChatRequestError(self.max_tokens_param, f"expected an integer >= 1, got {self.max_tokens!r}")
         for field_name in ("temperature", "top_p", "repetition_penalty"):
             value = getattr(self, field_name)
             if value is not None and not _is_number(value):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
@@ -94,7 +94,7 @@ class FrontSettings:
     image_fetch_timeout_s: float = _opt(10.0, "OpenAI routes: time limit for fetching one image URL")
     request_timeout_s: float = _opt(300.0, "time limit for one request to Triton")
     api_keys: tuple[str, ...] = _opt(
-        (), "keys accepted as 'Authorization: Bearer KEY' on inference routes (comma-separated); empty = no auth",
+        (), "keys accepted as 'Authorization: Bearer KEY' on every route but health (comma-separated); empty = no auth",
         _parse_list, secret=True)
     prompt_template: str = _opt("Question: {question} Answer:", "OpenAI routes: how a user turn becomes a prompt")
     chat_history: str = _opt("transcript", "OpenAI routes: 'transcript' keeps earlier turns, 'last' only the last")
@@ -199,10 +199,6 @@ def from_arguments(args: argparse.Namespace, environ: Mapping[str, str] | None =
 
 def options_table() -> list[tuple[str, str, str, str]]:
     """(flag, environment variable, default, meaning) for every option, for docs and --help."""
-    return [("--" + f.name.replace("_", "-"), env_name(f.name), _show(_default(f)), f.metadata["help"])
-            for f in fields(FrontSettings)]
+    return [("(environment only)" if f.metadata["secret"] else "--" + f.name.replace("_", "-"), env_name(f.name),
+             _show(_default(f)), f.metadata["help"]) for f in fields(FrontSettings)]
 
-
-def parse_cli(argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> FrontSettings:
-    add_arguments(parser)
-    return from_arguments(parser.parse_args(argv))
