@@ -3,11 +3,12 @@ gateway versus gRPC direct (latency, and throughput with concurrent clients), me
 
     python bench/bench_front.py                 # tiny model: starts tritonserver and the front (as a subprocess)
     python bench/bench_front.py --rounds 300 --concurrency 16 --duration-s 20 --json out.json
+    python bench/bench_front.py --unique-images --max-tokens 16   # every request a vision-cache miss
 
 Latency: `rounds` rounds, each sending one request on every path in turn (interleaved, so drift hits all paths
-alike), same image, caption, `max_tokens`; p50 per path and the difference front - direct. Throughput: closed-loop
-clients for `duration_s` per path, one path after the other. The front runs as its own process, as deployed.
-Nothing is asserted: timings depend on the machine.
+alike): the same image (served from the vision stage's cache unless --unique-images), a caption of `max_tokens`;
+p50 per path and the difference front - direct. Throughput: closed-loop clients for `duration_s` per path, one path
+after the other. The front runs as its own process, as deployed. Nothing is asserted: timings depend on the machine.
 """
 
 from __future__ import annotations
@@ -57,15 +58,22 @@ Call = Callable[[], str]
 class Paths:
     """One request function per path; clients are per thread (tritonclient's are not thread-safe)."""
 
-    def __init__(self, triton: TritonServer, front_http: str, front_grpc: str, image: bytes, max_tokens: int) -> None:
+    def __init__(self, triton: TritonServer, front_http: str, front_grpc: str, image: bytes, max_tokens: int,
+                 unique: bool) -> None:
         self.triton, self.front_http, self.front_grpc = triton, front_http, front_grpc
-        self.image, self.max_tokens = image, max_tokens
-        self.chat_body = json.dumps({
-            "model": "blip2", "max_tokens": max_tokens,
+        self.image, self.max_tokens, self.unique = image, max_tokens, unique
+        self._local = threading.local()
+
+    def _image(self) -> bytes:
+        # Bytes after the JPEG's end marker change the cache key, not the pixels.
+        return self.image + os.urandom(16) if self.unique else self.image
+
+    def _chat_body(self, image: bytes) -> bytes:
+        return json.dumps({
+            "model": "blip2", "max_tokens": self.max_tokens,
             "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
                 "url": "data:image/jpeg;base64," + base64.b64encode(image).decode()}}]}],
         }).encode()
-        self._local = threading.local()
 
     def _clients(self) -> dict[str, Any]:
         clients = getattr(self._local, "clients", None)
@@ -82,13 +90,14 @@ class Paths:
 
     def call(self, path: str) -> str:
         client = self._clients()[path]
+        image = self._image()
         if path == "openai_gateway":
-            response = client.post("/v1/chat/completions", content=self.chat_body,
+            response = client.post("/v1/chat/completions", content=self._chat_body(image),
                                    headers={"content-type": "application/json"})
             response.raise_for_status()
             return response.json()["choices"][0]["message"]["content"]
         module = httpclient if path.startswith("http") else grpcclient
-        result = client.infer("blip2", kserve_inputs(module, self.image, self.max_tokens))
+        result = client.infer("blip2", kserve_inputs(module, image, self.max_tokens))
         return result.as_numpy("text_output")[0, 0].decode()
 
 
@@ -105,7 +114,12 @@ def latency(paths: Paths, names: list[str], rounds: int) -> dict[str, list[float
     return samples
 
 
-def throughput(paths: Paths, name: str, concurrency: int, duration_s: float) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def throughput(paths: Paths, name: str, concurrency: int, duration_s: float, front_pid: int) -> dict[str, float]:
     latencies: list[float] = []
     lock = threading.Lock()
     stop_at = time.perf_counter() + duration_s
@@ -120,18 +134,22 @@ def throughput(paths: Paths, name: str, concurrency: int, duration_s: float) -> 
             latencies.extend(mine)
 
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    cpu_before = cpu_seconds(front_pid)
     started = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     elapsed = time.perf_counter() - started
+    front_cpu = cpu_seconds(front_pid) - cpu_before
     return {"requests": len(latencies), "req_per_s": len(latencies) / elapsed,
-            "p50_ms": statistics.median(latencies), "p99_ms": float(np.percentile(latencies, 99))}
+            "p50_ms": statistics.median(latencies), "p99_ms": float(np.percentile(latencies, 99)),
+            # CPU the front process spent per request (0 for direct paths, which bypass it).
+            "front_cpu_ms_per_request": front_cpu * 1000 / max(len(latencies), 1)}
 
 
 @contextlib.contextmanager
-def servers(model_id: str | None) -> Iterator[tuple[TritonServer, str, str]]:
+def servers(model_id: str | None) -> Iterator[tuple[TritonServer, str, str, int]]:
     with tempfile.TemporaryDirectory() as tmp:
         if model_id is None:
             from blip2_triton.tiny import write_tiny_model
@@ -156,7 +174,7 @@ def servers(model_id: str | None) -> Iterator[tuple[TritonServer, str, str]]:
                     time.sleep(0.2)
                 else:
                     raise SystemExit("front not ready")
-                yield triton, f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
+                yield triton, f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", front.pid
             finally:
                 front.terminate()
                 front.wait(30)
@@ -169,15 +187,16 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--duration-s", type=float, default=15.0)
+    parser.add_argument("--unique-images", action="store_true", help="every request a vision-cache miss")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args()
 
     image = make_image()
     names = ["http_direct", "http_front", "grpc_direct", "grpc_front", "openai_gateway"]
-    with servers(args.model_id) as (triton, front_http, front_grpc):
-        paths = Paths(triton, front_http, front_grpc, image, args.max_tokens)
+    with servers(args.model_id) as (triton, front_http, front_grpc, front_pid):
+        paths = Paths(triton, front_http, front_grpc, image, args.max_tokens, args.unique_images)
         samples = latency(paths, names, args.rounds)
-        rates = {name: throughput(paths, name, args.concurrency, args.duration_s)
+        rates = {name: throughput(paths, name, args.concurrency, args.duration_s, front_pid)
                  for name in ("grpc_direct", "grpc_front", "openai_gateway")}
     p50 = {name: statistics.median(values) for name, values in samples.items()}
     result = {
@@ -190,7 +209,7 @@ def main() -> None:
             "grpc_front - grpc_direct": round(p50["grpc_front"] - p50["grpc_direct"], 2),
             "openai_gateway - grpc_direct": round(p50["openai_gateway"] - p50["grpc_direct"], 2),
         },
-        "throughput": {k: {m: round(v, 2) for m, v in r.items()} for k, r in rates.items()},
+        "throughput": {k: {m: round(v, 3) for m, v in r.items()} for k, r in rates.items()},
         "throughput_ratio_vs_grpc_direct": {
             k: round(r["req_per_s"] / rates["grpc_direct"]["req_per_s"], 3) for k, r in rates.items()},
     }

@@ -106,12 +106,14 @@ async def check_json_limits(data: bytes, state: FrontState) -> None:
 
 
 def log_access(*, request_id: str, protocol: str, method: str, path: str, model: str | None, status: int | str,
-               duration_s: float, bytes_in: int, peer: str | None) -> None:
-    access_log.info(
-        "%s %s %s %s %s %.1f ms", request_id, protocol, method, path, status, duration_s * 1000,
-        extra={"request_id": request_id, "protocol": protocol, "method": method, "path": path, "model": model,
-               "status": status, "duration_ms": round(duration_s * 1000, 3), "bytes_in": bytes_in, "peer": peer},
-    )
+               duration_s: float, bytes_in: int, peer: str | None, triton_id: str | None = None) -> None:
+    fields: dict[str, Any] = {"request_id": request_id, "protocol": protocol, "method": method, "path": path,
+                              "model": model, "status": status, "duration_ms": round(duration_s * 1000, 3),
+                              "bytes_in": bytes_in, "peer": peer}
+    if triton_id is not None and triton_id != request_id:
+        fields["triton_id"] = triton_id  # the client's own inference request id, which Triton saw instead
+    access_log.info("%s %s %s %s %s %.1f ms", request_id, protocol, method, path, status, duration_s * 1000,
+                    extra=fields)
 
 
 def request_state(request: Request) -> dict[str, Any]:

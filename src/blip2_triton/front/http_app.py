@@ -86,7 +86,7 @@ class AccessMiddleware:
                 client = scope.get("client")
                 log_access(request_id=rid, protocol="http", method=scope["method"], path=scope["path"],
                            model=model, status=status, duration_s=elapsed, bytes_in=record.get("bytes_in", 0),
-                           peer=f"{client[0]}:{client[1]}" if client else None)
+                           peer=f"{client[0]}:{client[1]}" if client else None, triton_id=record.get("triton_id"))
 
 
 def kserve_error(error: FrontError, record: dict[str, Any]) -> JSONResponse:
