@@ -214,6 +214,15 @@ def _grpc_bytes_input(name: str, value: bytes) -> grpcclient.InferInput:
     return tensor
 
 
+def _failed_status(response: Any) -> bool:
+    """Marks a non-200 answer failed (with the start of its body) and says so."""
+    if response.status_code == 200:
+        return False
+    detail = (response.text or "")[:200] if response.content else str(getattr(response, "error", ""))
+    response.failure(f"HTTP {response.status_code}: {detail}")
+    return True
+
+
 class Blip2HttpUser(FastHttpUser):
     wait_time = constant(0)
 
@@ -227,12 +236,7 @@ class Blip2HttpUser(FastHttpUser):
         name, image, prompt = self.work.pick(self.rng)
         body, headers = encode_infer_request(image, prompt, self.work.max_tokens, OUTPUT)
         with self.client.post(self.path, data=body, headers=headers, name=name, catch_response=True) as response:
-            if response.status_code != 200:
-                detail = (response.text or "")[:200] if response.content else str(getattr(response, "error", ""))
-                response.failure(f"HTTP {response.status_code}: {detail}")
-                failed = True
-            else:
-                failed = not self._check(response)
+            failed = _failed_status(response) or not self._check(response)
         if failed:
             gevent.sleep(FAILURE_BACKOFF_S)
 
@@ -295,18 +299,15 @@ class Blip2OpenAIUser(FastHttpUser):
             body["max_tokens"] = self.work.max_tokens
         with self.client.post("/v1/chat/completions", data=json.dumps(body), headers=self.headers,
                               name=f"openai-{name}", catch_response=True) as response:
-            failed = True
-            if response.status_code != 200:
-                detail = (response.text or "")[:200] if response.content else str(getattr(response, "error", ""))
-                response.failure(f"HTTP {response.status_code}: {detail}")
-            else:
+            failed = _failed_status(response)
+            if not failed:
                 try:
                     text = json.loads(response.content or b"{}")["choices"][0]["message"]["content"]
                     if not isinstance(text, str):
                         raise TypeError(f"expected a string, got {type(text).__name__}")
-                    failed = False
                 except Exception as exc:
                     response.failure(f"bad response: {exc}")
+                    failed = True
         if failed:
             gevent.sleep(FAILURE_BACKOFF_S)
 

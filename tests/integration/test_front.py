@@ -405,6 +405,7 @@ def test_image_urls_from_allowed_hosts_only(front: Front, triton_server: Any, im
     ({"messages": chat_messages(data_url(b"not an image")), "stream": True},
      "image: bytes are not a supported image file"),
     ({"max_tokens": 100000}, "max_tokens: expected 1..256, got 100000"),
+    ({"temperature": -1}, "temperature: expected a finite value >= 0, got -1.0"),
 ])
 def test_bad_requests_get_400_and_the_gateway_stays_up(front: Front, image: bytes, change: dict[str, Any],
                                                        message: str) -> None:

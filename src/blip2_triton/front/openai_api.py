@@ -166,22 +166,18 @@ class ChatRequest:
         ).validate()
 
     def validate(self) -> ChatRequest:
-        if self.max_tokens is not None and not (_is_int(self.max_tokens) and 1 <= self.max_tokens <= INT32_MAX):
-            raise ChatRequestError(self.max_tokens_param, f"expected an integer >= 1, got {self.max_tokens!r}")
-        for field_name in ("temperature", "top_p", "repetition_penalty"):
-            value = getattr(self, field_name)
+        """Types and what the tensors can hold; value ranges (max_tokens 1..256, top_p in (0, 1], ...) are the
+        stages' to check, whose messages come back as 400s like these."""
+        for name, value, low, high, kind in (
+                (self.max_tokens_param, self.max_tokens, -INT32_MAX - 1, INT32_MAX, "INT32"),
+                ("top_k", self.top_k, -INT32_MAX - 1, INT32_MAX, "INT32"),
+                ("seed", self.seed, 0, UINT64_MAX, "UINT64")):
+            if value is not None and not (_is_int(value) and low <= value <= high):
+                raise ChatRequestError(name, f"expected an integer {low}..{high} ({kind}), got {value!r}")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
             if value is not None and not _is_number(value):
-                raise ChatRequestError(field_name, f"expected a number, got {_kind(value)}")
-        if self.temperature is not None and not self.temperature >= 0:
-            raise ChatRequestError("temperature", f"expected a value >= 0, got {self.temperature!r}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ChatRequestError("top_p", f"expected 0 < top_p <= 1, got {self.top_p!r}")
-        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
-            raise ChatRequestError("repetition_penalty", f"expected a value > 0, got {self.repetition_penalty!r}")
-        if self.top_k is not None and not (_is_int(self.top_k) and 0 <= self.top_k <= INT32_MAX):
-            raise ChatRequestError("top_k", f"expected an integer >= 0, got {self.top_k!r}")
-        if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed <= UINT64_MAX):
-            raise ChatRequestError("seed", f"expected an integer 0..2**64-1, got {self.seed!r}")
+                raise ChatRequestError(name, f"expected a number, got {_kind(value)}")
         if self.messages[-1].role != "user":
             raise ChatRequestError(f"messages[{len(self.messages) - 1}].role",
                                    f"expected the last message to be 'user', got {self.messages[-1].role!r}")
