@@ -271,9 +271,14 @@ def test_readiness_includes_the_supervisors_view(triton_server: Any) -> None:
         try:
             assert httpx.get(f"{running.http_url}/v2/health/ready").status_code == 200
             assert client.is_server_ready()
+            assert httpx.get(f"{running.http_url}/v2/models/blip2/ready").status_code == 200
+            assert client.is_model_ready("blip2")
             stages_healthy.clear()
             assert httpx.get(f"{running.http_url}/v2/health/ready").status_code == 503
             assert not client.is_server_ready()
+            # The model-level checks (which blip2_client's is_ready() and wait_until_ready() use) agree.
+            assert httpx.get(f"{running.http_url}/v2/models/blip2/ready").status_code == 503
+            assert not client.is_model_ready("blip2")
             assert httpx.get(f"{running.http_url}/v2/health/live").status_code == 200
         finally:
             client.close()

@@ -70,6 +70,7 @@ def test_flags_override_the_environment_and_secrets_have_no_flag() -> None:
     ({"BLIP2_FRONT_PROMPT_TEMPLATE": "{question} {other}"}, "prompt_template: KeyError"),
     ({"BLIP2_FRONT_CHAT_HISTORY": "all"}, "chat_history: expected one of ('transcript', 'last'), got 'all'"),
     ({"BLIP2_FRONT_LOG_FORMAT": "xml"}, "log_format: expected one of ('text', 'json'), got 'xml'"),
+    ({"BLIP2_FRONT_LOG_LEVEL": "loud"}, "log_level: expected DEBUG, INFO, WARNING, ERROR or CRITICAL, got 'loud'"),
     ({"BLIP2_FRONT_TOKENIZERS": "gpt=/x"}, "tokenizers: expected OpenAI model ids ['blip2', 'blip2_t5'], got ['gpt']"),
     ({"BLIP2_FRONT_METRICS_PORT": "-2"}, "metrics_port: expected -1..65535, got -2"),
     ({"BLIP2_FRONT_MAX_JSON_DEPTH": "0"}, "max_json_depth: expected >= 1, got 0"),

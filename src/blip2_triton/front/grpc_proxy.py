@@ -28,6 +28,9 @@ INFER = PREFIX + "ModelInfer"
 SERVER_READY = PREFIX + "ServerReady"
 # Health stays open without an API key: probes and load balancers call it.
 OPEN_METHODS = frozenset({PREFIX + "ServerLive", SERVER_READY})
+# Readiness answers that also need the supervisor's view of the stage processes, and what "not ready" is.
+READY_METHODS = {SERVER_READY: pb.ServerReadyResponse(ready=False).SerializeToString(),
+                 PREFIX + "ModelReady": pb.ModelReadyResponse(ready=False).SerializeToString()}
 
 
 def _number(message: Any, name: str) -> int:
@@ -138,8 +141,8 @@ class GrpcProxy(grpc.GenericRpcHandler):
                 raise FrontError(503, str(e), reason="budget") from e
             response = await self.upstream[method](request, metadata=self._forwarded(context, rid),
                                                    timeout=self._timeout(context))
-            if method == SERVER_READY and not self.front.stages_ready():
-                response = pb.ServerReadyResponse(ready=False).SerializeToString()
+            if method in READY_METHODS and not self.front.stages_ready():
+                response = READY_METHODS[method]
             return response
         except FrontError as e:
             code, rejected = grpc_code(e), e.reason

@@ -143,7 +143,10 @@ async def kserve_proxy(request: Request) -> Response:
             raise FrontError(404, f"front: unknown model '{model}'", reason="internal_model")
         if not front.authorized(request.headers.get("authorization")):
             raise FrontError(401, "front: missing or wrong API key (Authorization: Bearer ...)", reason="auth")
+        if route.endswith("/ready") and not front.stages_ready():
+            return Response(status_code=503)  # a model is not ready while a stage process is down
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        headers[REQUEST_ID_HEADER] = record["request_id"]
         body = b""
         if request.method in ("POST", "PUT", "PATCH"):
             body = await read_body(request, front)
@@ -178,8 +181,8 @@ async def kserve_proxy(request: Request) -> Response:
             async for chunk in upstream.aiter_raw():
                 yield chunk
         finally:
+            release()  # first: the await below may be cut short by a cancellation
             await upstream.aclose()
-            release()
 
     def cleanup() -> None:
         release()

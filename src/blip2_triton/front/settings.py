@@ -4,6 +4,7 @@ command-line flag `--<field>` (flag > environment > default)."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
@@ -124,6 +125,8 @@ class FrontSettings:
         for name in ("inflight_wait_s", "image_fetch_timeout_s", "request_timeout_s", "shutdown_grace_s"):
             need(getattr(self, name) > 0, f"{name}: expected > 0, got {getattr(self, name)}")
         need(self.log_format in LOG_FORMATS, f"log_format: expected one of {LOG_FORMATS}, got {self.log_format!r}")
+        need(isinstance(logging.getLevelName(self.log_level.upper()), int),
+             f"log_level: expected DEBUG, INFO, WARNING, ERROR or CRITICAL, got {self.log_level!r}")
         need(self.chat_history in HISTORY_MODES,
              f"chat_history: expected one of {HISTORY_MODES}, got {self.chat_history!r}")
         need("{question}" in self.prompt_template,
