@@ -35,7 +35,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from PIL import Image
 
-from blip2_triton.launcher import TritonServer, free_port
+from blip2_triton.supervisor import LaunchSettings, TritonServer, free_port
 
 
 def make_image(size: int = 224) -> bytes:
@@ -155,8 +155,7 @@ def servers(model_id: str | None) -> Iterator[tuple[TritonServer, str, str, int]
             from blip2_triton.tiny import write_tiny_model
 
             model_id = str(write_tiny_model(Path(tmp) / "tiny-blip2-opt"))
-        triton = TritonServer(model_id=model_id, http_port=free_port(), grpc_port=free_port(),
-                              metrics_port=free_port(), log_path=Path(tmp) / "tritonserver.log")
+        triton = TritonServer(LaunchSettings.on_free_ports(model_id=model_id), log_path=Path(tmp) / "tritonserver.log")
         print(f"starting tritonserver ({model_id}) ...", file=sys.stderr)
         with triton:
             http_port, grpc_port = free_port(), free_port()

@@ -29,8 +29,8 @@ from tritonclient.utils import InferenceServerException
 
 from blip2_triton.front import Front, FrontSettings
 from blip2_triton.front.triton import split_bytes_tensor
-from blip2_triton.launcher import free_port
-from blip2_triton.watchdog import SHM_DIR, stub_processes
+from blip2_triton.supervisor import free_port
+from blip2_triton.supervisor.processes import SHM_DIR, stub_processes
 
 pytestmark = pytest.mark.integration
 
@@ -105,6 +105,18 @@ def direct(triton_server: Any, image: bytes, prompt: str | None, **controls: Any
     client = grpcclient.InferenceServerClient(triton_server.grpc_url)
     try:
         return infer(client, image, prompt, **controls)
+    finally:
+        client.close()
+
+
+def direct_usage(triton_server: Any, image: bytes, prompt: str | None, **controls: Any) -> tuple[int, str]:
+    """(num_output_tokens, finish_reason) the `blip2` ensemble reports for a request."""
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    try:
+        outputs = [grpcclient.InferRequestedOutput(n) for n in ("text_output", "num_output_tokens", "finish_reason")]
+        result = client.infer("blip2", build_inputs(grpcclient, image, prompt, **controls), outputs=outputs)
+        return int(result.as_numpy("num_output_tokens").reshape(-1)[0]), \
+            result.as_numpy("finish_reason").reshape(-1)[0].decode()
     finally:
         client.close()
 
@@ -347,9 +359,13 @@ def test_openai_sdk_gets_the_ensembles_text(front: Front, triton_server: Any, im
     client = openai.OpenAI(base_url=f"{front.http_url}/v1", api_key="unused")
     messages = chat_messages(data_url(image), prompt)
     completion = client.chat.completions.create(model="blip2", messages=messages, **controls)
-    assert completion.choices[0].message.content == expected
-    assert completion.choices[0].finish_reason in ("stop", "length") and completion.object == "chat.completion"
-    assert completion.usage is not None and completion.usage.completion_tokens <= controls["max_tokens"]
+    assert completion.choices[0].message.content == expected and completion.object == "chat.completion"
+    # Token count and finish reason are the ensemble's own (its optional outputs); the prompt count is the
+    # tokenizer's estimate (no ensemble reports one).
+    tokens, finish = direct_usage(triton_server, image, VQA if prompt else None, **controls)
+    assert completion.usage is not None and completion.usage.completion_tokens == tokens
+    assert completion.choices[0].finish_reason == finish
+    assert completion.usage.prompt_tokens > 8  # the tiny checkpoint's 8 query tokens, then the prompt's
     assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
 
     chunks = list(client.chat.completions.create(model="blip2", messages=messages, stream=True,
@@ -377,7 +393,8 @@ def test_openai_sdk_flan_t5_and_models(front: Front, triton_server: Any, image: 
     completion = client.chat.completions.create(model="blip2_t5", messages=chat_messages(data_url(image)),
                                                 max_completion_tokens=6)
     assert completion.choices[0].message.content == direct(triton_server, image, VQA, model="blip2_t5", max_tokens=6)
-    assert completion.usage is None  # no token counts from this ensemble and no tokenizer configured for it
+    # The ensemble reports its token count, but no tokenizer is configured for the prompt's: no usage then.
+    assert completion.usage is None and completion.choices[0].finish_reason in ("stop", "length")
 
 
 def test_image_urls_from_allowed_hosts_only(front: Front, triton_server: Any, image_server: str,

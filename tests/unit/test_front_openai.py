@@ -5,12 +5,15 @@ from __future__ import annotations
 import base64
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 
 from blip2_triton.errors import InvalidRequestError
+from blip2_triton.front.gateway import TokenCounter, resolve_usage
 from blip2_triton.front.images import data_url_bytes, host_allowed
 from blip2_triton.front.openai_api import (
     ChatRequest,
@@ -214,3 +217,27 @@ def test_message_texts_are_joined_and_stripped() -> None:
         {"type": "text", "text": "  what "}, IMAGE, {"type": "text", "text": "color? "}]})).messages[0]
     assert message == Message("user", "what color?", (ImageRef("data:image/png;base64,QUJD",
                                                                "messages[0].content[1].image_url.url"),))
+
+
+def test_usage_prefers_what_the_ensemble_reports(tiny_model_dir: Path) -> None:
+    counter = TokenCounter(str(tiny_model_dir))
+    assert counter.query_tokens == 8  # the tiny checkpoint's num_query_tokens
+    prompt = "Question: what is it? Answer:"
+    reported = {"num_output_tokens": np.array([7], dtype=np.int32), "finish_reason": [b"length"]}
+    assert resolve_usage(reported, counter, prompt, "ignored", 7) == (Usage(counter.prompt_tokens(prompt), 7), "length")
+    reported["num_input_tokens"] = np.array([41], dtype=np.int32)
+    assert resolve_usage(reported, counter, prompt, "ignored", 7) == (Usage(41, 7), "length")
+    # Without a tokenizer the reported finish reason still counts; usage needs both counts.
+    assert resolve_usage({"finish_reason": [b"length"]}, None, prompt, "x", None) == (None, "length")
+
+
+def test_usage_falls_back_to_the_tokenizer(tiny_model_dir: Path, tmp_path: Path) -> None:
+    alone = tmp_path / "tokenizer.json"
+    alone.write_bytes((tiny_model_dir / "tokenizer.json").read_bytes())
+    counter = TokenCounter(str(alone))  # no config.json beside it: the query tokens are unknown
+    text = "a red car on a road"
+    tokens = counter.completion_tokens(text)
+    assert tokens > 0 and counter.query_tokens == 0
+    assert resolve_usage({}, counter, None, text, tokens + 1) == (Usage(counter.prompt_tokens(None), tokens), "stop")
+    assert resolve_usage({}, counter, None, text, tokens)[1] == "length"  # reached max_tokens
+    assert resolve_usage({}, None, None, text, None) == (None, "stop")

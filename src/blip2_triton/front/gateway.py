@@ -323,29 +323,15 @@ class Gateway:
 
     def _usage(self, chat: ChatRequest, prompt: str | None, text: str,
                outputs: dict[str, Any]) -> tuple[Usage | None, str]:
-        """Usage and finish_reason: Triton's own counts when the ensemble reports them, else the tokenizer's
-        estimate (usage_fallback), else no usage and "stop"."""
-        reported_finish = outputs.get("finish_reason")
-        finish = reported_finish[0].decode() if isinstance(reported_finish, list) and reported_finish else None
-        completion = _first_int(outputs.get("num_output_tokens"))
-        prompt_count = _first_int(outputs.get("num_input_tokens"))
-        counter = self._counter(chat.model)
-        if counter is not None:
-            if completion is None:
-                completion = counter.completion_tokens(text)
-            if prompt_count is None:
-                prompt_count = counter.prompt_tokens(prompt)
-        if finish is None:
-            limit = chat.max_tokens or DEFAULT_MAX_TOKENS
-            finish = "length" if completion is not None and completion >= limit else "stop"
-        if completion is None or prompt_count is None:
-            if not self._warned_usage:
-                self._warned_usage = True
-                log.warning("%s reports no token counts and no tokenizer is configured for it: responses carry "
-                            "no usage and finish_reason is always 'stop'", chat.model)
-            return None, finish
-        self.front.metrics.completion_tokens.labels(self.front.model_label(chat.model)).inc(completion)
-        return Usage(prompt_count, completion), finish
+        usage, finish = resolve_usage(outputs, self._counter(chat.model), prompt, text, chat.max_tokens)
+        if usage is None and not self._warned_usage:
+            self._warned_usage = True
+            log.warning("%s: no token counts from the ensemble or a tokenizer: responses carry no usage%s",
+                        chat.model, "" if "finish_reason" in outputs else " and finish_reason is always 'stop'")
+        if usage is not None:
+            self.front.metrics.completion_tokens.labels(self.front.model_label(chat.model)).inc(
+                usage.completion_tokens)
+        return usage, finish
 
     def _error(self, request: Request, error: FrontError) -> JSONResponse:
         record = request_state(request)
@@ -355,6 +341,26 @@ class Gateway:
             log.warning("%s: %s (%s)", record.get("route"), error.message, record.get("request_id"))
         return JSONResponse(error_body(error.http_status, error.message, param=error.param, code=error.code),
                             status_code=error.http_status)
+
+
+def resolve_usage(outputs: dict[str, Any], counter: TokenCounter | None, prompt: str | None, text: str,
+                  max_tokens: int | None) -> tuple[Usage | None, str]:
+    """Usage and finish_reason: what the ensemble reports (its optional outputs) first, else the tokenizer's
+    estimate, else no usage and "stop"."""
+    reported_finish = outputs.get("finish_reason")
+    finish = reported_finish[0].decode() if isinstance(reported_finish, list) and reported_finish else None
+    completion = _first_int(outputs.get("num_output_tokens"))
+    prompt_count = _first_int(outputs.get("num_input_tokens"))
+    if counter is not None:
+        if completion is None:
+            completion = counter.completion_tokens(text)
+        if prompt_count is None:
+            prompt_count = counter.prompt_tokens(prompt)
+    if finish is None:
+        finish = "length" if completion is not None and completion >= (max_tokens or DEFAULT_MAX_TOKENS) else "stop"
+    if completion is None or prompt_count is None:
+        return None, finish
+    return Usage(prompt_count, completion), finish
 
 
 def _first_int(value: Any) -> int | None:
