@@ -8,10 +8,13 @@ See docs/LOADTEST.md for every option and for turning the run data into a capaci
 
 from __future__ import annotations
 
+import base64
 import faulthandler
 import itertools
+import json
 import os
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -88,6 +91,8 @@ OPTIONS: list[tuple[str, type, Any, str]] = [
         "where to write per-request samples and metric scrapes (default: loadtest/reports/run-<timestamp>.json)",
     ),
     ("seed", int, 0, "seed for the image/prompt choice of each user"),
+    ("openai-model", str, "blip2", "Blip2OpenAIUser: the model id sent to /v1/chat/completions"),
+    ("openai-api-key", str, "", "Blip2OpenAIUser: sent as 'Authorization: Bearer KEY' when set"),
 ]
 
 
@@ -209,6 +214,15 @@ def _grpc_bytes_input(name: str, value: bytes) -> grpcclient.InferInput:
     return tensor
 
 
+def _failed_status(response: Any) -> bool:
+    """Marks a non-200 answer failed (with the start of its body) and says so."""
+    if response.status_code == 200:
+        return False
+    detail = (response.text or "")[:200] if response.content else str(getattr(response, "error", ""))
+    response.failure(f"HTTP {response.status_code}: {detail}")
+    return True
+
+
 class Blip2HttpUser(FastHttpUser):
     wait_time = constant(0)
 
@@ -222,12 +236,7 @@ class Blip2HttpUser(FastHttpUser):
         name, image, prompt = self.work.pick(self.rng)
         body, headers = encode_infer_request(image, prompt, self.work.max_tokens, OUTPUT)
         with self.client.post(self.path, data=body, headers=headers, name=name, catch_response=True) as response:
-            if response.status_code != 200:
-                detail = (response.text or "")[:200] if response.content else str(getattr(response, "error", ""))
-                response.failure(f"HTTP {response.status_code}: {detail}")
-                failed = True
-            else:
-                failed = not self._check(response)
+            failed = _failed_status(response) or not self._check(response)
         if failed:
             gevent.sleep(FAILURE_BACKOFF_S)
 
@@ -243,6 +252,64 @@ class Blip2HttpUser(FastHttpUser):
             response.failure(f"bad response: {exc}")
             return False
         return True
+
+
+# The prompts file holds BLIP-2 prompts; the gateway builds that form itself from the question alone.
+_VQA_FORM = re.compile(r"^\s*Question:\s*(.*?)\s*Answer:\s*$", re.S)
+_MAGIC = ((b"\x89PNG", "png"), (b"\xff\xd8", "jpeg"), (b"GIF8", "gif"), (b"BM", "bmp"), (b"II*\x00", "tiff"),
+          (b"MM\x00*", "tiff"))
+
+
+def question_of(prompt: str | None) -> str | None:
+    if not prompt:
+        return None
+    match = _VQA_FORM.match(prompt)
+    return match.group(1) if match else prompt
+
+
+def image_data_url(image: bytes) -> str:
+    kind = "webp" if image[8:12] == b"WEBP" else next((k for magic, k in _MAGIC if image.startswith(magic)), "png")
+    return f"data:image/{kind};base64,{base64.b64encode(image).decode()}"
+
+
+class Blip2OpenAIUser(FastHttpUser):
+    """OpenAI chat completions through the front's gateway (POST /v1/chat/completions, the image as a data: URL);
+    --host is the front's HTTP URL. Requests are named openai-caption / openai-vqa in the report."""
+
+    wait_time = constant(0)
+
+    def on_start(self) -> None:
+        self.work = workload()
+        self.rng = _user_rng()
+        opts = _options()
+        self.model = opts.openai_model
+        self.headers = {"content-type": "application/json"}
+        if opts.openai_api_key:
+            self.headers["authorization"] = f"Bearer {opts.openai_api_key}"
+
+    @task
+    def chat(self) -> None:
+        name, image, prompt = self.work.pick(self.rng)
+        content: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": image_data_url(image)}}]
+        question = question_of(prompt)
+        if question:
+            content.insert(0, {"type": "text", "text": question})
+        body: dict[str, Any] = {"model": self.model, "messages": [{"role": "user", "content": content}]}
+        if self.work.max_tokens is not None:
+            body["max_tokens"] = self.work.max_tokens
+        with self.client.post("/v1/chat/completions", data=json.dumps(body), headers=self.headers,
+                              name=f"openai-{name}", catch_response=True) as response:
+            failed = _failed_status(response)
+            if not failed:
+                try:
+                    text = json.loads(response.content or b"{}")["choices"][0]["message"]["content"]
+                    if not isinstance(text, str):
+                        raise TypeError(f"expected a string, got {type(text).__name__}")
+                except Exception as exc:
+                    response.failure(f"bad response: {exc}")
+                    failed = True
+        if failed:
+            gevent.sleep(FAILURE_BACKOFF_S)
 
 
 class Blip2LoadShape(LoadTestShape):
@@ -320,8 +387,9 @@ def _on_init(environment: Any, **_: Any) -> None:
     # Fail at start-up, not mid-run, on a bad image dir, prompt file or schedule.
     build_stages(opts)
     workload()
-    Blip2HttpUser.network_timeout = opts.request_timeout
-    Blip2HttpUser.connection_timeout = min(opts.request_timeout, 30.0)
+    for user_class in (Blip2HttpUser, Blip2OpenAIUser):
+        user_class.network_timeout = opts.request_timeout
+        user_class.connection_timeout = min(opts.request_timeout, 30.0)
 
 
 @events.test_start.add_listener
