@@ -27,7 +27,8 @@ def _serve(args: argparse.Namespace) -> int:
     base = LaunchSettings.from_env(os.environ)
     options = {**base.options, **{k: given.pop(k) for k in STAGE_FLAGS if k in given}}
     extra_args = base.extra_args + tuple(given.pop("triton_args", ()))
-    return serve(dataclasses.replace(base, **given, options=options, extra_args=extra_args))
+    front = {"openai_port": given.pop("openai_port")} if "openai_port" in given else {}
+    return serve(dataclasses.replace(base, **given, options=options, extra_args=extra_args), front=front)
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
@@ -56,7 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-port", type=int)
     serve.add_argument("--grpc-port", type=int)
     serve.add_argument("--metrics-port", type=int)
-    serve.add_argument("--host", help="address to bind HTTP and gRPC to (default: all interfaces)")
+    serve.add_argument("--host", help="address the ports clients reach bind to (default: 127.0.0.1; the container "
+                       "image sets 0.0.0.0)")
+    serve.add_argument("--no-front", dest="front", action="store_false",
+                       help="clients reach Triton directly: no request limits, OpenAI API or honest readiness")
+    serve.add_argument("--openai-port", type=int,
+                       help="a second public HTTP port with the same routes, e.g. for OpenAI clients (front)")
     serve.add_argument("--model-repository", type=Path)
     serve.add_argument("--exit-timeout-secs", dest="exit_timeout_s", type=int)
     serve.add_argument("--startup-timeout-s", type=float)

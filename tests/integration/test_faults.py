@@ -202,6 +202,43 @@ def test_a_crashed_server_leaves_no_stub_behind_and_restarts_alone(
     assert code == 0, log.read_text()[-3000:]
 
 
+def test_a_paused_stage_makes_the_replica_unready_and_it_recovers_without_a_restart(
+    tiny_model_dir: Path, tmp_path: Path, sample_images: dict[str, bytes], reference: Any
+) -> None:
+    # Triton 2.51 says ready while a stage is stopped, and a request reaching it makes Triton give the stage up for
+    # good. The front answers unready at once and turns inference away (retryable) until the stage resumes.
+    log = tmp_path / "serve.log"
+    proc, ports = _serve(["--model-id", str(tiny_model_dir), "--max-restarts", "1"], log)
+    ready_url = f"http://127.0.0.1:{ports['http']}/v2/health/ready"
+    data = sample_images["rgb_jpeg"]
+    try:
+        _wait_for_log(proc, log, "blip2-triton: ready", 1, 300)
+        vision = stub_of(_tritonserver_child(proc.pid), "blip2_vision")
+        os.kill(vision.pid, signal.SIGSTOP)
+        try:
+            paused = time.monotonic()
+            while http_status(ready_url, timeout_s=0.5) == 200:
+                assert time.monotonic() - paused < DETECTION_BUDGET_S, "the replica still reports ready"
+                time.sleep(0.05)
+            print(f"stage paused -> readiness gone in {time.monotonic() - paused:.2f} s")
+            with (Blip2Client(f"127.0.0.1:{ports['grpc']}", protocol="grpc", timeout_s=10) as client,
+                  pytest.raises(ServerUnavailableError, match="not ready")):
+                client.caption(data, max_tokens=5)
+        finally:
+            os.kill(vision.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while http_status(ready_url, timeout_s=0.5) != 200:
+            assert time.monotonic() < deadline, "the replica did not come back"
+            time.sleep(0.05)
+        with Blip2Client(f"127.0.0.1:{ports['grpc']}", protocol="grpc") as client:
+            assert client.caption(data, max_tokens=5) == reference(data, None, 5)
+        assert vision.alive() and "restarting tritonserver" not in log.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    assert code == 0, log.read_text()[-3000:]
+
+
 # --- SIGTERM under load -----------------------------------------------------------------------------------
 
 BUSY_MODEL = '''

@@ -101,9 +101,9 @@ def option_choices() -> dict[str, set[str]]:
 
 
 def contract_ports() -> dict[str, int]:
-    match = re.search(r"HTTP (\d+), gRPC (\d+), metrics (\d+)", contract())
+    match = re.search(r"HTTP (\d+), gRPC (\d+), metrics (\d+), front metrics (\d+)", contract())
     assert match, "CONTRACT.md no longer states the ports"
-    return dict(zip(("http", "grpc", "metrics"), map(int, match.groups()), strict=True))
+    return dict(zip(("http", "grpc", "metrics", "front-metrics"), map(int, match.groups()), strict=True))
 
 
 def model_configs() -> dict[str, str]:
@@ -265,17 +265,21 @@ def test_pip_pins_match_constraints_and_pyproject() -> None:
 
 def test_ports_match_contract_everywhere() -> None:
     ports = contract_ports()
-    assert re.search(r"^EXPOSE 8000 8001 8002$", dockerfile(), re.M)
+    assert re.search(r"^EXPOSE 8000 8001 8002 8003$", dockerfile(), re.M)
     assert [SERVING.http_port, SERVING.grpc_port, SERVING.metrics_port] == [
         ports["http"],
         ports["grpc"],
         ports["metrics"],
     ]
+    from blip2_triton.front import FrontSettings
+
+    assert FrontSettings().metrics_port == ports["front-metrics"]
     for svc in triton_services().values():
         published = {int(str(p).split(":")[-1]) for p in svc["ports"]}
         assert published == set(ports.values())
         # Metrics only on loopback; Prometheus reaches them over the compose network.
-        assert f"127.0.0.1:{ports['metrics']}:{ports['metrics']}" in svc["ports"]
+        for name in ("metrics", "front-metrics"):
+            assert f"127.0.0.1:{ports[name]}:{ports[name]}" in svc["ports"]
     for overlay in OVERLAYS:
         docs = render(overlay)
         container_ports = {p["name"]: p["containerPort"] for p in container(docs)["ports"]}
@@ -585,8 +589,10 @@ def container_argv(tmp_path: Path, *args: str, **env: str) -> tuple[list[str], P
     """The tritonserver argv docker/entrypoint.sh starts, with the environment's settings, and the fake binary."""
     fake, environ = fake_install(tmp_path)
     argv_file = tmp_path / f"argv{len(list(tmp_path.glob('argv*')))}.json"
-    environ |= {"TRITON_HTTP_PORT": str(free_port()), "TRITON_METRICS_PORT": str(free_port()),
-                "FAKE_ARGV": str(argv_file), **env}
+    # As the image sets it; the front's own ports free, so nothing else on the host is in the way.
+    environ |= {"TRITON_HOST": "0.0.0.0", "TRITON_HTTP_PORT": str(free_port()), "TRITON_GRPC_PORT": str(free_port()),
+                "TRITON_METRICS_PORT": str(free_port()), "BLIP2_FRONT_METRICS_PORT": "0", "FAKE_ARGV": str(argv_file),
+                **env}
     run = Supervised.entrypoint(environ, tmp_path / f"{argv_file.stem}.log", *args)
     try:
         run.wait_for("blip2-triton: ready")
@@ -606,14 +612,18 @@ def test_container_runs_the_launchers_command_line(tmp_path: Path) -> None:
            "TRITON_EXIT_TIMEOUT_SECS": "12", "BLIP2_MODEL_REPOSITORY": str(ROOT / "model_repository")}
     argv, fake = container_argv(tmp_path, "--log-verbose=1", **env)
     ports = {name: int(flag(argv, f"{name}-port")[0]) for name in ("http", "grpc", "metrics")}
-    # The same settings given to the launcher in Python: the same command line, flag for flag.
+    # The same settings given to the launcher in Python: the same command line, flag for flag. Triton listens on
+    # loopback behind the front, which holds the public ports.
     launcher = LaunchSettings(
-        model_repository=ROOT / "model_repository", host="0.0.0.0", http_port=ports["http"],
-        grpc_port=ports["grpc"], metrics_port=ports["metrics"], exit_timeout_s=12, admin_key="s3cret",
-        extra_args=(*extra.split(), "--log-verbose=1"),
-    )
+        model_repository=ROOT / "model_repository", host="0.0.0.0", grpc_port=int(env["TRITON_GRPC_PORT"]),
+        metrics_port=ports["metrics"], exit_timeout_s=12, admin_key="s3cret",
+        extra_args=(*extra.split(), "--log-verbose=1"), triton_http_port=ports["http"],
+        triton_grpc_port=ports["grpc"],
+    ).behind_front()
     assert argv == tritonserver_command(launcher, TritonInstall(fake, None, {}))
-    assert ports["grpc"] == int(env["TRITON_GRPC_PORT"])
+    assert ports["grpc"] != int(env["TRITON_GRPC_PORT"]), "the public gRPC port is the front's"
+    assert flag(argv, "http-address") == flag(argv, "grpc-address") == ["127.0.0.1"]
+    assert flag(argv, "metrics-address") == ["0.0.0.0"]
     assert flag(argv, "model-control-mode") == ["none"] and flag(argv, "strict-readiness") == ["true"]
     assert flag(argv, "allow-metrics") == flag(argv, "allow-cpu-metrics") == ["true"]
     assert flag(argv, "metrics-config") == ["summary_latencies=true"]
@@ -631,7 +641,7 @@ def test_container_defaults_and_unguessable_admin_key(tmp_path: Path) -> None:
     # Compose passes an unset TRITON_ADMIN_KEY through as empty: that must mean a random key too.
     argv, _ = container_argv(tmp_path, TRITON_ADMIN_KEY="")
     assert flag(argv, "model-repository") == [str(ROOT / "model_repository")], "the checkout's, in the image /opt's"
-    assert flag(argv, "grpc-port") == [str(SERVING.grpc_port)] and not flag(argv, "http-address")
+    assert flag(argv, "http-address") == ["127.0.0.1"], "Triton behind the front, on loopback"
     key = flag(argv, "http-restricted-api")[0].rpartition("triton-admin-key=")[2]
     assert re.fullmatch(r"[0-9a-f]{64}", key), "an unguessable key when the operator sets none"
     assert LaunchSettings().admin_key != LaunchSettings().admin_key

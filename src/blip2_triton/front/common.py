@@ -70,6 +70,13 @@ class FrontState:
             logging.getLogger("blip2_triton.front").exception("the ready() callable failed; answering not ready")
             return False
 
+    def check_serving(self) -> None:
+        """Inference goes through only while the stages are healthy: a request reaching a paused stage would make
+        Triton 2.51 give it up for good (docs/ROBUSTNESS.md), so it is turned away, retryable, instead."""
+        if not self.stages_ready():
+            raise FrontError(503, "front: the server is not ready (a stage is paused, restarting or draining); "
+                             "retry", reason="not_ready")
+
     def model_label(self, model: str | None) -> str:
         # Only known names become label values: clients choose the names, and labels must stay bounded.
         if model and (model in self.settings.public_models or model in self.settings.openai_models):

@@ -145,6 +145,7 @@ class Gateway:
         held = 0
         try:
             self._authorize(request)
+            self.front.check_serving()
             body = await read_body(request, self.front)
             record["bytes_in"] = len(body)
             await check_json_limits(body, self.front)

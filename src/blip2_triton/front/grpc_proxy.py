@@ -102,6 +102,8 @@ class GrpcProxy(grpc.GenericRpcHandler):
         model = found.get(model_field, "")
         if not (model == "" and method in EMPTY_NAME_ALLOWED) and not self.front.is_public(model):
             raise FrontError(404, f"front: unknown model '{model}'", reason="internal_model")
+        if method in (INFER, STREAM):
+            self.front.check_serving()
         if id_field is not None and not found.get(id_field):
             raw = with_string_field(raw, id_field, rid)
         return model, raw

@@ -145,6 +145,8 @@ async def kserve_proxy(request: Request) -> Response:
             raise FrontError(401, "front: missing or wrong API key (Authorization: Bearer ...)", reason="auth")
         if route.endswith("/ready") and not front.stages_ready():
             return Response(status_code=503)  # a model is not ready while a stage process is down
+        if route.endswith(("/infer", "/generate", "/generate_stream")):
+            front.check_serving()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         headers[REQUEST_ID_HEADER] = record["request_id"]
         body = b""

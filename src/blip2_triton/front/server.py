@@ -58,6 +58,7 @@ class Front:
         self.http_port: int | None = None
         self.grpc_port: int | None = None
         self.metrics_port: int | None = None
+        self.openai_port: int | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -151,8 +152,11 @@ class Front:
             self.grpc_port = grpc_server.add_insecure_port(f"{s.host}:{s.grpc_port}")
             if not self.grpc_port:
                 raise FrontStartupError(f"cannot listen on {s.host}:{s.grpc_port} (gRPC)")
-            http_socket = _bind(s.host, s.http_port)
-            self.http_port = http_socket.getsockname()[1]
+            sockets = [_bind(s.host, s.http_port)]
+            self.http_port = sockets[0].getsockname()[1]
+            if s.openai_port >= 0:
+                sockets.append(_bind(s.host, s.openai_port))
+                self.openai_port = sockets[1].getsockname()[1]
             config = uvicorn.Config(
                 build_app(state, triton_http, gateway), lifespan="off", log_config=None, access_log=False,
                 server_header=False, timeout_graceful_shutdown=math.ceil(s.shutdown_grace_s),
@@ -163,7 +167,7 @@ class Front:
                 resources.append(metrics_server)
                 self.metrics_port = metrics_server.server_port
             await grpc_server.start()
-            serving = asyncio.create_task(http_server.serve(sockets=[http_socket]))
+            serving = asyncio.create_task(http_server.serve(sockets=sockets))
             while not http_server.started:
                 if serving.done():
                     serving.result()

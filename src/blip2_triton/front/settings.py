@@ -78,6 +78,8 @@ class FrontSettings:
     http_port: int = _opt(8000, "public HTTP port: KServe v2 (/v2/...) and OpenAI (/v1/...) routes; 0 = any free")
     grpc_port: int = _opt(8001, "public gRPC port (KServe v2 GRPCInferenceService); 0 = any free port")
     metrics_port: int = _opt(8003, "Prometheus /metrics of the front; 0 = any free port, -1 = off")
+    openai_port: int = _opt(-1, "a second public HTTP port with the same routes, for OpenAI clients kept apart "
+                            "from KServe ones; 0 = any free port, -1 = none")
     public_models: tuple[str, ...] = _opt(
         DEFAULT_PUBLIC_MODELS, "models reachable through the front (comma-separated); every other is refused",
         _parse_list)
@@ -116,7 +118,8 @@ class FrontSettings:
 
         for name in ("http_port", "grpc_port"):
             need(0 <= getattr(self, name) <= 65535, f"{name}: expected 0..65535, got {getattr(self, name)}")
-        need(-1 <= self.metrics_port <= 65535, f"metrics_port: expected -1..65535, got {self.metrics_port}")
+        for name in ("metrics_port", "openai_port"):
+            need(-1 <= getattr(self, name) <= 65535, f"{name}: expected -1..65535, got {getattr(self, name)}")
         for name in ("max_request_bytes", "max_json_depth", "max_image_bytes"):
             need(getattr(self, name) >= 1, f"{name}: expected >= 1, got {getattr(self, name)}")
         need(self.max_inflight_bytes >= self.max_request_bytes,

@@ -44,6 +44,8 @@ def tritonserver_command(settings: LaunchSettings, install: TritonInstall) -> li
     ]
     if settings.host not in WILDCARDS:
         cmd += [f"--http-address={settings.host}", f"--grpc-address={settings.host}"]
+    if settings.metrics_host is not None:
+        cmd.append(f"--metrics-address={settings.metrics_host or '0.0.0.0'}")  # noqa: S104  (Prometheus scrapes it)
     if install.backend_directory is not None:
         cmd.append(f"--backend-directory={install.backend_directory}")
     own_restrictions = any(a.startswith(("--http-restricted-api", "--grpc-restricted-protocol"))

@@ -7,7 +7,7 @@ import secrets
 import shlex
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,11 +59,20 @@ class LaunchSettings:
     t5_model_repository: Path | None = setting(  # noqa: RUF009
         None, "BLIP2_T5_MODEL_REPOSITORY", "FlanT5 repository served beside it (`serve --t5`)",
         shown="likewise, `model_repository_t5`")
-    host: str = setting("127.0.0.1", "TRITON_HOST", "address HTTP and gRPC bind to",
-                        shown="`0.0.0.0` (`TritonServer`: `127.0.0.1`)")
-    http_port: int = setting(8000, "TRITON_HTTP_PORT", "HTTP port")
-    grpc_port: int = setting(8001, "TRITON_GRPC_PORT", "gRPC port")
-    metrics_port: int = setting(8002, "TRITON_METRICS_PORT", "Prometheus metrics port")
+    host: str = setting("127.0.0.1", "TRITON_HOST", "address the HTTP, gRPC and metrics ports clients reach bind to "
+                        "(the image sets `0.0.0.0`)")
+    http_port: int = setting(8000, "TRITON_HTTP_PORT", "HTTP port clients reach (the front's)")
+    grpc_port: int = setting(8001, "TRITON_GRPC_PORT", "gRPC port clients reach (the front's)")
+    metrics_port: int = setting(8002, "TRITON_METRICS_PORT", "Triton's Prometheus metrics port")
+    front: bool = setting(True, "BLIP2_FRONT", "clients reach Triton through the front (limits, OpenAI API, honest "
+                          "readiness; `BLIP2_FRONT_*`), Triton listening on loopback; `0`: Triton directly",
+                          shown="`1`")
+    triton_http_port: int = setting(0, "BLIP2_TRITON_HTTP_PORT", "Triton's own HTTP port on loopback, behind the "
+                                    "front; `0`: a free port")
+    triton_grpc_port: int = setting(0, "BLIP2_TRITON_GRPC_PORT", "Triton's own gRPC port on loopback, behind the "
+                                    "front; `0`: a free port")
+    # Where the metrics port binds when HTTP and gRPC do not (Triton behind the front); None: with them.
+    metrics_host: str | None = None
     exit_timeout_s: int = setting(30, "TRITON_EXIT_TIMEOUT_SECS", "bound on a stop: drain plus Triton's shutdown")
     admin_key: str = setting(lambda: secrets.token_hex(32), "TRITON_ADMIN_KEY",
                              "key of Triton's admin APIs (`triton-admin-key` header)", shown="random: APIs closed",
@@ -95,8 +104,8 @@ class LaunchSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: Any) -> LaunchSettings:
-        """Settings for serving: the environment's, else the defaults, with all interfaces bound."""
-        values: dict[str, Any] = {"host": "0.0.0.0"}  # noqa: S104  (a server for clients, as Triton binds by default)
+        """Settings for serving: the environment's, else the defaults."""
+        values: dict[str, Any] = {}
         for f in fields(cls):
             raw = env.get(f.metadata.get("env", ""))
             if raw:
@@ -109,6 +118,12 @@ class LaunchSettings:
     @classmethod
     def on_free_ports(cls, **values: Any) -> LaunchSettings:
         return cls(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), **values)
+
+    def behind_front(self) -> LaunchSettings:
+        """The settings tritonserver starts with when the front takes the public ports: HTTP and gRPC on loopback
+        (on the given or free ports), metrics where clients reach them."""
+        return replace(self, host="127.0.0.1", http_port=self.triton_http_port or free_port(),
+                       grpc_port=self.triton_grpc_port or free_port(), metrics_host=self.host, front=False)
 
     @property
     def serves_t5(self) -> bool:
