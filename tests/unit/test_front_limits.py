@@ -21,7 +21,7 @@ from blip2_triton.front.limits import (
     check_json,
     request_id,
 )
-from blip2_triton.front.wire import WireError, string_fields, with_string_field
+from blip2_triton.front.wire import WireError, string_fields, submessage_strings, with_string_field
 
 T = TypeVar("T")
 ISSUE_20_BODY = b'{"inputs": [' * 100000 + b"]}" * 100000  # crashed tritonserver 2.51 (SIGSEGV)
@@ -177,6 +177,8 @@ def test_wire_reads_and_sets_model_and_id_like_protobuf() -> None:
     twice = with_string_field(raw, 1, "blip2_llm")
     assert pb.ModelInferRequest.FromString(twice).model_name == "blip2_llm"
     assert string_fields(twice, frozenset({1}))[1] == "blip2_llm"
+    request.inputs.add(name="max_tokens", datatype="INT32", shape=[1, 1])
+    assert submessage_strings(request.SerializeToString(), 5, 1) == ["image", "max_tokens"]
 
 
 @pytest.mark.parametrize("raw", [b"\x0a\x10abc", b"\x0a", b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff", b"\x0b"])

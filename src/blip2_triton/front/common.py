@@ -70,6 +70,13 @@ class FrontState:
             logging.getLogger("blip2_triton.front").exception("the ready() callable failed; answering not ready")
             return False
 
+    def check_inputs(self, model: str | None, names: set[str]) -> None:
+        """A 400 naming the first input `model` needs that a request lacks."""
+        needed = self.settings.required_inputs.get(model or "", "")
+        missing = [name for name in needed.split("+") if name and name not in names]
+        if missing:
+            raise FrontError(400, f"{missing[0]}: required input is missing", reason="missing_input")
+
     def check_serving(self) -> None:
         """Inference goes through only while the stages are healthy: a request reaching a paused stage would make
         Triton 2.51 give it up for good (docs/ROBUSTNESS.md), so it is turned away, retryable, instead."""

@@ -17,7 +17,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from .common import FrontError, FrontState, log_access
 from .limits import BudgetExhaustedError, request_id
-from .wire import WireError, string_fields, with_string_field
+from .wire import WireError, string_fields, submessage_strings, with_string_field
 
 log = logging.getLogger("blip2_triton.front.grpc")
 
@@ -37,6 +37,8 @@ def _number(message: Any, name: str) -> int:
     return int(message.DESCRIPTOR.fields_by_name[name].number)
 
 
+INPUTS_FIELD = _number(pb.ModelInferRequest, "inputs")
+INPUT_NAME_FIELD = _number(pb.ModelInferRequest.InferInputTensor, "name")
 # Method -> (field number of the model name, field number of the request id or None).
 MODEL_FIELDS: dict[str, tuple[int, int | None]] = {
     INFER: (_number(pb.ModelInferRequest, "model_name"), _number(pb.ModelInferRequest, "id")),
@@ -103,6 +105,11 @@ class GrpcProxy(grpc.GenericRpcHandler):
         if not (model == "" and method in EMPTY_NAME_ALLOWED) and not self.front.is_public(model):
             raise FrontError(404, f"front: unknown model '{model}'", reason="internal_model")
         if method in (INFER, STREAM):
+            try:
+                inputs = submessage_strings(raw, INPUTS_FIELD, INPUT_NAME_FIELD)
+            except WireError as e:
+                raise FrontError(400, f"front: malformed request message ({e})", reason="malformed") from e
+            self.front.check_inputs(model, set(inputs))
             self.front.check_serving()
         if id_field is not None and not found.get(id_field):
             raw = with_string_field(raw, id_field, rid)

@@ -105,21 +105,42 @@ def _route_of(path: str) -> tuple[str, str | None]:
                                                         "/config", "/stats") else ""), match.group(1)
 
 
-async def _with_request_id(body: bytes, headers: dict[str, str], rid: str) -> tuple[bytes, str | None]:
-    """The infer body with `id` set to the request id when the client sent none; and the id Triton will see."""
+INFERENCE_ROUTES = ("/infer", "/generate", "/generate_stream")
+
+
+async def _json_head(body: bytes, headers: dict[str, str]) -> tuple[Any, int | None]:
+    """The JSON part of an inference body parsed (None if it is not JSON), and its length when a binary-tensor
+    header declares one (None when the header is absent; -1 when it is malformed, which Triton reports itself)."""
     declared = headers.get(HEADER_LENGTH)
     if declared is not None and not (declared.isdigit() and int(declared) <= len(body)):
-        return body, None  # Triton reports the bad header itself
-    json_length = int(declared) if declared is not None else len(body)
-    head = body[:json_length]
+        return None, -1
+    head = body[:int(declared)] if declared is not None else body
     try:
-        if len(head) >= THREAD_SCAN_BYTES:
-            parsed = await anyio.to_thread.run_sync(json.loads, head)
-        else:
-            parsed = json.loads(head)
+        parsed = (await anyio.to_thread.run_sync(json.loads, head) if len(head) >= THREAD_SCAN_BYTES
+                  else json.loads(head))
     except ValueError:
-        return body, None  # Triton answers malformed JSON with its own message
-    if not isinstance(parsed, dict) or not head.lstrip().startswith(b"{"):
+        return None, None  # Triton answers malformed JSON with its own message
+    return parsed, int(declared) if declared is not None else None
+
+
+def _input_names(route: str, parsed: Any) -> set[str] | None:
+    """The inputs an inference body names (KServe infer: `inputs[].name`; generate: the body's keys)."""
+    if not isinstance(parsed, dict):
+        return None
+    if route.endswith("/infer"):
+        inputs = parsed.get("inputs")
+        return {str(i.get("name")) for i in inputs if isinstance(i, dict)} if isinstance(inputs, list) else None
+    return set(parsed)
+
+
+def _with_request_id(body: bytes, headers: dict[str, str], rid: str, parsed: Any, declared: int | None
+                     ) -> tuple[bytes, str | None]:
+    """The infer body with `id` set to the request id when the client sent none; and the id Triton will see."""
+    if declared == -1 or not isinstance(parsed, dict):
+        return body, None
+    json_length = declared if declared is not None else len(body)
+    head = body[:json_length]
+    if not head.lstrip().startswith(b"{"):
         return body, None
     if "id" in parsed:
         return body, str(parsed["id"])
@@ -145,7 +166,7 @@ async def kserve_proxy(request: Request) -> Response:
             raise FrontError(401, "front: missing or wrong API key (Authorization: Bearer ...)", reason="auth")
         if route.endswith("/ready") and not front.stages_ready():
             return Response(status_code=503)  # a model is not ready while a stage process is down
-        if route.endswith(("/infer", "/generate", "/generate_stream")):
+        if route.endswith(INFERENCE_ROUTES):
             front.check_serving()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         headers[REQUEST_ID_HEADER] = record["request_id"]
@@ -156,8 +177,14 @@ async def kserve_proxy(request: Request) -> Response:
             declared = headers.get(HEADER_LENGTH)
             json_part = body[:int(declared)] if declared and declared.isdigit() else body
             await check_json_limits(json_part, front)
-            if route.endswith("/infer"):
-                body, record["triton_id"] = await _with_request_id(body, headers, record["request_id"])
+            if route.endswith(INFERENCE_ROUTES):
+                parsed, json_length = await _json_head(body, headers)
+                names = _input_names(route, parsed)
+                if names is not None:
+                    front.check_inputs(model, names)
+                if route.endswith("/infer"):
+                    body, record["triton_id"] = _with_request_id(body, headers, record["request_id"], parsed,
+                                                                 json_length)
         held = await front.budget.acquire(len(body)) if body else 0
     except FrontError as e:
         return kserve_error(e, record)

@@ -67,6 +67,9 @@ def _opt(default: Any, help_text: str, parse: Callable[[str], Any] | None = None
 
 
 DEFAULT_PUBLIC_MODELS = ("blip2", "blip2_stream", "blip2_t5", "blip2_t5_stream")
+# Inputs a model cannot run without: checked here because Triton 2.51 answers an ensemble request that lacks one
+# with "unexpected deadlock" instead of naming it.
+DEFAULT_REQUIRED_INPUTS = {model: "image" for model in DEFAULT_PUBLIC_MODELS}
 DEFAULT_OPENAI_MODELS = {"blip2": ("blip2", "blip2_stream"), "blip2_t5": ("blip2_t5", "blip2_t5_stream")}
 
 
@@ -85,6 +88,9 @@ class FrontSettings:
         _parse_list)
     openai_models: dict[str, tuple[str, str]] = _opt(  # noqa: RUF009  (_opt makes a default_factory field)
         DEFAULT_OPENAI_MODELS, "OpenAI model ids: ID=ENSEMBLE:STREAM_MODEL, comma-separated", _parse_models)
+    required_inputs: dict[str, str] = _opt(  # noqa: RUF009  (_opt makes a default_factory field)
+        DEFAULT_REQUIRED_INPUTS, "MODEL=INPUT[+INPUT...] pairs: inference refused (400) when an input is missing",
+        _parse_pairs)
     max_request_bytes: int = _opt(64 * MIB, "largest HTTP body or gRPC message accepted")
     max_json_depth: int = _opt(32, "deepest JSON nesting accepted in a request body")
     max_inflight_bytes: int = _opt(

@@ -54,6 +54,29 @@ def string_fields(data: bytes, numbers: frozenset[int]) -> dict[int, str]:
     return found
 
 
+def submessage_strings(data: bytes, number: int, inner: int) -> list[str]:
+    """Field `inner` (a string) of every embedded message in the repeated top-level field `number`."""
+    names: list[str] = []
+    pos = 0
+    while pos < len(data):
+        key, pos = _varint(data, pos)
+        field_number, wire_type = key >> 3, key & 7
+        if wire_type == _VARINT:
+            _, pos = _varint(data, pos)
+        elif wire_type in (_I64, _I32):
+            pos += 8 if wire_type == _I64 else 4
+        elif wire_type == _LEN:
+            length, pos = _varint(data, pos)
+            if field_number == number:
+                names.append(string_fields(data[pos:pos + length], frozenset({inner})).get(inner, ""))
+            pos += length
+        else:
+            raise WireError(f"unsupported wire type {wire_type}")
+        if pos > len(data):
+            raise WireError("truncated field")
+    return names
+
+
 def _encode_varint(value: int) -> bytes:
     out = bytearray()
     while True:
