@@ -28,6 +28,11 @@ def _serve(args: argparse.Namespace) -> int:
     options = {**base.options, **{k: given.pop(k) for k in STAGE_FLAGS if k in given}}
     extra_args = base.extra_args + tuple(given.pop("triton_args", ()))
     front = {"openai_port": given.pop("openai_port")} if "openai_port" in given else {}
+    if "log_format" in given:
+        from .logs import configure_logging
+
+        options["log_format"] = front["log_format"] = given.pop("log_format")
+        configure_logging(options["log_format"])
     return serve(dataclasses.replace(base, **given, options=options, extra_args=extra_args), front=front)
 
 
@@ -61,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "image sets 0.0.0.0)")
     serve.add_argument("--no-front", dest="front", action="store_false",
                        help="clients reach Triton directly: no request limits, OpenAI API or honest readiness")
+    serve.add_argument("--log-format", choices=("text", "json"),
+                       help="log lines of the stages, the front and this supervisor (Triton's own stay text)")
     serve.add_argument("--openai-port", type=int,
                        help="a second public HTTP port with the same routes, e.g. for OpenAI clients (front)")
     serve.add_argument("--model-repository", type=Path)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigurationError
+from .logs import LOG_FORMATS
 
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 DEVICES = ("auto", "cuda", "cpu")
@@ -91,6 +92,8 @@ class ServerOptions:
                               "`OMP_NUM_THREADS` is kept", shown="`0` (automatic)")
     cpu_stages: int = option(2, "computing stage processes sharing the host's cores (vision + LLM; `serve --t5` "
                              "sets 4 unless set)")
+    log_format: str = option("text", "stage processes' log lines: `text`, or `json` (one object per line, the "
+                             "request id as a field)")
     allow_pickle: bool = option(False, "`1`: also load pickle (`.bin`) weights, which can run code while loading: "
                                 "only for checkpoints you trust", shown="`0`")
 
@@ -98,7 +101,7 @@ class ServerOptions:
         for name, allowed in (
             ("dtype", DTYPES), ("device", DEVICES), ("quantization", QUANTIZATIONS), ("tiny_family", FAMILIES),
             ("scheduler", SCHEDULERS), ("compute_lock", COMPUTE_LOCKS), ("cudnn_attention", ON_OFF),
-            ("cuda_graphs", COMPUTE_LOCKS), ("packed_weights", PACKED_WEIGHTS),
+            ("cuda_graphs", COMPUTE_LOCKS), ("packed_weights", PACKED_WEIGHTS), ("log_format", LOG_FORMATS),
         ):
             value = getattr(self, name)
             if value not in allowed:

@@ -146,7 +146,7 @@ def test_health_and_metadata(url: str, protocol: str) -> None:
         assert inputs["image"] == "BYTES"
         assert inputs["max_tokens"] == "INT32"
         assert {t.name: t.datatype for t in meta.outputs} == {"text_output": "BYTES", "num_output_tokens": "INT32",
-                                                               "finish_reason": "BYTES"}
+                                                               "finish_reason": "BYTES", "num_input_tokens": "INT32"}
         # Streaming needs gRPC; over HTTP a clear error, not a hang.
         if protocol == "http":
             with pytest.raises(StreamingUnsupportedError, match="grpc"):

@@ -416,8 +416,11 @@ def test_openai_sdk_flan_t5_and_models(front: Front, triton_server: Any, image: 
     completion = client.chat.completions.create(model="blip2_t5", messages=chat_messages(data_url(image)),
                                                 max_completion_tokens=6)
     assert completion.choices[0].message.content == direct(triton_server, image, VQA, model="blip2_t5", max_tokens=6)
-    # The ensemble reports its token count, but no tokenizer is configured for the prompt's: no usage then.
-    assert completion.usage is None and completion.choices[0].finish_reason in ("stop", "length")
+    # The ensemble reports both counts (num_input_tokens, num_output_tokens): no tokenizer needed.
+    usage = completion.usage
+    assert usage is not None and 0 < usage.completion_tokens <= 6 and usage.prompt_tokens > 0
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert completion.choices[0].finish_reason == ("length" if usage.completion_tokens == 6 else "stop")
 
 
 def test_image_urls_from_allowed_hosts_only(front: Front, triton_server: Any, image_server: str,

@@ -182,3 +182,5 @@ def test_token_count_and_finish_reason_come_with_the_text(clients, sample_images
         assert text == clients.infer(sample_images["rgba_png"], None, model=model, max_tokens=max_tokens)
         assert 0 <= tokens <= max_tokens
         assert reason == "length" if tokens == max_tokens else reason == "stop"
+        # Image tokens (the checkpoint's query tokens) and the caption path's BOS.
+        assert int(result.as_numpy("num_input_tokens")[0, 0]) > 1

@@ -27,7 +27,7 @@ def test_public_contract_of_the_ensemble() -> None:
         "repetition_penalty": "TYPE_FP32", "seed": "TYPE_UINT64",
     }
     assert _tensors(config, "output") == {"text_output": "TYPE_STRING", "num_output_tokens": "TYPE_INT32",
-                                          "finish_reason": "TYPE_STRING"}
+                                          "finish_reason": "TYPE_STRING", "num_input_tokens": "TYPE_INT32"}
     assert int(re.search(r"max_batch_size: (\d+)", config).group(1)) >= 8
     assert 'platform: "ensemble"' in config
 
@@ -47,7 +47,7 @@ def test_ensembles_wire_every_llm_input() -> None:
     assert mapped == {"image", *LLM_INPUTS}
     assert 'model_name: "blip2_llm"' in config
     internal = set(re.findall(r'output_map \{ key: "(\w+)"', config)) - {"text_output", "num_output_tokens",
-                                                                          "finish_reason"}
+                                                                          "finish_reason", "num_input_tokens"}
     assert internal and all(name.startswith("_") for name in internal)
     # The streaming front end offers exactly the public contract, and talks to the same LLM stage.
     stream = _read("blip2_stream")

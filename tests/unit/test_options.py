@@ -113,7 +113,9 @@ def test_launch_settings_from_the_environment() -> None:
     settings = LaunchSettings.from_env(env, max_restarts=2)
     assert (settings.http_port, settings.grpc_port, settings.watchdog, settings.max_restarts) == (9000, 8001, False, 2)
     assert settings.extra_args == ("--a=1", "--b", "c d") and str(settings.model_repository) == "/srv/repo"
-    assert settings.host == "0.0.0.0" and LaunchSettings().host == "127.0.0.1", "serving binds all interfaces"
+    # Loopback unless asked: the image sets TRITON_HOST=0.0.0.0 for its clients (issue: serve bound everything).
+    assert settings.host == LaunchSettings().host == "127.0.0.1"
+    assert LaunchSettings.from_env({"TRITON_HOST": "0.0.0.0"}).host == "0.0.0.0"
     assert settings.admin_key == "k" and LaunchSettings.from_env({"BLIP2_WATCHDOG": "1"}).watchdog
     assert LaunchSettings.from_env({"BLIP2_STARTUP_TIMEOUT_S": "90.5"}).startup_timeout_s == 90.5
     with pytest.raises(LauncherError, match="TRITON_GRPC_PORT: expected int, got 'x'"):

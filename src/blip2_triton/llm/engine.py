@@ -257,7 +257,7 @@ class InflightEngine:
             return
         text = self.stage.text(job.seq)
         self._emit(job, text, final=True)
-        self._finish(job, Completion(text, len(job.seq.generated), job.seq.finish_reason))
+        self._finish(job, Completion(text, len(job.seq.generated), job.seq.finish_reason, len(job.seq.prompt_ids)))
 
     def _emit(self, job: Job, text: str, *, final: bool) -> None:
         if job.on_piece is None:
@@ -309,7 +309,8 @@ class InflightEngine:
                 self._cancel_flags.pop(job.job_id, None)
         outcome = "ok" if isinstance(result, Completion) else type(result).__name__
         if type(result) is CancelledError and job.seq is not None:
-            log.info("request %s: %s after %d tokens", job.request_id or "-", result, len(job.seq.generated))
+            log.info("request %s: %s after %d tokens", job.request_id or "-", result, len(job.seq.generated),
+                     extra={"request_id": job.request_id or None})
         self._deferred.append(lambda: job.on_done(result))
         self._notify("on_finished", job, outcome)
 

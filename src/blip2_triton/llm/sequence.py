@@ -23,6 +23,8 @@ class Completion:
     tokens: int
     # "stop": the model ended it (EOS); "length": it reached max_tokens.
     finish_reason: str
+    # Positions of its input: the image tokens the query embeddings fill, and the prompt's tokens.
+    prompt_tokens: int = 0
 
 
 @dataclass(eq=False)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -20,11 +19,10 @@ from .tensors import LLM_INPUTS, completion_outputs, image_requests
 log = logging.getLogger("blip2_triton")
 
 
-def configure_logging() -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+def configure_logging(options: ServerOptions) -> None:
+    from ..logs import configure_logging as configure
+
+    configure(options.log_format)
 
 
 class StageModel:
@@ -37,9 +35,9 @@ class StageModel:
         self.pb = pb_utils
 
     def initialize(self, args: dict[str, Any]) -> None:
-        configure_logging()
         config = json.loads(args["model_config"])
         self.options = ServerOptions.resolve(parameters_from_model_config(config))
+        configure_logging(self.options)
         self._set_threads(args.get("model_name", ""))
         self.load(self.options)
         count, nbytes = self.parameter_stats()
@@ -123,15 +121,16 @@ class VisionModel(StageModel):
             except InvalidRequestError as e:
                 self._answer(sender, [e])
                 continue
-            self.pipeline.submit(rows, lambda results, sender=sender: self._answer(sender, results))
+            rid = request.request_id()
+            self.pipeline.submit(rows, lambda results, sender=sender, rid=rid: self._answer(sender, results, rid))
         # Cache hits are answered without a compute batch: their counters go out here.
         self._cache_metrics.export(self.stage.cache.stats())
         return None
 
-    def _answer(self, sender: Any, results: list[Any]) -> None:
+    def _answer(self, sender: Any, results: list[Any], request_id: str = "") -> None:
         error = next((r for r in results if isinstance(r, Exception)), None)
         if error is not None:
-            response = self.pb.InferenceResponse(error=_triton_error(self.pb, error, self.stage_name))
+            response = self.pb.InferenceResponse(error=_triton_error(self.pb, error, self.stage_name, request_id))
         else:
             embeds = np.stack(results).astype(np.float32, copy=False)
             response = self.pb.InferenceResponse(output_tensors=[self.pb.Tensor("_query_embeds", embeds)])
@@ -179,7 +178,8 @@ def _triton_error(pb: Any, error: Exception, stage: str, request_id: str = "") -
         return pb.TritonError(str(error), pb.TritonError.INVALID_ARG)
     if isinstance(error, CancelledError):
         return pb.TritonError(str(error), pb.TritonError.CANCELLED)
-    log.error("request %s: %s stage failed: %r", request_id or "-", stage, error)
+    log.error("request %s: %s stage failed: %r", request_id or "-", stage, error,
+              extra={"request_id": request_id or None})
     return pb.TritonError(f"{stage} stage failed; see server log")
 
 
@@ -226,7 +226,8 @@ class LanguageModel(StageModel):
         else:
             # Every reply carries every output (the counts are final once `_done`), as a BLS caller asks for all.
             summary = end if isinstance(end, Completion) else Completion(text, 0, "")
-            outputs = completion_outputs([Completion(text, summary.tokens, summary.finish_reason)])
+            outputs = completion_outputs([Completion(text, summary.tokens, summary.finish_reason,
+                                                     summary.prompt_tokens)])
             outputs["_done"] = np.array([[end is not None]], dtype=np.bool_)
             response = self.pb.InferenceResponse(output_tensors=[self.pb.Tensor(k, v) for k, v in outputs.items()])
         sender.send(response, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
@@ -239,7 +240,8 @@ class LanguageModel(StageModel):
                 self._dispatch(parse_message(self._inputs(request)), request, sender, request_id)
             except Exception as e:
                 if not isinstance(e, InvalidRequestError):
-                    log.exception("request %s: llm stage failed", request_id or "-")
+                    log.exception("request %s: llm stage failed", request_id or "-",
+                                  extra={"request_id": request_id or None})
                 self._send(sender, end=e, request_id=request_id)
         return None
 
@@ -274,7 +276,7 @@ class LanguageModel(StageModel):
         self.engine.stop()
 
 
-STREAM_OUTPUTS = ("text_output", "num_output_tokens", "finish_reason")
+STREAM_OUTPUTS = ("text_output", "num_output_tokens", "finish_reason", "num_input_tokens")
 
 
 class StreamModel:
@@ -294,8 +296,8 @@ class StreamModel:
     def initialize(self, args: dict[str, Any]) -> None:
         import uuid
 
-        configure_logging()
         params = parameters_from_model_config(json.loads(args["model_config"]))
+        configure_logging(ServerOptions.resolve(params))
         self.vision = params.get("vision_model") or "blip2_vision"
         self.target = params.get("llm_model") or "blip2_llm"
         self.input_names = LLM_INPUTS

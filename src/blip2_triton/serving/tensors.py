@@ -95,4 +95,5 @@ def completion_outputs(completions: list[Any]) -> dict[str, np.ndarray]:
         "text_output": text_output([c.text for c in completions]),
         "num_output_tokens": np.array([[c.tokens] for c in completions], dtype=np.int32),
         "finish_reason": np.array([[c.finish_reason.encode()] for c in completions], dtype=np.object_),
+        "num_input_tokens": np.array([[c.prompt_tokens] for c in completions], dtype=np.int32),
     }
