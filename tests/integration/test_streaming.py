@@ -218,3 +218,22 @@ def test_latency_histograms_are_exported(triton_server, sample_images) -> None:
         assert infinite and infinite[0] >= 1, name
         assert any(line.startswith(f"{name}_count") for line in lines)
         assert any(line.startswith(f"{name}_sum") for line in lines)
+
+
+def test_log_lines_about_a_request_carry_its_id(triton_server, sample_images, hf_reference) -> None:
+    # The stream front end passes the client's id on: the LLM stage's line about the cancellation names it.
+    long_image, _ = _long_case(sample_images, hf_reference)
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    client.async_stream_infer("blip2_stream", build_inputs(grpcclient, long_image, None, max_tokens=256),
+                              request_id="trace-me-7", enable_empty_final_response=True)
+    try:
+        results.get(timeout=120)  # generating
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+    deadline = time.monotonic() + 20
+    while "request trace-me-7: request cancelled after" not in triton_server.log_path.read_text():
+        assert time.monotonic() < deadline, "no log line names the cancelled request"
+        time.sleep(0.2)

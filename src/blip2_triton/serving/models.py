@@ -323,9 +323,10 @@ class StreamModel:
                 sender.send(final, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return None
 
-    def _llm(self, *tensors: Any) -> Any:
+    def _llm(self, request_id: str, *tensors: Any) -> Any:
+        # The client's id goes along, so the LLM stage's log lines about this stream carry it.
         return self.pb.InferenceRequest(model_name=self.target, requested_output_names=[*STREAM_OUTPUTS, "_done"],
-                                        inputs=list(tensors)).exec()
+                                        inputs=list(tensors), request_id=request_id).exec()
 
     def _control(self, name: str, job_id: str) -> Any:
         return self.pb.Tensor(name, np.array([[job_id.encode()]], dtype=np.object_))
@@ -340,20 +341,22 @@ class StreamModel:
         if not image:
             return pb.InferenceResponse(error=pb.TritonError("image: required input is missing",
                                                              pb.TritonError.INVALID_ARG))
+        rid = request.request_id()
         vision = pb.InferenceRequest(model_name=self.vision, requested_output_names=["_query_embeds"],
-                                     inputs=image).exec()
+                                     inputs=image, request_id=rid).exec()
         if vision.has_error():
             return self._error(vision)
         embeds = pb.get_output_tensor_by_name(vision, "_query_embeds")
         job_id = str(self._uuid())
-        started = self._llm(embeds, *self._inputs(request, self.input_names[1:]), self._control("_job_id", job_id))
+        started = self._llm(rid, embeds, *self._inputs(request, self.input_names[1:]),
+                            self._control("_job_id", job_id))
         if started.has_error():
             return self._error(started)
         while True:
             if request.is_cancelled():
-                self._llm(self._control("_cancel_id", job_id))
+                self._llm(rid, self._control("_cancel_id", job_id))
                 return None
-            reply = self._llm(self._control("_poll_id", job_id))
+            reply = self._llm(rid, self._control("_poll_id", job_id))
             if reply.has_error():
                 return self._error(reply)
             if bool(pb.get_output_tensor_by_name(reply, "_done").as_numpy().reshape(-1)[0]):
