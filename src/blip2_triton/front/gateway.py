@@ -55,7 +55,13 @@ from .triton import (
 log = logging.getLogger("blip2_triton.front.gateway")
 # The contract's max_tokens default (BLIP2_DEFAULT_MAX_TOKENS), for telling "length" from "stop" by estimate.
 DEFAULT_MAX_TOKENS = 30
-CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1),
+    # Triton is on loopback and comes back within seconds of a restart: reconnect at once, not after gRPC's
+    # default backoff of up to two minutes, during which every request would fail while readiness says yes.
+    ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
 
 class TokenCounter:
