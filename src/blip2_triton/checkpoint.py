@@ -100,8 +100,12 @@ def resolve_model_source(options: ServerOptions) -> str:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigurationError("device=cuda was requested but no CUDA device is visible")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigurationError(f"device={device} was requested but no CUDA device is visible")
+        index = torch.device(device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise ConfigurationError(f"device={device}: only {torch.cuda.device_count()} CUDA devices are visible")
     return torch.device(device)
 
 

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--t5-model-id", type=_absolute_if_local,
                        help="FlanT5 BLIP-2 checkpoint for `blip2_t5` (implies --t5)")
     serve.add_argument("--dtype", choices=DTYPES)
-    serve.add_argument("--device", choices=DEVICES)
+    serve.add_argument("--device", help=f"{', '.join(DEVICES)} or cuda:N (KIND_GPU instances use Triton's GPU)")
     serve.add_argument("--quantization", choices=QUANTIZATIONS)
     serve.add_argument("--http-port", type=int)
     serve.add_argument("--grpc-port", type=int)

@@ -6,8 +6,9 @@ generated from the fields' descriptions (`python -m blip2_triton.generated --wri
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,8 @@ class ServerOptions:
     model_id: str = option("", "HF repo id (through `HF_HOME`; `HF_HUB_OFFLINE=1` on air-gapped nodes) or local "
                            "checkpoint directory", shown="empty: the embedded tiny model")
     dtype: str = option("auto", "`auto` (float16 on GPU, float32 on CPU), `float16`, `bfloat16`, `float32`")
-    device: str = option("auto", "`auto` (CUDA when visible), `cuda`, `cpu`")
+    device: str = option("auto", "`auto` (CUDA when visible), `cuda`, `cuda:N`, `cpu`; an instance group of kind "
+                         "`KIND_GPU` runs each instance on the GPU Triton assigns it instead")
     quantization: str = option("none", "`none`, `8bit`, `4bit` (bitsandbytes: the GPU image has it; elsewhere the "
                                "load fails saying so)")
     cache_dir: str = option("", "where the tiny model is generated (a staging directory a killed generator left "
@@ -99,13 +101,15 @@ class ServerOptions:
 
     def validate(self) -> None:
         for name, allowed in (
-            ("dtype", DTYPES), ("device", DEVICES), ("quantization", QUANTIZATIONS), ("tiny_family", FAMILIES),
+            ("dtype", DTYPES), ("quantization", QUANTIZATIONS), ("tiny_family", FAMILIES),
             ("scheduler", SCHEDULERS), ("compute_lock", COMPUTE_LOCKS), ("cudnn_attention", ON_OFF),
             ("cuda_graphs", COMPUTE_LOCKS), ("packed_weights", PACKED_WEIGHTS), ("log_format", LOG_FORMATS),
         ):
             value = getattr(self, name)
             if value not in allowed:
                 raise ConfigurationError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", self.device):
+            raise ConfigurationError(f"device must be one of {', '.join(DEVICES)} or cuda:N, got {self.device!r}")
         for name in ("default_max_tokens", "max_max_tokens", "max_image_bytes", "max_image_pixels",
                      "max_request_pixels", "max_prompt_tokens", "max_beam_width", "max_active_sequences",
                      "max_kv_tokens", "cpu_stages"):
@@ -145,6 +149,11 @@ class ServerOptions:
         options = cls(**values)  # type: ignore[arg-type]
         options.validate()
         return options
+
+    def on_instance(self, kind: str, device_id: int | str) -> ServerOptions:
+        """These options for a model instance Triton placed: a KIND_GPU instance runs on the GPU Triton gave it,
+        whatever `device` says; any other kind keeps `device`."""
+        return replace(self, device=f"cuda:{int(device_id)}") if kind.upper() == "GPU" else self
 
     @classmethod
     def documented(cls) -> list[tuple[str, str, str]]:

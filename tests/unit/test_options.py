@@ -122,3 +122,28 @@ def test_launch_settings_from_the_environment() -> None:
         LaunchSettings.from_env({"TRITON_GRPC_PORT": "x"})
     with pytest.raises(LauncherError, match=r"not stage options: \['dtpye', 'model_id'\]"):
         LaunchSettings(options={"dtpye": "float16", "model_id": "m"})
+
+
+def test_a_gpu_instance_runs_on_the_gpu_triton_assigned_it() -> None:
+    options = ServerOptions(device="cpu")
+    assert options.on_instance("GPU", 3).device == "cuda:3"
+    assert options.on_instance("KIND_GPU".removeprefix("KIND_"), "1").device == "cuda:1"
+    assert options.on_instance("CPU", 0) is options
+    ServerOptions(device="cuda:2").validate()
+    with pytest.raises(ConfigurationError, match="device must be one of auto, cuda, cpu or cuda:N, got 'gpu0'"):
+        ServerOptions(device="gpu0").validate()
+
+
+def test_a_cuda_device_that_is_not_there_is_a_configuration_error(monkeypatch) -> None:
+    import torch
+
+    from blip2_triton.checkpoint import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigurationError, match="device=cuda:1 was requested but no CUDA device is visible"):
+        resolve_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigurationError, match="device=cuda:1: only 1 CUDA devices are visible"):
+        resolve_device("cuda:1")
+    assert resolve_device("cuda:0") == torch.device("cuda:0")

@@ -36,7 +36,8 @@ class StageModel:
 
     def initialize(self, args: dict[str, Any]) -> None:
         config = json.loads(args["model_config"])
-        self.options = ServerOptions.resolve(parameters_from_model_config(config))
+        self.options = ServerOptions.resolve(parameters_from_model_config(config)).on_instance(
+            str(args.get("model_instance_kind", "CPU")), args.get("model_instance_device_id", 0))
         configure_logging(self.options)
         self._set_threads(args.get("model_name", ""))
         self.load(self.options)
