@@ -164,6 +164,8 @@ class RetrievalImageRequest:
     vision_features: bool = False
 
     def validate(self, options: ServerOptions) -> None:
+        if not (self.image_embeds or self.vision_features):
+            raise InvalidRequestError("image: expected a request for image_embeds or _vision_features, got neither")
         ImageRequest(self.data).validate(options)
 
 
@@ -228,7 +230,9 @@ class SimilarityRequest:
 
 def contrastive_similarity(image_embeds: np.ndarray, text_embeds: np.ndarray) -> np.ndarray:
     """HF's `logits_per_image`: [images, queries, dim] x [texts, dim] -> [images, texts], the largest dot product
-    of each normalised query embedding with the normalised text embedding (cosine similarity, no temperature)."""
+    of each normalised query embedding with the normalised text embedding (cosine similarity, no temperature).
+
+    Always in float32: with an fp16/bf16 model HF rounds the scores to that dtype, which can tie close ones."""
     scores = torch.matmul(torch.as_tensor(image_embeds), torch.as_tensor(text_embeds).t())
     return scores.max(dim=1).values.numpy()
 
@@ -283,7 +287,8 @@ class _TextInput(_Stage):
         # Text positions are the Q-Former's position embeddings; the server's prompt limit may be lower.
         self.max_text_tokens = min(int(qformer.max_position_embeddings), options.max_prompt_tokens)
         self.pad_token_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
-        self._special_ids = set(self.tokenizer.all_special_ids)
+        # What a text without words encodes to ([CLS] [SEP] for BERT); [UNK] is a word.
+        self._empty_ids = list(self.tokenizer("", return_token_type_ids=False)["input_ids"])
         image_token = getattr(self.loaded.processor, "image_token", None)
         self.image_token_text = getattr(image_token, "content", None) or str(image_token or "<image>")
 
@@ -298,7 +303,7 @@ class _TextInput(_Stage):
         if any(i >= self.vocab_size for i in ids):
             # The processor's image token (and any other id the Q-Former cannot embed).
             raise InvalidRequestError(f"text_input: must not contain the image token {self.image_token_text!r}")
-        if all(i in self._special_ids for i in ids):
+        if ids == self._empty_ids:
             raise InvalidRequestError("text_input: expected text, got nothing left after tokenization")
         if len(ids) > self.max_text_tokens:
             raise InvalidRequestError(f"text_input: expected at most {self.max_text_tokens} tokens, got {len(ids)}")

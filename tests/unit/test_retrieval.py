@@ -184,7 +184,8 @@ def test_tiny_model_margins_keep_rankings_and_matches_above_float_noise(hf_batch
 def test_tokenization_matches_the_processor(text_stage, itm_reference) -> None:
     processor = itm_reference.processor
     queries = processor.num_query_tokens
-    for text in TEXTS:
+    # Characters outside the vocabulary are [UNK] words, served like any other (transformers embeds them too).
+    for text in (*TEXTS, "☃ 漢字", "  Mixed   CASE\twhitespace "):
         ids = text_stage.tokenize(TextRequest(text))
         assert ids == processor(text=text)["input_ids"][0]
         # With images the processor prepends the image tokens, which the model strips.
@@ -306,7 +307,9 @@ def test_bad_text_fails_alone_with_a_clear_message(text_stage, match_stage, imag
 def test_bad_images_and_arrays_fail_alone(image_stage, match_stage, sample_images: dict[str, bytes]) -> None:
     good = sample_images["webp"]
     oversized = b"\0" * (image_stage.options.max_image_bytes + 1)
-    results = image_stage.run([RetrievalImageRequest(d) for d in (good, b"junk", b"", oversized, good)])
+    results = image_stage.run([*(RetrievalImageRequest(d) for d in (good, b"junk", b"", oversized, good)),
+                               RetrievalImageRequest(good, image_embeds=False)])
+    assert str(results[5]) == "image: expected a request for image_embeds or _vision_features, got neither"
     assert "image: bytes are not a supported image file" in str(results[1])
     assert str(results[2]) == "image: expected encoded image bytes, got 0 bytes"
     assert "bytes, got" in str(results[3])
