@@ -387,17 +387,15 @@ class RetrievalImageStage(_Stage):
         jobs: dict[bytes, _ImageJob] = {}
         for slot, req in enumerate(requests):
             try:
-                # The size check is cheap and keeps oversized payloads from being hashed at all.
+                # Validated first: the size check is cheap and keeps oversized payloads from being hashed at all.
                 req.validate(self.options)
+                key = self.cache.key(bytes(req.data))
             except InvalidRequestError as e:
                 results[slot] = e
                 continue
-            key = self.cache.key(bytes(req.data))
-            job = jobs.get(key)
-            if job is None:
-                job = jobs[key] = _ImageJob(key, bytes(req.data))
-            else:
+            if key in jobs:
                 (self.cache if req.image_embeds else self.features_cache).count_hit()
+            job = jobs.setdefault(key, _ImageJob(key, bytes(req.data)))
             job.slots.append(slot)
             job.want_embeds |= req.image_embeds
             job.want_features |= req.vision_features

@@ -10,13 +10,12 @@ vocabulary covers the tokenizer but not `<image>`, vision/text projections and t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import string
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .tiny import _CORPUS, TINY_SEED
+from .tiny import _CORPUS, TINY_SEED, clip_image_processor, randomize_weights, save_checkpoint
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -55,7 +54,7 @@ def _build_bert_tokenizer() -> PreTrainedTokenizerBase:
 
 def write_tiny_itm_model(out_dir: str | os.PathLike[str], *, seed: int = TINY_SEED) -> Path:
     import torch
-    from transformers import Blip2Config, Blip2ForImageTextRetrieval, Blip2Processor, BlipImageProcessor
+    from transformers import Blip2Config, Blip2ForImageTextRetrieval, Blip2Processor
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -63,13 +62,9 @@ def write_tiny_itm_model(out_dir: str | os.PathLike[str], *, seed: int = TINY_SE
     # The Q-Former embeds the tokenizer's ids, [DEC] included; the processor's `<image>` (added next) is not among
     # them: the model strips image tokens before embedding text, as the published checkpoints do.
     qformer_vocab = len(tokenizer)
-    image_processor = BlipImageProcessor(
-        size={"height": 48, "width": 48},
-        image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711],
-        do_convert_rgb=True,
+    processor = Blip2Processor(
+        image_processor=clip_image_processor(48), tokenizer=tokenizer, num_query_tokens=NUM_QUERY_TOKENS
     )
-    processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=NUM_QUERY_TOKENS)
     config = Blip2Config(
         vision_config={
             "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -87,17 +82,11 @@ def write_tiny_itm_model(out_dir: str | os.PathLike[str], *, seed: int = TINY_SE
     torch.manual_seed(seed)
     model = Blip2ForImageTextRetrieval(config).eval()
     with torch.no_grad():
-        # The default initialiser gives the vision tower a std of 1e-10: every image would embed alike.
-        for name, param in model.named_parameters():
-            if param.dim() >= 2 and "norm" not in name:
-                param.normal_(0.0, _VISION_STD if name.startswith("vision_model") else 0.15)
-        model.query_tokens.normal_(0.0, 1.0)
+        randomize_weights(model, lambda name: _VISION_STD if name.startswith("vision_model") else 0.15)
         model.itm_head.weight.mul_(_ITM_SCALE)
-    model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
-    (out / "TINY_MODEL.json").write_text(
-        json.dumps({"seed": seed, "family": "itm", "version": TINY_ITM_VERSION, "generator": "blip2_triton.tiny_itm"})
-        + "\n"
+    save_checkpoint(
+        model, processor, out,
+        {"seed": seed, "family": "itm", "version": TINY_ITM_VERSION, "generator": "blip2_triton.tiny_itm"},
     )
     return out
 
