@@ -420,17 +420,18 @@ class RetrievalImageStage(_Stage):
                     continue
                 vit.append(job)
         if vit:
-            for job, features in zip(vit, self.vision_features([j.image for j in vit]), strict=True):
-                # FP32 in transport and cache: exact for fp16/bf16 values (the cache stores those in 16 bits), and
-                # the Q-Former, kept in fp32, casts them to fp32 anyway.
-                job.features = features.float().cpu().numpy()
-                self.features_cache.put(job.key, job.features)
+            # FP32 in transport and cache: exact for fp16/bf16 values (the cache stores those in 16 bits), and the
+            # Q-Former casts them to its own dtype as it does the ViT's output.
+            computed = self.vision_features([j.image for j in vit]).float().cpu().numpy()
+            for job, features in zip(vit, computed, strict=True):
+                job.features = features
+                self.features_cache.put(job.key, features)
         qformer = [j for j in jobs if j.error is None and j.want_embeds and j.embeds is None]
         if qformer:
             features = torch.from_numpy(np.stack([j.features for j in qformer])).to(self.device)
-            for job, embeds in zip(qformer, self.image_embeds(features), strict=True):
-                job.embeds = embeds.float().cpu().numpy()
-                self.cache.put(job.key, job.embeds)
+            for job, embeds in zip(qformer, self.image_embeds(features).float().cpu().numpy(), strict=True):
+                job.embeds = embeds
+                self.cache.put(job.key, embeds)
         for job in jobs:
             for slot in job.slots:
                 req = requests[slot]
@@ -470,8 +471,8 @@ class RetrievalTextStage(_TextInput):
                 results[slot] = e
         if rows:
             embeds = self.text_embeds(*self.padded([ids for _, ids in rows]))
-            for (slot, _), emb in zip(rows, embeds, strict=True):
-                results[slot] = emb.float().cpu().numpy()
+            for (slot, _), emb in zip(rows, embeds.float().cpu().numpy(), strict=True):
+                results[slot] = emb
         return results
 
 
