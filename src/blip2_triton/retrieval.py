@@ -25,7 +25,6 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 from transformers import Blip2Config, Blip2ForImageTextRetrieval
 from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2TextEmbeddings, Blip2VisionModel
@@ -166,7 +165,10 @@ class RetrievalImageRequest:
     def validate(self, options: ServerOptions) -> None:
         if not (self.image_embeds or self.vision_features):
             raise InvalidRequestError("image: expected a request for image_embeds or _vision_features, got neither")
-        ImageRequest(self.data).validate(options)
+        image = ImageRequest(self.data)
+        image.validate(options)
+        # The file itself (base64 text decoded), so a file and its base64 form share cache entries.
+        self.data = image.data
 
 
 @dataclass
@@ -331,7 +333,7 @@ class _ImageJob:
     want_features: bool = False
     embeds: np.ndarray | None = None
     features: np.ndarray | None = None
-    image: Image.Image | None = None
+    pixels: torch.Tensor | None = None
     error: InvalidRequestError | None = None
 
 
@@ -363,11 +365,23 @@ class RetrievalImageStage(_Stage):
     def embeds_shape(self) -> tuple[int, int]:
         return (self.num_query_tokens, self.embed_dim)
 
+    def cache_key(self, request: RetrievalImageRequest) -> bytes:
+        """Validates the request (base64 text becomes file bytes first) and keys it, with or without caches: the
+        key also finds an image repeated within a batch."""
+        # The size check is cheap and keeps oversized payloads from being hashed at all.
+        request.validate(self.options)
+        return self.cache.key(bytes(request.data))
+
+    def prepare(self, data: bytes) -> torch.Tensor:
+        """Decodes and preprocesses one image into the model's pixel values [3, H, W]; safe on any thread (the
+        split `vision.pipeline` serves the captioning stage with)."""
+        image = decode_image(ImageRequest(data), self.options)
+        return self.image_processor([image], return_tensors="pt")["pixel_values"][0]
+
     @torch.inference_mode()
-    def vision_features(self, images: list[Image.Image]) -> torch.Tensor:
-        pixel_values = self.image_processor(images, return_tensors="pt")["pixel_values"].to(self.device)
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         with self.compute:
-            return self.model.vision_model(pixel_values=pixel_values).last_hidden_state
+            return self.model.vision_model(pixel_values=pixel_values.to(self.device)).last_hidden_state
 
     @torch.inference_mode()
     def image_embeds(self, features: torch.Tensor) -> torch.Tensor:
@@ -387,9 +401,7 @@ class RetrievalImageStage(_Stage):
         jobs: dict[bytes, _ImageJob] = {}
         for slot, req in enumerate(requests):
             try:
-                # Validated first: the size check is cheap and keeps oversized payloads from being hashed at all.
-                req.validate(self.options)
-                key = self.cache.key(bytes(req.data))
+                key = self.cache_key(req)
             except InvalidRequestError as e:
                 results[slot] = e
                 continue
@@ -414,7 +426,7 @@ class RetrievalImageStage(_Stage):
                 job.features = self.features_cache.get(job.key)
             if job.features is None and (job.want_features or job.embeds is None):
                 try:
-                    job.image = decode_image(ImageRequest(job.data), self.options)
+                    job.pixels = self.prepare(job.data)
                 except InvalidRequestError as e:
                     job.error = e
                     continue
@@ -422,7 +434,7 @@ class RetrievalImageStage(_Stage):
         if vit:
             # FP32 in transport and cache: exact for fp16/bf16 values (the cache stores those in 16 bits), and the
             # Q-Former casts them to its own dtype as it does the ViT's output.
-            computed = self.vision_features([j.image for j in vit]).float().cpu().numpy()
+            computed = self.vision_features(torch.stack([j.pixels for j in vit])).float().cpu().numpy()
             for job, features in zip(vit, computed, strict=True):
                 job.features = features
                 self.features_cache.put(job.key, features)

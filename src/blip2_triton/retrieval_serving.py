@@ -10,7 +10,7 @@ import numpy as np
 
 from .errors import InvalidRequestError
 from .retrieval import ImageOutputs, MatchRequest, RetrievalImageRequest, SimilarityRequest, TextRequest
-from .serving import Arrays, _as_bytes, _rows
+from .serving.tensors import Arrays, _as_bytes, _rows
 
 IMAGE_EMBEDS = "_image_embeds"
 VISION_FEATURES = "_vision_features"

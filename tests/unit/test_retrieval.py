@@ -378,6 +378,16 @@ def test_cache_hit_costs_no_vision_compute(image_stage, calls: _Calls, sample_im
     assert again.image_embeds.tobytes() == miss.image_embeds.tobytes()  # type: ignore[union-attr]
 
 
+def test_base64_image_shares_the_files_cache_entry(image_stage, calls: _Calls, sample_images: dict[str, bytes]) -> None:
+    import base64
+
+    data = sample_images["webp"]
+    (raw,) = _outputs(image_stage, [data])
+    (encoded,) = _outputs(image_stage, [b"data:image/webp;base64," + base64.b64encode(data)])
+    assert (calls.vit, calls.qformer) == ([1], [1])
+    assert encoded.image_embeds.tobytes() == raw.image_embeds.tobytes()  # type: ignore[union-attr]
+
+
 def test_repeated_image_in_a_batch_is_computed_once(image_stage, calls: _Calls,
                                                     sample_images: dict[str, bytes]) -> None:
     a, b = sample_images["rgb_jpeg"], sample_images["rgba_png"]

@@ -1,3 +1,3 @@
-from blip2_triton.triton_model import RetrievalTextModel, python_model
+from blip2_triton.serving.models import RetrievalTextModel, python_model
 
 TritonPythonModel = python_model(RetrievalTextModel)
