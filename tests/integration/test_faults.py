@@ -3,6 +3,7 @@ process killed with SIGKILL, and SIGTERM while requests are in flight."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -165,6 +166,39 @@ def test_supervisor_restarts_the_replica_after_a_stub_dies(
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=60)
+    assert code == 0, log.read_text()[-3000:]
+
+
+def test_a_crashed_server_leaves_no_stub_behind_and_restarts_alone(
+    tiny_model_dir: Path, tmp_path: Path, sample_images: dict[str, bytes], reference: Any
+) -> None:
+    # Triton 2.51 can abort (its sync.cc assertion on a mass stream cancel, issue #7368); a stub that is busy or
+    # stopped then outlives it, holding its memory, while a restart would start a second server beside it.
+    log = tmp_path / "serve.log"
+    proc, ports = _serve(["--model-id", str(tiny_model_dir), "--max-restarts", "1"], log)
+    stubs: dict[int, Any] = {}
+    try:
+        _wait_for_log(proc, log, "blip2-triton: ready", 1, 300)
+        triton = _tritonserver_child(proc.pid)
+        stubs = stub_processes(triton)
+        llm = stub_of(triton, "blip2_llm")
+        assert llm.shm_region and (Path("/dev/shm") / llm.shm_region).exists()
+        inode = (Path("/dev/shm") / llm.shm_region).stat().st_ino
+        os.kill(llm.pid, signal.SIGSTOP)  # it cannot notice its parent's death
+        os.kill(triton, signal.SIGKILL)
+        _wait_for_log(proc, log, "blip2-triton: ready", 2, 300)
+        assert all(not stub.alive() for stub in stubs.values()), "a stub of the crashed server still runs"
+        region = Path("/dev/shm") / llm.shm_region
+        assert not region.exists() or region.stat().st_ino != inode
+        data = sample_images["rgb_jpeg"]
+        with Blip2Client(f"127.0.0.1:{ports['grpc']}", protocol="grpc") as client:
+            assert client.caption(data, max_tokens=5) == reference(data, None, 5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+        for stub in stubs.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stub.pid, signal.SIGKILL)
     assert code == 0, log.read_text()[-3000:]
 
 

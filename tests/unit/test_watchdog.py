@@ -23,6 +23,7 @@ from blip2_triton.supervisor.drain import DrainMonitor, Endpoints, drain_and_sto
 from blip2_triton.supervisor.processes import (
     STUB_BINARY,
     Stub,
+    end_stubs,
     end_with_parent,
     remove_shm_regions,
     running,
@@ -146,6 +147,32 @@ def test_watchdog_sees_a_real_stub_killed(stubs: Stubs) -> None:
     finally:
         dog.stop()
     assert faults == [f"stub process of model instance 'real_0_0' (pid {child.pid}) died"]
+
+
+def test_watchdog_marks_a_paused_stub_unhealthy_until_it_resumes(stubs: Stubs) -> None:
+    child = stubs.spawn("blip2_vision_0_0")
+    dog = StubWatchdog(os.getpid(), lambda _: None)
+    dog.stubs = stubs.seen()
+    assert dog.check() is None and dog.healthy
+    os.kill(child.pid, signal.SIGSTOP)
+    wait_until(lambda: psutil.Process(child.pid).status() == psutil.STATUS_STOPPED)
+    assert dog.check() is None, "a paused stub is not (yet) a dead one"
+    assert not dog.healthy and dog.paused == {"blip2_vision_0_0"}
+    os.kill(child.pid, signal.SIGCONT)
+    wait_until(lambda: psutil.Process(child.pid).status() != psutil.STATUS_STOPPED)
+    assert dog.check() is None and dog.healthy
+
+
+def test_stubs_left_by_a_dead_server_are_ended_with_their_regions(stubs: Stubs, tmp_path: Path) -> None:
+    # A stopped stub never notices its parent is gone: it must be killed, and its shm region removed.
+    orphan = stubs.spawn("blip2_llm_0_0")
+    os.kill(orphan.pid, signal.SIGSTOP)
+    (record,) = stubs.seen().values()
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    (shm / record.shm_region).write_bytes(b"x")
+    assert end_stubs([record], shm) == []
+    assert not record.alive() and not any(shm.iterdir())
 
 
 def test_remove_shm_regions_only_touches_plain_names(tmp_path: Path) -> None:

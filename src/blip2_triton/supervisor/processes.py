@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +33,18 @@ class Stub:
     shm_region: str | None
 
     def alive(self) -> bool:
+        return self._status() not in (None, psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+
+    def paused(self) -> bool:
+        """Stopped by a signal (SIGSTOP, a debugger): it answers nothing until resumed."""
+        return self._status() in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
+
+    def _status(self) -> str | None:
         try:
             process = psutil.Process(self.pid)
-            return process.create_time() == self.created and process.status() != psutil.STATUS_ZOMBIE
+            return process.status() if process.create_time() == self.created else None
         except psutil.NoSuchProcess:
-            return False
+            return None
 
 
 def running(pid: int) -> bool:
@@ -90,13 +98,23 @@ def kill_server(proc: subprocess.Popen[bytes], stubs: Sequence[Stub] = (), shm_d
     if proc.poll() is None:
         proc.kill()
     code = proc.wait()
-    for stub in stubs:
-        # Stubs exit when their parent goes; one that is stuck must not keep GPU memory.
-        if stub.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(stub.pid, signal.SIGKILL)
-    remove_shm_regions(stubs, shm_dir)
+    end_stubs(stubs, shm_dir)
     return code
+
+
+def end_stubs(stubs: Sequence[Stub], shm_dir: Path = SHM_DIR, *, timeout_s: float = 10.0) -> list[Stub]:
+    """Kills the stubs of a server that has ended and removes their shm regions; the ones still alive after
+    `timeout_s` (stuck in the kernel) are returned."""
+    # Stubs exit when their parent goes, but a stopped or wedged one never does, and keeps its (GPU) memory.
+    alive = [stub for stub in stubs if stub.alive()]
+    for stub in alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stub.pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout_s
+    while (alive := [stub for stub in alive if stub.alive()]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    remove_shm_regions(stubs, shm_dir)
+    return alive
 
 
 def remove_shm_regions(stubs: Sequence[Stub], shm_dir: Path = SHM_DIR) -> None:

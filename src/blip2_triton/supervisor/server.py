@@ -18,7 +18,7 @@ from typing import BinaryIO
 from .command import WILDCARDS, stage_environment, tritonserver_command
 from .drain import Endpoints, drain_and_stop
 from .install import find_tritonserver
-from .processes import end_with_parent, kill_server, stub_processes
+from .processes import Stub, end_stubs, end_with_parent, kill_server, running, stub_processes
 from .settings import LauncherError, LaunchSettings, StartupInterruptedError
 from .watchdog import StubWatchdog
 
@@ -47,6 +47,8 @@ class TritonServer:
         self._stop_lock = threading.Lock()
         self._stop_code: int | None = None
         self._log_file: BinaryIO | None = None
+        # The stubs of the current (or last) server, kept so that none outlives it (`_end_stubs`).
+        self._stubs: dict[int, Stub] = {}
 
     def start(self, *, interrupt: threading.Event | None = None) -> TritonServer:
         """Starts tritonserver and waits until it is ready; callable again after the server ended.
@@ -57,6 +59,8 @@ class TritonServer:
             # The previous server's watchdog may still be polling: its late fault report must not kill this one.
             self._watchdog.stop()
             self._watchdog = None
+        # A stub of the previous server that still runs holds its memory (on a GPU too): never start beside it.
+        self._end_stubs()
         install = find_tritonserver()
         cmd = tritonserver_command(self.settings, install)
         if self.log_path is not None:
@@ -77,11 +81,25 @@ class TritonServer:
         except BaseException:
             self._abort_startup()
             raise
+        self._stubs = stub_processes(self.process.pid)
         if self.settings.watchdog:
             process = self.process
             self._watchdog = StubWatchdog(process.pid, lambda reason: self._on_fault(process, reason),
                                           interval_s=self.settings.watchdog_interval_s).start()
+            self._stubs = self._watchdog.stubs  # the watchdog adopts stubs Triton starts later
         return self
+
+    def healthy(self) -> bool:
+        """Serving as far as the supervisor can see: tritonserver runs, no stub died or is paused."""
+        return (self.process is not None and running(self.process.pid) and self.fault is None
+                and (self._watchdog is None or self._watchdog.healthy))
+
+    def _end_stubs(self) -> None:
+        stuck = end_stubs(list(self._stubs.values()))
+        self._stubs = {}
+        if stuck:
+            raise LauncherError("stub processes of the previous tritonserver do not exit: "
+                                + ", ".join(f"{s.instance} (pid {s.pid})" for s in stuck))
 
     def _abort_startup(self) -> None:
         # Nothing is served yet, so nothing to drain. A tritonserver that exits while still loading leaves the stubs
@@ -155,6 +173,9 @@ class TritonServer:
                     proc, self._endpoints, quiet_s=self.settings.drain_quiet_s,
                     exit_timeout_s=timeout_s if timeout_s is not None else self.settings.exit_timeout_s,
                 )
+            # A server that crashed (or aborted) leaves its stubs behind: end them and their shm regions.
+            with contextlib.suppress(LauncherError):
+                self._end_stubs()
             self._close_log()
             return self._stop_code if self._stop_code is not None else proc.returncode
 

@@ -24,6 +24,8 @@ class StubWatchdog:
         self.on_fault = on_fault
         self.interval_s = interval_s
         self.stubs: dict[int, Stub] = {}
+        # Instances of the stubs that are stopped (SIGSTOP, a debugger) as of the last poll.
+        self.paused: set[str] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -35,6 +37,10 @@ class StubWatchdog:
         for stub in list(self.stubs.values()):
             if not stub.alive():
                 return f"stub process of model instance '{stub.instance}' (pid {stub.pid}) died"
+        paused = {stub.instance for stub in self.stubs.values() if stub.paused()}
+        if paused != self.paused:
+            log.warning("watchdog: stub processes paused: %s", ", ".join(sorted(paused)) or "none")
+        self.paused = paused
         for pid, stub in stub_processes(self.server_pid).items():
             self.stubs.setdefault(pid, stub)
         return None
@@ -53,6 +59,11 @@ class StubWatchdog:
             if fault is not None:
                 self.on_fault(fault)
                 return
+
+    @property
+    def healthy(self) -> bool:
+        """No stub is paused: a paused one fails every request Triton routes to it (docs/ROBUSTNESS.md)."""
+        return not self.paused
 
     def stop(self) -> None:
         self._stop.set()
