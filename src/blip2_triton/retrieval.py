@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -322,19 +322,17 @@ class _TextInput(_Stage):
         return ids.to(self.device), mask.to(self.device)
 
 
+# The in-flight key of an image request: its cache key and what it asks for.
+ImageKey = tuple[bytes, bool, bool]
+
+
 @dataclass
-class _ImageJob:
-    """One distinct image of a batch: the slots that sent it and the union of what they asked for."""
+class PreparedImage:
+    """An image's input to `embed_batch`: its decoded pixels, or its cached ViT features (the Q-Former is left)."""
 
     key: bytes
-    data: bytes
-    slots: list[int] = field(default_factory=list)
-    want_embeds: bool = False
-    want_features: bool = False
-    embeds: np.ndarray | None = None
-    features: np.ndarray | None = None
     pixels: torch.Tensor | None = None
-    error: InvalidRequestError | None = None
+    features: np.ndarray | None = None
 
 
 class RetrievalImageStage(_Stage):
@@ -344,20 +342,21 @@ class RetrievalImageStage(_Stage):
     values against 32 x 256), so each cache has its own byte budget and matching traffic cannot evict the
     embeddings. Features are kept whenever the ViT runs: a later match, or embeddings that were evicted, then cost
     only the Q-Former.
+
+    Served by `vision.pipeline.VisionPipeline` (`lookup` on the request thread, `prepare` on the decoders,
+    `embed_batch` on the compute thread); `run` is the same three steps for one batch on the calling thread.
     """
 
     stage = "image"
 
-    def __init__(
-        self, options: ServerOptions, loaded: LoadedStage | None = None, *, features_cache_bytes: int | None = None
-    ) -> None:
+    def __init__(self, options: ServerOptions, loaded: LoadedStage | None = None) -> None:
         super().__init__(options, loaded)
         self.image_processor = self.loaded.processor.image_processor
         self.num_query_tokens = int(self.config.num_query_tokens)
         identity = model_identity(self.loaded, options)
         self.cache = EmbeddingCache(options.embedding_cache_bytes, identity)
-        budget = options.embedding_cache_bytes if features_cache_bytes is None else features_cache_bytes
-        self.features_cache = EmbeddingCache(budget, identity)
+        budget = options.features_cache_bytes
+        self.features_cache = EmbeddingCache(options.embedding_cache_bytes if budget == -1 else budget, identity)
         log.info("retrieval image stage: embedding cache %d bytes, ViT-feature cache %d bytes",
                  self.cache.max_bytes, self.features_cache.max_bytes)
 
@@ -372,9 +371,8 @@ class RetrievalImageStage(_Stage):
         request.validate(self.options)
         return self.cache.key(bytes(request.data))
 
-    def prepare(self, data: bytes) -> torch.Tensor:
-        """Decodes and preprocesses one image into the model's pixel values [3, H, W]; safe on any thread (the
-        split `vision.pipeline` serves the captioning stage with)."""
+    def pixels(self, data: bytes) -> torch.Tensor:
+        """Decodes and preprocesses one image into the model's pixel values [3, H, W]; safe on any thread."""
         image = decode_image(ImageRequest(data), self.options)
         return self.image_processor([image], return_tensors="pt")["pixel_values"][0]
 
@@ -395,62 +393,89 @@ class RetrievalImageStage(_Stage):
             hidden = hidden.to(dtype=model.vision_projection.weight.dtype)
             return nn.functional.normalize(model.vision_projection(hidden), dim=-1)
 
-    def _jobs(
-        self, requests: Sequence[RetrievalImageRequest], results: list[ImageOutputs | InvalidRequestError]
-    ) -> list[_ImageJob]:
-        jobs: dict[bytes, _ImageJob] = {}
-        for slot, req in enumerate(requests):
+    def lookup(self, request: RetrievalImageRequest) -> tuple[ImageKey, ImageOutputs | None]:
+        """Validates the request; its in-flight key and, when the caches hold all it asks for, its outputs."""
+        key = self.cache_key(request)
+        embeds = self.cache.get(key) if request.image_embeds else None
+        features = self.features_cache.get(key) if request.vision_features else None
+        done = (embeds is not None or not request.image_embeds) and (features is not None or not
+                                                                     request.vision_features)
+        outputs = ImageOutputs(image_embeds=embeds, vision_features=features) if done else None
+        return (key, request.image_embeds, request.vision_features), outputs
+
+    def joined(self, request: RetrievalImageRequest) -> None:
+        (self.cache if request.image_embeds else self.features_cache).count_hit()
+
+    def prepare(self, request: RetrievalImageRequest) -> PreparedImage:
+        """Decodes the image, unless only its embeddings are asked for and its ViT features are cached."""
+        key = self.cache.key(bytes(request.data))
+        if not request.vision_features:
+            features = self.features_cache.get(key)
+            if features is not None:
+                return PreparedImage(key, features=features)
+        return PreparedImage(key, pixels=self.pixels(request.data))
+
+    def embed_batch(
+        self, items: Sequence[tuple[object, RetrievalImageRequest, PreparedImage]]
+    ) -> list[ImageOutputs]:
+        """One result per item. An image that appears twice (asked for different outputs) is computed once."""
+        features: dict[bytes, np.ndarray] = {}
+        vit: dict[bytes, torch.Tensor] = {}
+        for _, _, prepared in items:
+            if prepared.features is not None:
+                features.setdefault(prepared.key, prepared.features)
+            elif prepared.pixels is not None:
+                vit.setdefault(prepared.key, prepared.pixels)
+        vit = {key: pixels for key, pixels in vit.items() if key not in features}
+        if vit:
+            # FP32 in transport and cache: exact for fp16/bf16 values (the cache stores those in 16 bits), and the
+            # Q-Former casts them to its own dtype as it does the ViT's output. One device-to-host copy per batch.
+            computed = self.vision_features(torch.stack(list(vit.values()))).float().cpu().numpy()
+            for key, row in zip(vit, computed, strict=True):
+                features[key] = row
+                self.features_cache.put(key, row)
+        embeds: dict[bytes, np.ndarray] = {}
+        wanted = list(dict.fromkeys(prepared.key for _, request, prepared in items if request.image_embeds))
+        if wanted:
+            stacked = torch.from_numpy(np.stack([features[key] for key in wanted])).to(self.device)
+            for key, row in zip(wanted, self.image_embeds(stacked).float().cpu().numpy(), strict=True):
+                embeds[key] = row
+                self.cache.put(key, row)
+        return [
+            ImageOutputs(image_embeds=embeds[prepared.key] if request.image_embeds else None,
+                         vision_features=features[prepared.key] if request.vision_features else None)
+            for _, request, prepared in items
+        ]
+
+    def run(self, requests: Sequence[RetrievalImageRequest]) -> list[ImageOutputs | InvalidRequestError]:
+        """One result per request, on the calling thread. Cached outputs skip decoding and the model; an image
+        repeated within the batch is computed once."""
+        results: list[ImageOutputs | InvalidRequestError] = [ImageOutputs() for _ in requests]
+        pending: dict[ImageKey, list[int]] = {}
+        for slot, request in enumerate(requests):
             try:
-                key = self.cache_key(req)
+                key, cached = self.lookup(request)
             except InvalidRequestError as e:
                 results[slot] = e
                 continue
-            if key in jobs:
-                (self.cache if req.image_embeds else self.features_cache).count_hit()
-            job = jobs.setdefault(key, _ImageJob(key, bytes(req.data)))
-            job.slots.append(slot)
-            job.want_embeds |= req.image_embeds
-            job.want_features |= req.vision_features
-        return list(jobs.values())
-
-    def run(self, requests: Sequence[RetrievalImageRequest]) -> list[ImageOutputs | InvalidRequestError]:
-        """One result per request. Cached outputs skip decoding and the model; an image repeated within the batch
-        is computed once."""
-        results: list[ImageOutputs | InvalidRequestError] = [ImageOutputs() for _ in requests]
-        jobs = self._jobs(requests, results)
-        vit: list[_ImageJob] = []
-        for job in jobs:
-            if job.want_embeds:
-                job.embeds = self.cache.get(job.key)
-            if job.want_features or (job.embeds is None and self.features_cache.enabled):
-                job.features = self.features_cache.get(job.key)
-            if job.features is None and (job.want_features or job.embeds is None):
-                try:
-                    job.pixels = self.prepare(job.data)
-                except InvalidRequestError as e:
-                    job.error = e
-                    continue
-                vit.append(job)
-        if vit:
-            # FP32 in transport and cache: exact for fp16/bf16 values (the cache stores those in 16 bits), and the
-            # Q-Former casts them to its own dtype as it does the ViT's output.
-            computed = self.vision_features(torch.stack([j.pixels for j in vit])).float().cpu().numpy()
-            for job, features in zip(vit, computed, strict=True):
-                job.features = features
-                self.features_cache.put(job.key, features)
-        qformer = [j for j in jobs if j.error is None and j.want_embeds and j.embeds is None]
-        if qformer:
-            features = torch.from_numpy(np.stack([j.features for j in qformer])).to(self.device)
-            for job, embeds in zip(qformer, self.image_embeds(features).float().cpu().numpy(), strict=True):
-                job.embeds = embeds
-                self.cache.put(job.key, embeds)
-        for job in jobs:
-            for slot in job.slots:
-                req = requests[slot]
-                results[slot] = job.error or ImageOutputs(
-                    image_embeds=job.embeds if req.image_embeds else None,
-                    vision_features=job.features if req.vision_features else None,
-                )
+            if cached is not None:
+                results[slot] = cached
+            elif key in pending:
+                self.joined(request)
+                pending[key].append(slot)
+            else:
+                pending[key] = [slot]
+        items: list[tuple[ImageKey, RetrievalImageRequest, PreparedImage]] = []
+        for key, slots in pending.items():
+            try:
+                items.append((key, requests[slots[0]], self.prepare(requests[slots[0]])))
+            except InvalidRequestError as e:
+                for slot in slots:
+                    results[slot] = e
+        if items:
+            for (key, _, _), outputs in zip(items, self.embed_batch(items), strict=True):
+                for slot in pending[key]:
+                    results[slot] = outputs
         return results
 
 
