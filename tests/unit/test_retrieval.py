@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from reference import RETRIEVAL_ATOL as ATOL
+from reference import RETRIEVAL_TEXTS as TEXTS
 from safetensors.torch import load_file
 from transformers import (
     BertTokenizer,
@@ -36,19 +38,6 @@ from blip2_triton.retrieval import (
     load_retrieval_stage,
 )
 from blip2_triton.tiny_itm import write_tiny_itm_model
-
-# Largest difference allowed from transformers' values for embeddings, contrastive scores and ITM probabilities (all
-# of order 1), single or batched: several times the float32 noise of batched matmuls, padded attention and packed
-# CPU weights (docs/BENCHMARK.md has the measured differences).
-ATOL = 5e-6
-TEXTS = (
-    "a photo of a cat",
-    "Two people standing on the beach at sunset.",
-    "a red car",
-    "What is the man holding?",
-    "zebra",
-    "a plate of food with rice, vegetables and meat on a wooden table",
-)
 
 
 @pytest.fixture(scope="module")
@@ -414,3 +403,43 @@ def test_results_equal_with_and_without_caches(image_stage, options: ServerOptio
     for g, w in zip(got, want, strict=True):
         assert g.image_embeds.tobytes() == w.image_embeds.tobytes()  # type: ignore[union-attr]
         assert g.vision_features.tobytes() == w.vision_features.tobytes()  # type: ignore[union-attr]
+
+
+def test_served_pipeline_gives_what_run_gives_and_cached_features_skip_the_vit(
+    image_stage, options: ServerOptions, calls: _Calls, sample_images: dict[str, bytes], names: list[str]
+) -> None:
+    import threading
+
+    from blip2_triton.vision.pipeline import VisionPipeline
+
+    uncached = RetrievalImageStage(replace(options, embedding_cache_bytes=0), loaded=image_stage.loaded)
+    images = [sample_images[n] for n in names[:4]]
+    want = _outputs(uncached, images, vision_features=True)
+    calls.vit.clear()
+    calls.qformer.clear()
+    pipeline = VisionPipeline(image_stage, decode_threads=2, max_batch=8)
+
+    def served(requests: list[RetrievalImageRequest]) -> list[object]:
+        done, got = threading.Event(), []
+        pipeline.submit(requests, lambda rows: (got.extend(rows), done.set()))
+        assert done.wait(60)
+        return got
+
+    try:
+        rows = served([*(RetrievalImageRequest(b) for b in images), RetrievalImageRequest(b"junk")])
+        image_stage.cache.clear()  # embeddings evicted, ViT features kept
+        (again,) = served([RetrievalImageRequest(images[0])])
+        vit_after_miss = sum(calls.vit)
+        (features,) = served([RetrievalImageRequest(images[1], image_embeds=False, vision_features=True)])
+    finally:
+        pipeline.stop()
+    assert "image: bytes are not a supported image file" in str(rows[-1])
+    for got, w in zip(rows[:-1], want, strict=True):
+        np.testing.assert_allclose(got.image_embeds, w.image_embeds, rtol=0, atol=ATOL)  # type: ignore[union-attr]
+        assert got.vision_features is None  # type: ignore[union-attr]
+    np.testing.assert_allclose(again.image_embeds, want[0].image_embeds, rtol=0, atol=ATOL)  # type: ignore[union-attr]
+    np.testing.assert_allclose(features.vision_features, want[1].vision_features, rtol=0, atol=ATOL)  # type: ignore
+    assert features.image_embeds is None  # type: ignore[union-attr]
+    # The ViT ran once per image; the evicted embeddings and the cached features cost no ViT.
+    assert vit_after_miss == sum(calls.vit) == len(images)
+    assert sum(calls.qformer) == len(images) + 1
