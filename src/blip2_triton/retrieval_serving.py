@@ -9,12 +9,20 @@ from typing import Any
 import numpy as np
 
 from .errors import InvalidRequestError
-from .retrieval import ImageOutputs, MatchRequest, RetrievalImageRequest, SimilarityRequest, TextRequest
+from .retrieval import (
+    ImageOutputs,
+    MatchRequest,
+    RetrievalImageRequest,
+    SimilarityRequest,
+    SimilarityStage,
+    TextRequest,
+)
 from .serving.tensors import Arrays, _as_bytes, _rows
 
 IMAGE_EMBEDS = "_image_embeds"
 VISION_FEATURES = "_vision_features"
 TEXT_EMBEDS = "_text_embeds"
+SIMILARITY = "similarity"
 
 
 def _required(inputs: Arrays, name: str) -> np.ndarray:
@@ -59,11 +67,30 @@ def match_requests(inputs: Arrays) -> list[MatchRequest]:
     return [MatchRequest(np.asarray(f, dtype=np.float32), _text(t)) for f, t in zip(features, texts, strict=True)]
 
 
-def similarity_requests(inputs: Arrays) -> list[SimilarityRequest]:
-    images = _embeddings(IMAGE_EMBEDS, inputs, 2)
-    texts = _embeddings(TEXT_EMBEDS, inputs, 1, images.shape[0])
-    return [SimilarityRequest(np.asarray(i, dtype=np.float32), np.asarray(t, dtype=np.float32))
-            for i, t in zip(images, texts, strict=True)]
+def text_image_embeds(inputs: Arrays, rows: int, requested: set[str]) -> np.ndarray | None:
+    """The image embeddings the text stage scores its texts against, one row per text, when `similarity` is
+    requested (blip2_similarity's last step); None otherwise."""
+    if SIMILARITY not in requested:
+        return None
+    return _embeddings(IMAGE_EMBEDS, inputs, 2, rows)
+
+
+def text_outputs(embeds: list[np.ndarray], requested: set[str], image_embeds: np.ndarray | None,
+                 similarity: SimilarityStage) -> dict[str, np.ndarray]:
+    """The text stage's requested outputs for one request's rows; raises the first row's InvalidRequestError."""
+    out: dict[str, np.ndarray] = {}
+    if TEXT_EMBEDS in requested:
+        out[TEXT_EMBEDS] = np.stack(embeds).astype(np.float32, copy=False)
+    if SIMILARITY in requested:
+        if image_embeds is None:
+            raise InvalidRequestError(f"{IMAGE_EMBEDS}: required input is missing")
+        scores = similarity.run([SimilarityRequest(np.asarray(i, dtype=np.float32), t)
+                                 for i, t in zip(image_embeds, embeds, strict=True)])
+        error = next((s for s in scores if isinstance(s, InvalidRequestError)), None)
+        if error is not None:
+            raise error
+        out[SIMILARITY] = score_output(scores)  # type: ignore[arg-type]
+    return out
 
 
 def image_outputs(results: list[ImageOutputs], requested: set[str]) -> dict[str, np.ndarray]:

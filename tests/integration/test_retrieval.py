@@ -317,3 +317,24 @@ def test_blip2_search_end_to_end(itm_server: TritonServer, images: list[bytes], 
     np.testing.assert_allclose([r["match"] for r in records], probs[best], rtol=0, atol=ATOL)
     np.testing.assert_allclose([r["similarity"] for r in records], hf.logits_per_image.numpy()[best, query],
                                rtol=0, atol=ATOL)
+
+
+def test_locust_retrieval_user_loads_every_entry_point(itm_server: TritonServer, tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[2]
+    run_data, texts = tmp_path / "run.json", tmp_path / "texts.txt"
+    texts.write_text("\n".join(TEXTS))  # within the tiny checkpoint's 32 text positions
+    proc = subprocess.run([
+        sys.executable, "-m", "locust", "-f", str(root / "loadtest" / "locustfile.py"),
+        "--headless", "--only-summary", "--loglevel", "WARNING",
+        "--host", itm_server.http_url, "--grpc-url", itm_server.grpc_url, "--metrics-url", itm_server.metrics_url,
+        "--model-name", "blip2_embed_image", "--stage-models", "blip2_itm_vision,blip2_itm_text",
+        "--retrieval-entries", "embed_image,embed_text,similarity,match", "--prompts-file", str(texts),
+        "--step-users", "4", "--max-steps", "1", "--step-duration", "8", "--warmup", "2",
+        "--request-timeout", "30", "--run-data", str(run_data), "Blip2RetrievalUser",
+    ], capture_output=True, text=True, timeout=60, cwd=root)  # fmt: skip
+    run = json.loads(run_data.read_text())
+    failed = [row for row in run["samples"] if not row[2]]
+    assert not failed and not run["errors"], f"{len(failed)} failed requests: {run['errors']}"
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert run["config"]["user_classes"] == ["Blip2RetrievalUser"]
+    assert {row[4] for row in run["samples"]} == {"embed_image", "embed_text", "similarity", "match"}

@@ -131,3 +131,4 @@ def test_locustfile_loads_and_lists_both_users() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "Blip2GrpcUser" in result.stdout and "Blip2HttpUser" in result.stdout
+    assert "Blip2RetrievalUser" in result.stdout

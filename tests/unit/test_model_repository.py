@@ -1,5 +1,6 @@
 """The model repository's configs agree with each other and with the code that serves them."""
 
+import itertools
 import re
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from blip2_triton import retrieval_serving as rs
 from blip2_triton.serving import CONTROL_DTYPES, LLM_INPUTS
 
 REPO = Path(__file__).resolve().parents[2] / "model_repository"
-# Retrieval models (docs/RETRIEVAL.md): drafts whose glue classes are still to be written.
+# Retrieval models (docs/RETRIEVAL.md).
 ITM = REPO.parent / "model_repository_itm"
 ITM_PUBLIC = {
     "blip2_embed_image": ({"image": "TYPE_STRING"}, {"image_embeds": "TYPE_FP32"}),
@@ -19,9 +20,8 @@ ITM_PUBLIC = {
 }
 ITM_STAGES = {
     "blip2_itm_vision": ("RetrievalVisionModel", ("image",), (rs.IMAGE_EMBEDS, rs.VISION_FEATURES)),
-    "blip2_itm_text": ("RetrievalTextModel", ("text_input",), (rs.TEXT_EMBEDS,)),
+    "blip2_itm_text": ("RetrievalTextModel", ("text_input", rs.IMAGE_EMBEDS), (rs.TEXT_EMBEDS, rs.SIMILARITY)),
     "blip2_itm_match_head": ("RetrievalMatchModel", (rs.VISION_FEATURES, "text_input"), ("match_probability",)),
-    "blip2_itm_similarity_head": ("RetrievalSimilarityModel", (rs.IMAGE_EMBEDS, rs.TEXT_EMBEDS), ("similarity",)),
 }
 
 
@@ -183,3 +183,18 @@ def test_itm_stage_configs_match_the_conversions(model: str) -> None:
     shim = (ITM / model / "1" / "model.py").read_text()
     assert shim == (f"from blip2_triton.serving.models import {glue}, python_model\n\n"
                     f"TritonPythonModel = python_model({glue})\n")
+
+
+def test_no_ensemble_runs_two_steps_at_once() -> None:
+    # Each step after the first consumes an output of the step before it. With two steps in flight, a failing one
+    # made Triton 2.51 finish the ensemble while the other still ran, and later requests arrived corrupted
+    # (docs/RETRIEVAL.md).
+    for config in REPO.parent.glob("model_repository*/*/config.pbtxt"):
+        text = config.read_text()
+        if 'platform: "ensemble"' not in text:
+            continue
+        blocks = re.findall(r"\{\s*model_name: .*?\n    \}", text, re.S)
+        for before, step in itertools.pairwise(blocks):
+            produced = set(re.findall(r'output_map \{ key: "\w+" value: "(\w+)" \}', before))
+            consumed = set(re.findall(r'input_map \{ key: "\w+" value: "(\w+)" \}', step))
+            assert produced & consumed, f"{config}: a step does not wait for the one before it"

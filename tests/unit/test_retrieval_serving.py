@@ -35,8 +35,28 @@ def test_text_and_pair_conversions() -> None:
     assert [(p.vision_features.shape, p.text) for p in pairs] == [((4, 3), "a"), ((4, 3), "b")]
     with pytest.raises(InvalidRequestError, match="text_input: expected 2 rows like the other inputs, got 1"):
         rs.match_requests({rs.VISION_FEATURES: features, "text_input": _bytes(b"a")})
-    with pytest.raises(InvalidRequestError, match=r"_text_embeds: expected 2 dims \[batch, ...\], got shape \[2\]"):
-        rs.similarity_requests({rs.IMAGE_EMBEDS: features, rs.TEXT_EMBEDS: np.zeros(2, np.float32)})
-    scored = rs.similarity_requests({rs.IMAGE_EMBEDS: features, rs.TEXT_EMBEDS: np.zeros((2, 3), np.float32)})
-    assert [s.text_embeds.shape for s in scored] == [(3,), (3,)]
     assert rs.score_output([0.5, 0.25]).tolist() == [[0.5], [0.25]]
+
+
+def test_the_text_stage_scores_against_image_embeddings_only_when_asked() -> None:
+    from transformers import Blip2Config
+
+    from blip2_triton.retrieval import SimilarityStage
+
+    config = Blip2Config(num_query_tokens=2, image_text_hidden_size=3)
+    similarity = SimilarityStage(config)
+    images = np.zeros((2, 2, 3), np.float32)
+    images[0, 1], images[1, 0] = [1, 0, 0], [0, 1, 0]
+    texts = [np.array([1, 0, 0], np.float32), np.array([0.6, 0.8, 0], np.float32)]
+    inputs = {rs.IMAGE_EMBEDS: images}
+    assert rs.text_image_embeds(inputs, 2, {rs.TEXT_EMBEDS}) is None
+    pairs = rs.text_image_embeds(inputs, 2, {rs.SIMILARITY})
+    out = rs.text_outputs(texts, {rs.SIMILARITY}, pairs, similarity)
+    assert list(out) == [rs.SIMILARITY] and out[rs.SIMILARITY].tolist() == [[1.0], [pytest.approx(0.8)]]
+    assert list(rs.text_outputs(texts, {rs.TEXT_EMBEDS}, None, similarity)) == [rs.TEXT_EMBEDS]
+    with pytest.raises(InvalidRequestError, match="_image_embeds: required input is missing"):
+        rs.text_image_embeds({}, 2, {rs.SIMILARITY})
+    with pytest.raises(InvalidRequestError, match="_image_embeds: expected 3 rows like the other inputs, got 2"):
+        rs.text_image_embeds(inputs, 3, {rs.SIMILARITY})
+    with pytest.raises(InvalidRequestError, match=r"_image_embeds: expected shape \[2, 3\], got \[1, 3\]"):
+        rs.text_outputs(texts, {rs.SIMILARITY}, images[:, :1], similarity)

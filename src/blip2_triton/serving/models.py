@@ -207,64 +207,85 @@ class _BatchModel(StageModel):
     """A stage that answers each Triton batch within `execute`: every request's rows run in one `stage.run`, and
     a request with a bad row (or that fails to parse) fails alone."""
 
-    def parse(self, inputs: dict[str, np.ndarray | None]) -> list[Any]:
+    def parse(self, request: Any) -> tuple[list[Any], Any]:
+        """The request's rows for `stage.run`, and what `outputs` needs to know of the request."""
         raise NotImplementedError
 
-    def outputs(self, results: list[Any]) -> dict[str, np.ndarray]:
+    def outputs(self, results: list[Any], context: Any) -> dict[str, np.ndarray]:
+        """The request's output tensors; an InvalidRequestError fails that request alone."""
         raise NotImplementedError
 
     def parameter_stats(self) -> tuple[int, int]:
         return self.stage.loaded.parameter_count, self.stage.loaded.parameter_bytes
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        parsed: list[list[Any] | Exception] = []
+        parsed: list[tuple[list[Any], Any] | Exception] = []
         for request in requests:
             try:
-                parsed.append(self.parse(self._inputs(request)))
+                parsed.append(self.parse(request))
             except InvalidRequestError as e:
                 parsed.append(e)
-        rows = [row for request_rows in parsed if not isinstance(request_rows, Exception) for row in request_rows]
+        rows = [row for p in parsed if not isinstance(p, Exception) for row in p[0]]
         try:
             results: list[Any] = list(self.stage.run(rows)) if rows else []
         except Exception as e:
             log.exception("%s batch of %d rows failed", self.stage_name, len(rows))
             results = [e] * len(rows)
-        responses = []
+        return [self._response(mine) for mine in self._slices(parsed, results)]
+
+    @staticmethod
+    def _slices(parsed: list[tuple[list[Any], Any] | Exception], results: list[Any]) -> list[Any]:
+        # Each request's own results (or its parse error), in request order.
+        out: list[Any] = []
         start = 0
-        for request_rows in parsed:
-            if isinstance(request_rows, Exception):
-                mine: list[Any] = [request_rows]
+        for p in parsed:
+            if isinstance(p, Exception):
+                out.append(p)
             else:
-                mine, start = results[start:start + len(request_rows)], start + len(request_rows)
-            error = next((r for r in mine if isinstance(r, Exception)), None)
+                out.append((results[start:start + len(p[0])], p[1]))
+                start += len(p[0])
+        return out
+
+    def _response(self, mine: tuple[list[Any], Any] | Exception) -> Any:
+        try:
+            if isinstance(mine, Exception):
+                raise mine
+            results, context = mine
+            error = next((r for r in results if isinstance(r, Exception)), None)
             if error is not None:
-                responses.append(self.pb.InferenceResponse(error=_triton_error(self.pb, error, self.stage_name)))
-            else:
-                responses.append(self.pb.InferenceResponse(output_tensors=[
-                    self.pb.Tensor(name, array) for name, array in self.outputs(mine).items()]))
-        return responses
+                raise error
+            tensors = [self.pb.Tensor(name, array) for name, array in self.outputs(results, context).items()]
+        except Exception as e:
+            return self.pb.InferenceResponse(error=_triton_error(self.pb, e, self.stage_name))
+        return self.pb.InferenceResponse(output_tensors=tensors)
 
 
 class RetrievalTextModel(_BatchModel):
-    """text -> `_text_embeds` (normalised)."""
+    """text -> `_text_embeds` (normalised); with `_image_embeds` as well, the pair's `similarity`. Only the outputs
+    the caller requests are sent."""
 
     stage_name = "itm_text"
-    input_names = ("text_input",)
+    input_names = ("text_input", "_image_embeds")
 
     def load(self, options: ServerOptions) -> None:
-        from ..retrieval import RetrievalTextStage
+        from ..retrieval import RetrievalTextStage, SimilarityStage
 
         self.stage = RetrievalTextStage(options)
+        self.similarity = SimilarityStage(self.stage.config)
 
-    def parse(self, inputs: dict[str, np.ndarray | None]) -> list[Any]:
+    def parse(self, request: Any) -> tuple[list[Any], Any]:
         from .. import retrieval_serving
 
-        return retrieval_serving.text_requests(inputs)
+        inputs = self._inputs(request)
+        requested = set(request.requested_output_names())
+        rows = retrieval_serving.text_requests(inputs)
+        return rows, (requested, retrieval_serving.text_image_embeds(inputs, len(rows), requested))
 
-    def outputs(self, results: list[Any]) -> dict[str, np.ndarray]:
+    def outputs(self, results: list[Any], context: Any) -> dict[str, np.ndarray]:
         from .. import retrieval_serving
 
-        return {retrieval_serving.TEXT_EMBEDS: np.stack(results).astype(np.float32, copy=False)}
+        requested, image_embeds = context
+        return retrieval_serving.text_outputs(results, requested, image_embeds, self.similarity)
 
 
 class RetrievalMatchModel(_BatchModel):
@@ -278,46 +299,15 @@ class RetrievalMatchModel(_BatchModel):
 
         self.stage = RetrievalMatchStage(options)
 
-    def parse(self, inputs: dict[str, np.ndarray | None]) -> list[Any]:
+    def parse(self, request: Any) -> tuple[list[Any], Any]:
         from .. import retrieval_serving
 
-        return retrieval_serving.match_requests(inputs)
+        return retrieval_serving.match_requests(self._inputs(request)), None
 
-    def outputs(self, results: list[Any]) -> dict[str, np.ndarray]:
+    def outputs(self, results: list[Any], context: Any) -> dict[str, np.ndarray]:
         from .. import retrieval_serving
 
         return {"match_probability": retrieval_serving.score_output(results)}
-
-
-class RetrievalSimilarityModel(_BatchModel):
-    """(`_image_embeds`, `_text_embeds`) -> `similarity`. Weightless: one torch thread, nothing to load but the
-    checkpoint's config (for the shapes it checks)."""
-
-    stage_name = "itm_similarity"
-    input_names = ("_image_embeds", "_text_embeds")
-
-    def _set_threads(self, model_name: str) -> None:
-        import torch
-
-        torch.set_num_threads(1)
-
-    def load(self, options: ServerOptions) -> None:
-        from ..retrieval import SimilarityStage
-
-        self.stage = SimilarityStage.load(options)
-
-    def parameter_stats(self) -> tuple[int, int]:
-        return 0, 0
-
-    def parse(self, inputs: dict[str, np.ndarray | None]) -> list[Any]:
-        from .. import retrieval_serving
-
-        return retrieval_serving.similarity_requests(inputs)
-
-    def outputs(self, results: list[Any]) -> dict[str, np.ndarray]:
-        from .. import retrieval_serving
-
-        return {"similarity": retrieval_serving.score_output(results)}
 
 
 class _Responder:

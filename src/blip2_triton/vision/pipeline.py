@@ -139,7 +139,7 @@ class VisionPipeline:
                  budget_pixels: int | None = None, on_batch: Callable[[], None] | None = None) -> None:
         self.stage = stage
         self.max_batch = max_batch
-        # Called on the compute thread after every batch (metrics export).
+        # Called on the compute thread after every batch, before its rows are answered (metrics export).
         self.on_batch = on_batch
         self._decodes = DecodeQueue(budget_pixels or 2 * stage.options.max_image_pixels)
         self._ready: queue.Queue[tuple[object, Any, Any] | None] = queue.Queue()
@@ -211,13 +211,14 @@ class VisionPipeline:
             except Exception as e:
                 log.exception("vision batch of %d images failed", len(batch))
                 results = [e] * len(batch)
-            for (key, _, _), result in zip(batch, results, strict=True):
-                self._resolve(key, result)
+            # Before answering: a client that reads the metrics after its response sees its batch counted.
             if self.on_batch is not None:
                 try:
                     self.on_batch()
                 except Exception:
                     log.exception("vision batch hook failed")
+            for (key, _, _), result in zip(batch, results, strict=True):
+                self._resolve(key, result)
 
     def _resolve(self, token: object, result: RowResult) -> None:
         with self._lock:
