@@ -560,16 +560,12 @@ class RetrievalMatchStage(_TextInput):
 
 class SimilarityStage:
     """The contrastive score of (image embeddings, text embedding) pairs. Weightless: only shapes come from the
-    checkpoint, so it can run in any process (the client computes the same function for local search)."""
+    checkpoint; served by the text stage, after the image stage (the client computes the same function for local
+    search)."""
 
     def __init__(self, config: Blip2Config) -> None:
         self.image_shape = (int(config.num_query_tokens), int(config.image_text_hidden_size))
         self.text_shape = (int(config.image_text_hidden_size),)
-
-    @classmethod
-    def load(cls, options: ServerOptions) -> SimilarityStage:
-        source = resolve_model_source(options, tiny_family=TINY_ITM_FAMILY)
-        return cls(Blip2Config.from_pretrained(source, trust_remote_code=False))
 
     def run(self, requests: Sequence[SimilarityRequest]) -> list[float | InvalidRequestError]:
         return run_similarity(requests, image_shape=self.image_shape, text_shape=self.text_shape)

@@ -68,8 +68,8 @@ def stage_environment(settings: LaunchSettings, install: TritonInstall, base: Ma
               *([ITM_ENV_PREFIX] if settings.serves_itm else [])]
     if len(served) > 1:
         # The computing stage processes of every family served share the cores: two per captioning family (vision,
-        # LLM), three for retrieval (image, text, match; the similarity head is weightless). An operator's value
-        # for any family serves all; an empty one counts as unset, as the options read it.
+        # LLM), three for retrieval (image, text, match). An operator's value for any family serves all; an empty
+        # one counts as unset, as the options read it.
         names = [env_var("cpu_stages", prefix) for prefix in served]
         stages = 2 + 2 * settings.serves_t5 + 3 * settings.serves_itm
         value = next((env[name] for name in names if env.get(name)), str(stages))
