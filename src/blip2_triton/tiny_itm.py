@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import string
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,7 +53,24 @@ def _build_bert_tokenizer() -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def write_tiny_itm_model(out_dir: str | os.PathLike[str], *, seed: int = TINY_SEED) -> Path:
+@dataclass(frozen=True)
+class ItmSizes:
+    """A retrieval checkpoint's sizes: ViT (width, MLP, layers, heads, image and patch size), Q-Former (width, MLP,
+    layers, heads, text positions), queries and embedding width."""
+
+    vision: tuple[int, int, int, int, int, int] = (48, 96, 2, 4, 48, 16)
+    qformer: tuple[int, int, int, int, int] = (64, 128, 2, 4, MAX_TEXT_POSITIONS)
+    num_query_tokens: int = NUM_QUERY_TOKENS
+    embed_dim: int = EMBED_DIM
+
+
+TINY_ITM_SIZES = ItmSizes()
+
+
+def write_tiny_itm_model(out_dir: str | os.PathLike[str], *, seed: int = TINY_SEED,
+                         sizes: ItmSizes = TINY_ITM_SIZES) -> Path:
+    """The tiny checkpoint; other `sizes` give a random-weight retrieval checkpoint laid out the same way (the
+    retrieval benchmark's)."""
     import torch
     from transformers import Blip2Config, Blip2ForImageTextRetrieval, Blip2Processor
 
@@ -62,21 +80,23 @@ def write_tiny_itm_model(out_dir: str | os.PathLike[str], *, seed: int = TINY_SE
     # The Q-Former embeds the tokenizer's ids, [DEC] included; the processor's `<image>` (added next) is not among
     # them: the model strips image tokens before embedding text, as the published checkpoints do.
     qformer_vocab = len(tokenizer)
+    width, mlp, layers, heads, image_size, patch_size = sizes.vision
+    q_width, q_mlp, q_layers, q_heads, positions = sizes.qformer
     processor = Blip2Processor(
-        image_processor=clip_image_processor(48), tokenizer=tokenizer, num_query_tokens=NUM_QUERY_TOKENS
+        image_processor=clip_image_processor(image_size), tokenizer=tokenizer, num_query_tokens=sizes.num_query_tokens
     )
     config = Blip2Config(
         vision_config={
-            "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "image_size": 48, "patch_size": 16,
+            "hidden_size": width, "intermediate_size": mlp, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "image_size": image_size, "patch_size": patch_size,
         },
         qformer_config={
-            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "cross_attention_frequency": 2, "vocab_size": qformer_vocab,
-            "max_position_embeddings": MAX_TEXT_POSITIONS, "use_qformer_text_input": True,
+            "hidden_size": q_width, "intermediate_size": q_mlp, "num_hidden_layers": q_layers,
+            "num_attention_heads": q_heads, "cross_attention_frequency": 2, "vocab_size": qformer_vocab,
+            "max_position_embeddings": positions, "use_qformer_text_input": True,
         },
-        num_query_tokens=NUM_QUERY_TOKENS,
-        image_text_hidden_size=EMBED_DIM,
+        num_query_tokens=sizes.num_query_tokens,
+        image_text_hidden_size=sizes.embed_dim,
         image_token_index=processor.tokenizer.convert_tokens_to_ids("<image>"),
     )
     torch.manual_seed(seed)
