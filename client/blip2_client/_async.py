@@ -20,7 +20,7 @@ from ._request import (
     requested_outputs,
     vqa_prompt,
 )
-from ._retrieval import OUTPUTS, batch_texts, check_text, output_array, retrieval_inputs, stacked
+from ._retrieval import OUTPUTS, batch_jobs, check_text, output_array, retrieval_inputs, stacked
 from ._sync import _tc as _inputs_tc
 
 if TYPE_CHECKING:
@@ -276,9 +276,7 @@ class AsyncBlip2Client(_ClientConfig):
         Raises:
             The first failed request's error.
         """
-        encoded = [encode_image(img) for img in images]
-        jobs = [partial(self._retrieve, "embed_image", data, None, timeout_s) for data in encoded]
-        return stacked(await self._gather(jobs), 2)
+        return stacked(await self._gather(batch_jobs(self._retrieve, "embed_image", timeout_s, images=images)), 2)
 
     async def embed_text_batch(
         self, texts: Iterable[str], *, timeout_s: float | None = None
@@ -288,9 +286,7 @@ class AsyncBlip2Client(_ClientConfig):
         Raises:
             The first failed request's error.
         """
-        checked = [check_text(t) for t in texts]
-        return stacked(await self._gather([partial(self._retrieve, "embed_text", None, t, timeout_s)
-                                           for t in checked]), 1)
+        return stacked(await self._gather(batch_jobs(self._retrieve, "embed_text", timeout_s, texts=texts)), 1)
 
     async def similarity_batch(
         self, images: Iterable[ImageInput], texts: str | Sequence[str], *, timeout_s: float | None = None
@@ -315,10 +311,7 @@ class AsyncBlip2Client(_ClientConfig):
     async def _pairs(
         self, entry: str, images: Iterable[ImageInput], texts: str | Sequence[str], timeout_s: float | None
     ) -> npt.NDArray[np.float32]:
-        encoded = [encode_image(img) for img in images]
-        per_image = batch_texts(len(encoded), check_text(texts) if isinstance(texts, str) else texts)
-        jobs = [partial(self._retrieve, entry, data, text, timeout_s) for data, text in zip(encoded, per_image,
-                                                                                            strict=True)]
+        jobs = batch_jobs(self._retrieve, entry, timeout_s, images=images, texts=texts)
         return stacked(await self._gather(jobs), 1).reshape(-1)
 
     # -- health and metadata ---------------------------------------------------------

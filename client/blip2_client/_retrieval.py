@@ -3,15 +3,19 @@ score computed locally (what `blip2 search` ranks with)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from ._errors import Blip2Error
+from ._images import ImageInput, encode_image
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,23 @@ def batch_texts(n: int, texts: str | Sequence[str]) -> list[str]:
     if len(texts) != n:
         raise ValueError(f"got {n} images but {len(texts)} texts")
     return texts
+
+
+def batch_jobs(
+    retrieve: Callable[[str, bytes | None, str | None, float | None], T], entry: str, timeout_s: float | None, *,
+    images: Iterable[ImageInput] | None = None, texts: str | Sequence[str] | None = None,
+) -> list[Callable[[], T]]:
+    """One `retrieve(entry, image, text, timeout_s)` call per item of a batch method: every image encoded and every
+    text checked before anything is sent; with images, `texts` is one text for all or one per image."""
+    encoded = None if images is None else [encode_image(image) for image in images]
+    if texts is None:
+        per_item: list[str | None] = [None] * len(encoded or [])
+    elif encoded is None:
+        per_item = [check_text(t) for t in texts]
+    else:
+        per_item = list(batch_texts(len(encoded), check_text(texts) if isinstance(texts, str) else texts))
+    data: list[bytes | None] = list(encoded) if encoded is not None else [None] * len(per_item)
+    return [partial(retrieve, entry, d, t, timeout_s) for d, t in zip(data, per_item, strict=True)]
 
 
 def similarity_scores(image_embeds: npt.ArrayLike, text_embeds: npt.ArrayLike) -> npt.NDArray[np.float32]:

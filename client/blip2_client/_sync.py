@@ -25,7 +25,7 @@ from ._request import (
     requested_outputs,
     vqa_prompt,
 )
-from ._retrieval import OUTPUTS, batch_texts, check_text, output_array, retrieval_inputs, stacked
+from ._retrieval import OUTPUTS, batch_jobs, check_text, output_array, retrieval_inputs, stacked
 
 if TYPE_CHECKING:
     import numpy as np
@@ -401,9 +401,7 @@ class Blip2Client(_ClientConfig):
         Raises:
             The first failed request's error; every image is encoded before anything is sent.
         """
-        encoded = [encode_image(img) for img in images]
-        jobs = [partial(self._retrieve, "embed_image", data, None, timeout_s) for data in encoded]
-        return stacked(self._map(jobs), 2)
+        return stacked(self._map(batch_jobs(self._retrieve, "embed_image", timeout_s, images=images)), 2)
 
     def embed_text_batch(self, texts: Iterable[str], *, timeout_s: float | None = None) -> npt.NDArray[np.float32]:
         """`embed_text` for each text, concurrently. Returns float32 [texts, embed_dim], in input order.
@@ -411,8 +409,7 @@ class Blip2Client(_ClientConfig):
         Raises:
             The first failed request's error.
         """
-        checked = [check_text(t) for t in texts]
-        return stacked(self._map([partial(self._retrieve, "embed_text", None, t, timeout_s) for t in checked]), 1)
+        return stacked(self._map(batch_jobs(self._retrieve, "embed_text", timeout_s, texts=texts)), 1)
 
     def similarity_batch(
         self, images: Iterable[ImageInput], texts: str | Sequence[str], *, timeout_s: float | None = None
@@ -437,10 +434,7 @@ class Blip2Client(_ClientConfig):
     def _pairs(
         self, entry: str, images: Iterable[ImageInput], texts: str | Sequence[str], timeout_s: float | None
     ) -> npt.NDArray[np.float32]:
-        encoded = [encode_image(img) for img in images]
-        per_image = batch_texts(len(encoded), check_text(texts) if isinstance(texts, str) else texts)
-        jobs = [partial(self._retrieve, entry, data, text, timeout_s) for data, text in zip(encoded, per_image,
-                                                                                            strict=True)]
+        jobs = batch_jobs(self._retrieve, entry, timeout_s, images=images, texts=texts)
         return stacked(self._map(jobs), 1).reshape(-1)
 
     # -- health and metadata ---------------------------------------------------------
