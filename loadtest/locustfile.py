@@ -3,6 +3,9 @@
     locust -f loadtest/locustfile.py --headless --host http://127.0.0.1:8000
         --step-users 4 --step-duration 60 --max-steps 5 --run-data loadtest/reports/run.json
 
+`Blip2RetrievalUser` (gRPC) loads the retrieval entry points of a server started with `--itm`; it runs only when
+named on the command line.
+
 See docs/LOADTEST.md for every option and for turning the run data into a capacity report.
 """
 
@@ -93,7 +96,31 @@ OPTIONS: list[tuple[str, type, Any, str]] = [
     ("seed", int, 0, "seed for the image/prompt choice of each user"),
     ("openai-model", str, "blip2", "Blip2OpenAIUser: the model id sent to /v1/chat/completions"),
     ("openai-api-key", str, "", "Blip2OpenAIUser: sent as 'Authorization: Bearer KEY' when set"),
+    (
+        "retrieval-entries",
+        str,
+        "embed_image",
+        "Blip2RetrievalUser: comma-separated entry points picked at random per request, of "
+        "embed_image, embed_text, similarity, match (texts from --prompts-file)",
+    ),
 ]
+
+# Retrieval entry point -> (model, whether it takes the image, whether it takes text, output).
+RETRIEVAL_ENTRIES = {
+    "embed_image": ("blip2_embed_image", True, False, "image_embeds"),
+    "embed_text": ("blip2_embed_text", False, True, "text_embeds"),
+    "similarity": ("blip2_similarity", True, True, "similarity"),
+    "match": ("blip2_match", True, True, "match_probability"),
+}
+
+
+def retrieval_entries(opts: Any) -> list[str]:
+    entries = [e.strip() for e in opts.retrieval_entries.split(",") if e.strip()]
+    unknown = sorted(set(entries) - set(RETRIEVAL_ENTRIES))
+    if unknown or not entries:
+        raise ValueError(f"--retrieval-entries: expected some of {', '.join(RETRIEVAL_ENTRIES)}, "
+                         f"got {unknown or 'none'}")
+    return entries
 
 
 @events.init_command_line_parser.add_listener
@@ -154,7 +181,8 @@ def _user_rng() -> random.Random:
     return random.Random(_options().seed * 1_000_003 + next(_user_ids))
 
 
-class Blip2GrpcUser(User):
+class _GrpcUser(User):
+    abstract = True
     wait_time = constant(0)  # closed loop: users == outstanding requests, i.e. perf_analyzer's concurrency
 
     def on_start(self) -> None:
@@ -165,30 +193,18 @@ class Blip2GrpcUser(User):
     def on_stop(self) -> None:
         self.client.close()
 
-    @task
-    def infer(self) -> None:
-        name, image, prompt = self.work.pick(self.rng)
-        inputs = [_grpc_bytes_input("image", image)]
-        if prompt:
-            inputs.append(_grpc_bytes_input("text_input", prompt.encode("utf-8")))
-        if self.work.max_tokens is not None:
-            tokens = grpcclient.InferInput("max_tokens", [1, 1], "INT32")
-            tokens.set_data_from_numpy(np.array([[self.work.max_tokens]], dtype=np.int32))
-            inputs.append(tokens)
+    def _infer(self, name: str, model: str, inputs: list[grpcclient.InferInput], output: str) -> None:
+        """One timed request, reported to Locust under `name`; a response without one row of `output` fails."""
         exception: Exception | None = None
         length = 0
         start = time.perf_counter()
         try:
-            result = self.client.infer(
-                self.work.model,
-                inputs,
-                outputs=[grpcclient.InferRequestedOutput(OUTPUT)],
-                client_timeout=self.work.request_timeout,
-            )
-            texts = result.as_numpy(OUTPUT)
-            if texts is None or texts.size != 1:
-                raise ValueError(f"expected one {OUTPUT}, got {None if texts is None else texts.shape}")
-            length = len(texts.reshape(-1)[0])
+            result = self.client.infer(model, inputs, outputs=[grpcclient.InferRequestedOutput(output)],
+                                       client_timeout=self.work.request_timeout)
+            values = result.as_numpy(output)
+            if values is None or values.shape[0] != 1:
+                raise ValueError(f"expected one row of {output}, got {None if values is None else values.shape}")
+            length = len(values.reshape(-1)[0]) if values.dtype == np.object_ else values.nbytes
         except Exception as exc:
             # Locust prints repr(); InferenceServerException's is empty, so carry its message in a plain exception.
             exception = GrpcInferError(str(exc))
@@ -202,6 +218,43 @@ class Blip2GrpcUser(User):
         )
         if exception is not None:
             gevent.sleep(FAILURE_BACKOFF_S)
+
+
+class Blip2GrpcUser(_GrpcUser):
+    @task
+    def infer(self) -> None:
+        name, image, prompt = self.work.pick(self.rng)
+        inputs = [_grpc_bytes_input("image", image)]
+        if prompt:
+            inputs.append(_grpc_bytes_input("text_input", prompt.encode("utf-8")))
+        if self.work.max_tokens is not None:
+            tokens = grpcclient.InferInput("max_tokens", [1, 1], "INT32")
+            tokens.set_data_from_numpy(np.array([[self.work.max_tokens]], dtype=np.int32))
+            inputs.append(tokens)
+        self._infer(name, self.work.model, inputs, OUTPUT)
+
+
+class Blip2RetrievalUser(_GrpcUser):
+    """Requests to the retrieval entry points (`--retrieval-entries`), reported by entry point name. Images follow
+    `--repeat-ratio` (unique bytes by default: every image a cache miss)."""
+
+    # Only when named (`locust -f loadtest/locustfile.py ... Blip2RetrievalUser`): a run without class names keeps
+    # loading captioning, which every server serves.
+    weight = 1 if "Blip2RetrievalUser" in sys.argv else 0
+
+    def on_start(self) -> None:
+        super().on_start()
+        self.entries = retrieval_entries(_options())
+
+    @task
+    def infer(self) -> None:
+        entry = self.rng.choice(self.entries)
+        model, takes_image, takes_text, output = RETRIEVAL_ENTRIES[entry]
+        _, image, _ = self.work.pick(self.rng)
+        inputs = [_grpc_bytes_input("image", image)] if takes_image else []
+        if takes_text:
+            inputs.append(_grpc_bytes_input("text_input", self.rng.choice(self.work.prompts).encode("utf-8")))
+        self._infer(entry, model, inputs, output)
 
 
 class GrpcInferError(Exception):
@@ -384,9 +437,10 @@ def _on_init(environment: Any, **_: Any) -> None:
     if environment.parsed_options is None:
         return
     opts = environment.parsed_options
-    # Fail at start-up, not mid-run, on a bad image dir, prompt file or schedule.
+    # Fail at start-up, not mid-run, on a bad image dir, prompt file, schedule or entry list.
     build_stages(opts)
     workload()
+    retrieval_entries(opts)
     for user_class in (Blip2HttpUser, Blip2OpenAIUser):
         user_class.network_timeout = opts.request_timeout
         user_class.connection_timeout = min(opts.request_timeout, 30.0)

@@ -48,3 +48,17 @@ def hf_reference(tiny_model_dir: Path):  # -> HFReference
 @pytest.fixture(scope="session")
 def reference(hf_reference) -> Callable[[bytes, str | None, int], str]:
     return hf_reference
+
+
+@pytest.fixture(scope="session")
+def tiny_itm_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from blip2_triton.tiny_itm import write_tiny_itm_model
+
+    return write_tiny_itm_model(tmp_path_factory.mktemp("tiny-itm") / "tiny-blip2-itm")
+
+
+@pytest.fixture(scope="session")
+def itm_reference(tiny_itm_model_dir: Path):  # -> HFRetrievalReference
+    from reference import HFRetrievalReference
+
+    return HFRetrievalReference(tiny_itm_model_dir)

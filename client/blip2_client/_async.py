@@ -20,9 +20,13 @@ from ._request import (
     requested_outputs,
     vqa_prompt,
 )
+from ._retrieval import OUTPUTS, batch_jobs, check_text, output_array, retrieval_inputs, stacked
 from ._sync import _tc as _inputs_tc
 
 if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
     if sys.version_info >= (3, 11):
         from typing import Self, Unpack
     else:
@@ -216,6 +220,99 @@ class AsyncBlip2Client(_ClientConfig):
         finally:
             with contextlib.suppress(Exception):
                 responses.cancel()
+
+    # -- retrieval and matching: Blip2Client's methods, awaited ----------------------
+
+    async def _retrieve(
+        self, entry: str, image: bytes | None, text: str | None, timeout_s: float | None
+    ) -> npt.NDArray[np.float32]:
+        tc = _inputs_tc(self._protocol)
+        model, (output, ndim) = self._retrieval_model(entry), OUTPUTS[entry]
+        inputs, outputs = retrieval_inputs(tc, image, text), [tc.InferRequestedOutput(output)]
+
+        async def op(c: Any, kw: dict[str, Any]) -> npt.NDArray[np.float32]:
+            return output_array(await c.infer(model, inputs, outputs=outputs, **kw), output, ndim)
+
+        result: npt.NDArray[np.float32] = await self._call(op, timeout_s=timeout_s)
+        return result
+
+    async def embed_image(self, image: ImageInput, *, timeout_s: float | None = None) -> npt.NDArray[np.float32]:
+        """Async twin of `Blip2Client.embed_image`: float32 [num_query_tokens, embed_dim], rows of unit length.
+
+        Raises:
+            InvalidInputError: the server could not use the image; other `Blip2Error`s as for `generate`.
+        """
+        return await self._retrieve("embed_image", encode_image(image), None, timeout_s)
+
+    async def embed_text(self, text: str, *, timeout_s: float | None = None) -> npt.NDArray[np.float32]:
+        """Async twin of `Blip2Client.embed_text`: float32 [embed_dim] of unit length.
+
+        Raises:
+            InvalidInputError: empty text, text over the server's limit, ...; TypeError: `text` is not a str.
+        """
+        return await self._retrieve("embed_text", None, check_text(text), timeout_s)
+
+    async def similarity(self, image: ImageInput, text: str, *, timeout_s: float | None = None) -> float:
+        """Async twin of `Blip2Client.similarity`: the pair's contrastive score.
+
+        Raises:
+            InvalidInputError: the server could not use the image or the text (the message names which).
+        """
+        return float((await self._retrieve("similarity", encode_image(image), check_text(text), timeout_s))[0])
+
+    async def match(self, image: ImageInput, text: str, *, timeout_s: float | None = None) -> float:
+        """Async twin of `Blip2Client.match`: P(the text describes the image).
+
+        Raises:
+            InvalidInputError: the server could not use the image or the text (the message names which).
+        """
+        return float((await self._retrieve("match", encode_image(image), check_text(text), timeout_s))[0])
+
+    async def embed_image_batch(
+        self, images: Iterable[ImageInput], *, timeout_s: float | None = None
+    ) -> npt.NDArray[np.float32]:
+        """Concurrent `embed_image` (at most `max_concurrency` in flight): float32 [images, queries, dim].
+
+        Raises:
+            The first failed request's error.
+        """
+        return stacked(await self._gather(batch_jobs(self._retrieve, "embed_image", timeout_s, images=images)), 2)
+
+    async def embed_text_batch(
+        self, texts: Iterable[str], *, timeout_s: float | None = None
+    ) -> npt.NDArray[np.float32]:
+        """Concurrent `embed_text`: float32 [texts, embed_dim].
+
+        Raises:
+            The first failed request's error.
+        """
+        return stacked(await self._gather(batch_jobs(self._retrieve, "embed_text", timeout_s, texts=texts)), 1)
+
+    async def similarity_batch(
+        self, images: Iterable[ImageInput], texts: str | Sequence[str], *, timeout_s: float | None = None
+    ) -> npt.NDArray[np.float32]:
+        """Concurrent `similarity` of images[i] with one text, or with texts[i]: float32 [images].
+
+        Raises:
+            The first failed request's error; ValueError when the counts differ.
+        """
+        return await self._pairs("similarity", images, texts, timeout_s)
+
+    async def match_batch(
+        self, images: Iterable[ImageInput], texts: str | Sequence[str], *, timeout_s: float | None = None
+    ) -> npt.NDArray[np.float32]:
+        """Concurrent `match` of images[i] with one text, or with texts[i]: float32 [images].
+
+        Raises:
+            The first failed request's error; ValueError when the counts differ.
+        """
+        return await self._pairs("match", images, texts, timeout_s)
+
+    async def _pairs(
+        self, entry: str, images: Iterable[ImageInput], texts: str | Sequence[str], timeout_s: float | None
+    ) -> npt.NDArray[np.float32]:
+        jobs = batch_jobs(self._retrieve, entry, timeout_s, images=images, texts=texts)
+        return stacked(await self._gather(jobs), 1).reshape(-1)
 
     # -- health and metadata ---------------------------------------------------------
 

@@ -25,8 +25,12 @@ from ._request import (
     requested_outputs,
     vqa_prompt,
 )
+from ._retrieval import OUTPUTS, batch_jobs, check_text, output_array, retrieval_inputs, stacked
 
 if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
     if sys.version_info >= (3, 11):
         from typing import Self, Unpack
     else:
@@ -306,6 +310,132 @@ class Blip2Client(_ClientConfig):
                 client.stop_stream(cancel_requests=True)
             with contextlib.suppress(Exception):
                 client.close()
+
+    # -- retrieval and matching ------------------------------------------------------
+
+    def _retrieve(
+        self, entry: str, image: bytes | None, text: str | None, timeout_s: float | None
+    ) -> npt.NDArray[np.float32]:
+        tc = _tc(self._protocol)
+        model, (output, ndim) = self._retrieval_model(entry), OUTPUTS[entry]
+        inputs, outputs = retrieval_inputs(tc, image, text), [tc.InferRequestedOutput(output)]
+        result: npt.NDArray[np.float32] = self._call(
+            lambda c, kw: output_array(c.infer(model, inputs, outputs=outputs, **kw), output, ndim),
+            timeout_s=timeout_s,
+        )
+        return result
+
+    def embed_image(self, image: ImageInput, *, timeout_s: float | None = None) -> npt.NDArray[np.float32]:
+        """The image's normalised per-query embeddings (`blip2_embed_image`).
+
+        Args:
+            image: a path, bytes, binary file, PIL image or uint8 array (see *Images* in docs/CLIENT.md).
+            timeout_s: this call's deadline; default the client's `timeout_s`.
+
+        Returns:
+            float32 array [num_query_tokens, embed_dim], each row of unit length (both sizes from the checkpoint).
+
+        Raises:
+            InvalidInputError: the server could not use the image. Other `Blip2Error`s as for `generate`;
+            TypeError / ValueError for an image argument the client cannot encode.
+        """
+        return self._retrieve("embed_image", encode_image(image), None, timeout_s)
+
+    def embed_text(self, text: str, *, timeout_s: float | None = None) -> npt.NDArray[np.float32]:
+        """The text's normalised embedding (`blip2_embed_text`).
+
+        Args:
+            text: non-empty text within the server's token limit.
+            timeout_s: this call's deadline; default the client's `timeout_s`.
+
+        Returns:
+            float32 array [embed_dim] of unit length.
+
+        Raises:
+            InvalidInputError: empty or whitespace-only text, text over the limit, the image token in the text.
+            TypeError: `text` is not a str.
+        """
+        return self._retrieve("embed_text", None, check_text(text), timeout_s)
+
+    def similarity(self, image: ImageInput, text: str, *, timeout_s: float | None = None) -> float:
+        """The contrastive score of the pair (`blip2_similarity`): the largest cosine similarity between the
+        image's query embeddings and the text's embedding, in [-1, 1]; higher ranks first.
+
+        Args:
+            image: as for `embed_image`.
+            text: as for `embed_text`.
+            timeout_s: this call's deadline; default the client's `timeout_s`.
+
+        Returns:
+            The score, equal to `similarity_scores(embed_image(image), embed_text(text))`.
+
+        Raises:
+            InvalidInputError: the server could not use the image or the text (the message names which).
+        """
+        return float(self._retrieve("similarity", encode_image(image), check_text(text), timeout_s)[0])
+
+    def match(self, image: ImageInput, text: str, *, timeout_s: float | None = None) -> float:
+        """The probability that the text describes the image, from the image-text matching head (`blip2_match`).
+
+        Args:
+            image: as for `embed_image`.
+            text: as for `embed_text`.
+            timeout_s: this call's deadline; default the client's `timeout_s`.
+
+        Returns:
+            P(match) in [0, 1].
+
+        Raises:
+            InvalidInputError: the server could not use the image or the text (the message names which).
+        """
+        return float(self._retrieve("match", encode_image(image), check_text(text), timeout_s)[0])
+
+    def embed_image_batch(
+        self, images: Iterable[ImageInput], *, timeout_s: float | None = None
+    ) -> npt.NDArray[np.float32]:
+        """`embed_image` for each image, up to `max_concurrency` requests in flight (batched by the server).
+
+        Returns:
+            float32 array [images, num_query_tokens, embed_dim], in input order.
+
+        Raises:
+            The first failed request's error; every image is encoded before anything is sent.
+        """
+        return stacked(self._map(batch_jobs(self._retrieve, "embed_image", timeout_s, images=images)), 2)
+
+    def embed_text_batch(self, texts: Iterable[str], *, timeout_s: float | None = None) -> npt.NDArray[np.float32]:
+        """`embed_text` for each text, concurrently. Returns float32 [texts, embed_dim], in input order.
+
+        Raises:
+            The first failed request's error.
+        """
+        return stacked(self._map(batch_jobs(self._retrieve, "embed_text", timeout_s, texts=texts)), 1)
+
+    def similarity_batch(
+        self, images: Iterable[ImageInput], texts: str | Sequence[str], *, timeout_s: float | None = None
+    ) -> npt.NDArray[np.float32]:
+        """`similarity` of images[i] with one text for all, or with texts[i]. Returns float32 [images].
+
+        Raises:
+            The first failed request's error; ValueError when the counts of images and texts differ.
+        """
+        return self._pairs("similarity", images, texts, timeout_s)
+
+    def match_batch(
+        self, images: Iterable[ImageInput], texts: str | Sequence[str], *, timeout_s: float | None = None
+    ) -> npt.NDArray[np.float32]:
+        """`match` of images[i] with one text for all, or with texts[i]. Returns float32 [images].
+
+        Raises:
+            The first failed request's error; ValueError when the counts of images and texts differ.
+        """
+        return self._pairs("match", images, texts, timeout_s)
+
+    def _pairs(
+        self, entry: str, images: Iterable[ImageInput], texts: str | Sequence[str], timeout_s: float | None
+    ) -> npt.NDArray[np.float32]:
+        jobs = batch_jobs(self._retrieve, entry, timeout_s, images=images, texts=texts)
+        return stacked(self._map(jobs), 1).reshape(-1)
 
     # -- health and metadata ---------------------------------------------------------
 

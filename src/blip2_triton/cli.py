@@ -37,6 +37,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
+    if args.family == "itm":
+        from .tiny_itm import write_tiny_itm_model
+
+        print(write_tiny_itm_model(args.out_dir, seed=args.seed))
+        return 0
     from .tiny import write_tiny_model
 
     print(write_tiny_model(args.out_dir, family=args.family, seed=args.seed))
@@ -56,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also serve the FlanT5 ensemble `blip2_t5` (default: the embedded tiny FlanT5 model)")
     serve.add_argument("--t5-model-id", type=_absolute_if_local,
                        help="FlanT5 BLIP-2 checkpoint for `blip2_t5` (implies --t5)")
+    serve.add_argument("--itm", dest="with_itm", action="store_true",
+                       help="also serve image-text retrieval and matching (`blip2_embed_image`, `blip2_embed_text`, "
+                            "`blip2_similarity`, `blip2_match`; default: the embedded tiny retrieval checkpoint)")
+    serve.add_argument("--itm-model-id", type=_absolute_if_local,
+                       help="retrieval checkpoint (Blip2ForImageTextRetrieval, e.g. Salesforce/blip2-itm-vit-g) for "
+                            "the retrieval models (implies --itm; default: BLIP2_ITM_MODEL_ID)")
     serve.add_argument("--dtype", choices=DTYPES)
     serve.add_argument("--device", help=f"{', '.join(DEVICES)} or cuda:N (KIND_GPU instances use Triton's GPU)")
     serve.add_argument("--quantization", choices=QUANTIZATIONS)
@@ -81,9 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="do not watch the stage stub processes (a dead stub then fails requests until restart)")
     serve.add_argument("triton_args", nargs="*", help="extra tritonserver arguments, after `--`")
     serve.set_defaults(func=_serve)
-    tiny = sub.add_parser("tiny-model", help="write a tiny random-weight BLIP-2 checkpoint (OPT or FlanT5)")
+    tiny = sub.add_parser("tiny-model", help="write a tiny random-weight BLIP-2 checkpoint (OPT, FlanT5 or "
+                                             "image-text retrieval)")
     tiny.add_argument("out_dir")
-    tiny.add_argument("--family", choices=("opt", "t5"), default="opt")
+    tiny.add_argument("--family", choices=("opt", "t5", "itm"), default="opt")
     tiny.add_argument("--seed", type=int, default=1234)
     tiny.set_defaults(func=_tiny_model)
     return parser

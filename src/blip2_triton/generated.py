@@ -55,7 +55,9 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "llm_inputs": lambda: _inputs([*LLM_INPUTS, *CONTROL_INPUTS]),
     "llm_input_map": lambda: [f'input_map {{ key: "{n}" value: "{n}" }}' for n in LLM_INPUTS],
     "options": lambda: _table(ServerOptions.documented(), "| `BLIP2_T5_*` | as above | the same options for the "
-                              "FlanT5 models (`BLIP2_T5_MODEL_ID`, `BLIP2_T5_DTYPE`, ...) |"),
+                              "FlanT5 models (`BLIP2_T5_MODEL_ID`, `BLIP2_T5_DTYPE`, ...) |",
+                              "| `BLIP2_ITM_*` | as above | the same options for the retrieval models "
+                              "(`BLIP2_ITM_DTYPE`, `BLIP2_ITM_DEVICE`, ...; tiny default: the retrieval checkpoint) |"),
     "launch_settings": lambda: _table(LaunchSettings.documented()),
 }
 _OPT = {"model_repository/blip2/config.pbtxt": ("public_inputs", "llm_input_map"),

@@ -24,9 +24,10 @@ COMPUTE_LOCKS = ("auto", "on", "off")
 PACKED_WEIGHTS = ("auto", "on", "off")
 ON_OFF = ("on", "off")
 # Environment wins over config.pbtxt so one repository serves the tiny model in tests and a real checkpoint in a
-# container; the FlanT5 models' prefix lets two checkpoints be served side by side.
+# container; the FlanT5 and retrieval models' prefixes let several checkpoints be served side by side.
 DEFAULT_ENV_PREFIX = "BLIP2_"
 T5_ENV_PREFIX = "BLIP2_T5_"
+ITM_ENV_PREFIX = "BLIP2_ITM_"
 BENCHMARK = "docs/BENCHMARK.md"
 
 
@@ -74,6 +75,9 @@ class ServerOptions:
                                 "sequences (`blip2_kv_cache_bytes` reports the buffers' size)")
     embedding_cache_bytes: int = option(256 * 1024 * 1024, "vision stage's image-embedding cache (LRU, keyed by the "
                                         "image bytes; blip2_triton.embedding_cache); `0` disables it", shown="256 MiB")
+    features_cache_bytes: int = option(-1, "retrieval image stage's ViT-feature cache (what `blip2_match` reads; "
+                                       "LRU, keyed by the image bytes); `-1`: as `embedding_cache_bytes`, `0` "
+                                       "disables it")
     compute_lock: str = option("auto", "`on`: stage processes take turns for forward passes, each on all cores; "
                                "`auto`/`off`: they overlap, on CPU each on its share of the cores ([comparison]("
                                f"{BENCHMARK}#packed-weights-and-cores-split-between-the-stages-d1b5313-03f4e72))")
@@ -92,8 +96,8 @@ class ServerOptions:
     cpu_threads: int = option(0, "torch threads per CPU stage process. `0`: the usable cores (affinity, cgroup "
                               "quota) shared by `cpu_stages`, or all with `compute_lock=on`; a set "
                               "`OMP_NUM_THREADS` is kept", shown="`0` (automatic)")
-    cpu_stages: int = option(2, "computing stage processes sharing the host's cores (vision + LLM; `serve --t5` "
-                             "sets 4 unless set)")
+    cpu_stages: int = option(2, "computing stage processes sharing the host's cores (vision + LLM; unless set, "
+                             "`serve` counts 2 more with `--t5` and 3 more with `--itm`)")
     log_format: str = option("text", "stage processes' log lines: `text`, or `json` (one object per line, the "
                              "request id as a field)")
     allow_pickle: bool = option(False, "`1`: also load pickle (`.bin`) weights, which can run code while loading: "
@@ -115,6 +119,9 @@ class ServerOptions:
                      "max_kv_tokens", "cpu_stages"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.features_cache_bytes < -1:
+            raise ConfigurationError(
+                f"features_cache_bytes must be >= -1 (-1: as embedding_cache_bytes), got {self.features_cache_bytes}")
         for name in ("cpu_threads", "decode_threads"):
             if getattr(self, name) < 0:
                 raise ConfigurationError(f"{name} must be >= 0 (0: automatic), got {getattr(self, name)}")

@@ -20,15 +20,15 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from blip2_triton.options import T5_ENV_PREFIX, ServerOptions, env_var
+from blip2_triton.options import ITM_ENV_PREFIX, T5_ENV_PREFIX, ServerOptions, env_var
 from blip2_triton.supervisor import LaunchSettings, TritonInstall, free_port, tritonserver_command
 from blip2_triton.supervisor.settings import REPOSITORY_ROOTS
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 K8S = ROOT / "deploy" / "k8s"
-OVERLAYS = ("gpu", "t4-8bit", "cpu-tiny")
-GPU_OVERLAYS = ("gpu", "t4-8bit")
+OVERLAYS = ("gpu", "gpu-retrieval", "t4-8bit", "cpu-tiny")
+GPU_OVERLAYS = ("gpu", "gpu-retrieval", "t4-8bit")
 
 # The server's own custom metrics, read from where they are declared so that a rename breaks this test.
 SERVER_METRICS = set(re.findall(r'"(blip2_[a-z_]+_(?:total|sequences|bytes|parameters))"',
@@ -81,8 +81,9 @@ def contract() -> str:
 
 
 def server_env_vars() -> set[str]:
-    """Variables the server reads: the stages' options (both families) and the supervisor's settings."""
-    stages = {env_var(f.name, prefix) for f in fields(ServerOptions) for prefix in ("BLIP2_", T5_ENV_PREFIX)}
+    """Variables the server reads: the stages' options (every family) and the supervisor's settings."""
+    stages = {env_var(f.name, prefix) for f in fields(ServerOptions)
+              for prefix in ("BLIP2_", T5_ENV_PREFIX, ITM_ENV_PREFIX)}
     return stages | {f.metadata["env"] for f in fields(LaunchSettings) if "env" in f.metadata}
 
 
@@ -94,9 +95,9 @@ def option_choices() -> dict[str, set[str]]:
         found = dict(re.findall(r"`(BLIP2_\w+)` ([\w|]+)", line))
         return {name: set(values.split("|")) for name, values in found.items()}
     return {
-        "BLIP2_DTYPE": set(options.DTYPES),
-        "BLIP2_DEVICE": set(options.DEVICES),
-        "BLIP2_QUANTIZATION": set(options.QUANTIZATIONS),
+        f"{prefix}{name}": set(allowed) for prefix in ("BLIP2_", ITM_ENV_PREFIX)
+        for name, allowed in (("DTYPE", options.DTYPES), ("DEVICE", options.DEVICES),
+                              ("QUANTIZATION", options.QUANTIZATIONS))
     }
 
 
@@ -342,6 +343,11 @@ def test_env_values_are_valid_choices() -> None:
     assert cpu["BLIP2_MODEL_ID"] == "" and cpu["BLIP2_DEVICE"] == "cpu", "cpu-tiny serves the embedded tiny model"
     assert pod_env(render("t4-8bit"))["BLIP2_QUANTIZATION"] == "8bit"
     assert pod_env(render("gpu"))["BLIP2_DTYPE"] == "float16"
+    retrieval = pod_env(render("gpu-retrieval"))
+    assert retrieval["BLIP2_ITM_MODEL_ID"] == "Salesforce/blip2-itm-vit-g" and retrieval["BLIP2_SERVE_ITM"] == "1"
+    assert LaunchSettings.from_env(retrieval).serves_itm
+    assert not LaunchSettings.from_env(pod_env(render("gpu"))).serves_itm
+    assert retrieval["BLIP2_MODEL_ID"] == pod_env(render("gpu"))["BLIP2_MODEL_ID"], "retrieval beside captioning"
 
 
 def test_model_cache_is_a_writable_volume_at_hf_home() -> None:

@@ -19,7 +19,9 @@ def test_defaults_fit_real_photos() -> None:
     # One image may be 20 MiB at the stage (BLIP2_MAX_IMAGE_BYTES): it must fit raw and as base64 in JSON.
     assert s.max_request_bytes >= 20 * 1024 * 1024 * 4 // 3
     assert s.max_image_bytes == 20 * 1024 * 1024
-    assert s.public_models == ("blip2", "blip2_stream", "blip2_t5", "blip2_t5_stream")
+    assert s.public_models == ("blip2", "blip2_stream", "blip2_t5", "blip2_t5_stream", "blip2_embed_image",
+                               "blip2_embed_text", "blip2_similarity", "blip2_match")
+    assert s.required_inputs["blip2_match"] == "image+text_input" and s.required_inputs["blip2"] == "image"
     assert s.openai_models == {"blip2": ("blip2", "blip2_stream"), "blip2_t5": ("blip2_t5", "blip2_t5_stream")}
     assert s.api_keys == () and s.image_url_hosts == ()
 

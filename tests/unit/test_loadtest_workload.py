@@ -132,3 +132,4 @@ def test_locustfile_loads_and_lists_its_users() -> None:
     assert result.returncode == 0, result.stderr
     assert "Blip2GrpcUser" in result.stdout and "Blip2HttpUser" in result.stdout
     assert "Blip2OpenAIUser" in result.stdout
+    assert "Blip2RetrievalUser" in result.stdout

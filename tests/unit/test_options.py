@@ -147,3 +147,22 @@ def test_a_cuda_device_that_is_not_there_is_a_configuration_error(monkeypatch) -
     with pytest.raises(ConfigurationError, match="device=cuda:1: only 1 CUDA devices are visible"):
         resolve_device("cuda:1")
     assert resolve_device("cuda:0") == torch.device("cuda:0")
+
+
+def test_serve_flags_for_retrieval_are_launch_settings(tmp_path) -> None:
+    import dataclasses
+
+    from blip2_triton import cli
+    from blip2_triton.supervisor import LaunchSettings
+
+    for argv, serves in ((["serve"], False), (["serve", "--itm"], True),
+                         (["serve", "--itm-model-id", "Salesforce/blip2-itm-vit-g"], True)):
+        given = {k: v for k, v in vars(cli.build_parser().parse_args(argv)).items() if k not in ("command", "func")}
+        assert dataclasses.replace(LaunchSettings(), **given).serves_itm is serves, argv
+    assert ServerOptions.resolve({"env_prefix": "BLIP2_ITM_"}, env={"BLIP2_ITM_FEATURES_CACHE_BYTES": "0",
+                                                                     "BLIP2_FEATURES_CACHE_BYTES": "7"}) \
+        .features_cache_bytes == 0
+    with pytest.raises(ConfigurationError, match="features_cache_bytes must be >= -1"):
+        ServerOptions(features_cache_bytes=-2).validate()
+    assert cli.main(["tiny-model", str(tmp_path / "itm"), "--family", "itm"]) == 0
+    assert (tmp_path / "itm" / "TINY_MODEL.json").read_text().count('"itm"') == 1

@@ -66,10 +66,15 @@ def _opt(default: Any, help_text: str, parse: Callable[[str], Any] | None = None
     return field(default=default, metadata=meta)
 
 
-DEFAULT_PUBLIC_MODELS = ("blip2", "blip2_stream", "blip2_t5", "blip2_t5_stream")
+GENERATION_MODELS = ("blip2", "blip2_stream", "blip2_t5", "blip2_t5_stream")
+RETRIEVAL_MODELS = ("blip2_embed_image", "blip2_embed_text", "blip2_similarity", "blip2_match")
+DEFAULT_PUBLIC_MODELS = GENERATION_MODELS + RETRIEVAL_MODELS
 # Inputs a model cannot run without: checked here because Triton 2.51 answers an ensemble request that lacks one
 # with "unexpected deadlock" instead of naming it.
-DEFAULT_REQUIRED_INPUTS = {model: "image" for model in DEFAULT_PUBLIC_MODELS}
+DEFAULT_REQUIRED_INPUTS = {
+    **{model: "image" for model in GENERATION_MODELS}, "blip2_embed_image": "image", "blip2_embed_text": "text_input",
+    "blip2_similarity": "image+text_input", "blip2_match": "image+text_input",
+}
 DEFAULT_OPENAI_MODELS = {"blip2": ("blip2", "blip2_stream"), "blip2_t5": ("blip2_t5", "blip2_t5_stream")}
 
 

@@ -8,21 +8,24 @@ from typing import Any
 
 
 class CacheMetrics:
-    """The vision stage's embedding-cache counters as Triton custom metrics (served on the metrics port)."""
+    """An image stage's cache counters as Triton custom metrics (served on the metrics port). Each cache of a model
+    has its own family names (`prefix`): the captioning vision stage's and the retrieval image embeddings' are
+    `blip2_embedding_cache_*`, the retrieval ViT features' `blip2_vision_features_cache_*`."""
 
-    def __init__(self, pb_utils: Any, model_name: str) -> None:
+    def __init__(self, pb_utils: Any, model_name: str, *, prefix: str = "blip2_embedding_cache",
+                 what: str = "embedding cache") -> None:
         labels = {"model": model_name}
         counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
         # Families must stay referenced for as long as their metrics are updated.
         self._families = {
-            name: pb_utils.MetricFamily(name=f"blip2_embedding_cache_{name}", description=text, kind=kind)
+            name: pb_utils.MetricFamily(name=f"{prefix}_{name}", description=text, kind=kind)
             for name, text, kind in (
-                ("hits_total", "Images answered from the embedding cache", counter),
-                ("misses_total", "Images looked up and not found in the embedding cache", counter),
-                ("evictions_total", "Embedding-cache entries evicted to stay within its byte budget", counter),
-                ("bytes", "Bytes held by the embedding cache", gauge),
-                ("entries", "Entries held by the embedding cache", gauge),
-                ("capacity_bytes", "Byte budget of the embedding cache (0 = disabled)", gauge),
+                ("hits_total", f"Images answered from the {what}", counter),
+                ("misses_total", f"Images looked up and not found in the {what}", counter),
+                ("evictions_total", f"Entries of the {what} evicted to stay within its byte budget", counter),
+                ("bytes", f"Bytes held by the {what}", gauge),
+                ("entries", f"Entries held by the {what}", gauge),
+                ("capacity_bytes", f"Byte budget of the {what} (0 = disabled)", gauge),
             )
         }
         self._metrics = {name: family.Metric(labels=labels) for name, family in self._families.items()}

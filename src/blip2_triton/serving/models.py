@@ -85,17 +85,28 @@ class StageModel:
         return out
 
 
-class VisionModel(StageModel):
-    """The vision stage, answering each request from its pipeline's threads when its images are embedded: `execute`
+# A cache's metric family prefix and the words its descriptions use (serving.metrics.CacheMetrics).
+CacheMetricsSpec = tuple[str, str]
+EMBEDDING_CACHE_METRICS: CacheMetricsSpec = ("blip2_embedding_cache", "embedding cache")
+FEATURES_CACHE_METRICS: CacheMetricsSpec = ("blip2_vision_features_cache", "ViT-feature cache")
+
+
+class _PipelineModel(StageModel):
+    """An image stage answering each request from its pipeline's threads when its images are embedded: `execute`
     only hands requests over, so one slow image never holds up the requests behind it."""
 
-    stage_name = "vision"
     input_names = ("image",)
 
-    def load(self, options: ServerOptions) -> None:
-        from ..vision import VisionStage
+    def caches(self) -> list[tuple[CacheMetricsSpec, Any]]:
+        """(metric family prefix and description, cache) of each cache the stage keeps."""
+        raise NotImplementedError
 
-        self.stage = VisionStage(options)
+    def rows(self, request: Any) -> tuple[list[Any], Any]:
+        """The request's rows for the pipeline, and what `outputs` needs to know of the request."""
+        raise NotImplementedError
+
+    def outputs(self, results: list[Any], context: Any) -> dict[str, np.ndarray]:
+        raise NotImplementedError
 
     def initialize(self, args: dict[str, Any]) -> None:
         from ..compute_lock import available_cores
@@ -103,13 +114,19 @@ class VisionModel(StageModel):
         from .metrics import CacheMetrics
 
         super().initialize(args)
-        self._cache_metrics = CacheMetrics(self.pb, args.get("model_name", ""))
-        self._cache_metrics.export(self.stage.cache.stats())
+        model_name = args.get("model_name", "")
+        self._cache_metrics = [(CacheMetrics(self.pb, model_name, prefix=prefix, what=what), cache)
+                               for (prefix, what), cache in self.caches()]
+        self._export_cache_metrics()
         config = json.loads(args["model_config"])
         threads = self.options.decode_threads or min(8, max(2, available_cores()))
         self.pipeline = VisionPipeline(self.stage, decode_threads=threads,
                                        max_batch=int(config.get("max_batch_size") or 16),
-                                       on_batch=lambda: self._cache_metrics.export(self.stage.cache.stats()))
+                                       on_batch=self._export_cache_metrics)
+
+    def _export_cache_metrics(self) -> None:
+        for metrics, cache in self._cache_metrics:
+            metrics.export(cache.stats())
 
     def parameter_stats(self) -> tuple[int, int]:
         return self.stage.loaded.parameter_count, self.stage.loaded.parameter_bytes
@@ -117,28 +134,182 @@ class VisionModel(StageModel):
     def execute(self, requests: list[Any]) -> None:  # type: ignore[override]
         for request in requests:
             sender = request.get_response_sender()
-            try:
-                rows = image_requests(self._inputs(request))
-            except InvalidRequestError as e:
-                self._answer(sender, [e])
-                continue
             rid = request.request_id()
-            self.pipeline.submit(rows, lambda results, sender=sender, rid=rid: self._answer(sender, results, rid))
+            try:
+                rows, context = self.rows(request)
+            except InvalidRequestError as e:
+                self._answer(sender, [e], None, rid)
+                continue
+            self.pipeline.submit(rows, lambda results, sender=sender, context=context, rid=rid:
+                                 self._answer(sender, results, context, rid))
         # Cache hits are answered without a compute batch: their counters go out here.
-        self._cache_metrics.export(self.stage.cache.stats())
+        self._export_cache_metrics()
         return None
 
-    def _answer(self, sender: Any, results: list[Any], request_id: str = "") -> None:
+    def _answer(self, sender: Any, results: list[Any], context: Any, request_id: str = "") -> None:
         error = next((r for r in results if isinstance(r, Exception)), None)
         if error is not None:
             response = self.pb.InferenceResponse(error=_triton_error(self.pb, error, self.stage_name, request_id))
         else:
-            embeds = np.stack(results).astype(np.float32, copy=False)
-            response = self.pb.InferenceResponse(output_tensors=[self.pb.Tensor("_query_embeds", embeds)])
+            response = self.pb.InferenceResponse(output_tensors=[
+                self.pb.Tensor(name, array) for name, array in self.outputs(results, context).items()])
         sender.send(response, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def finalize(self) -> None:
         self.pipeline.stop()
+
+
+class VisionModel(_PipelineModel):
+    """The captioning vision stage: image bytes -> `_query_embeds` for the LLM stage."""
+
+    stage_name = "vision"
+
+    def load(self, options: ServerOptions) -> None:
+        from ..vision import VisionStage
+
+        self.stage = VisionStage(options)
+
+    def caches(self) -> list[tuple[CacheMetricsSpec, Any]]:
+        return [(EMBEDDING_CACHE_METRICS, self.stage.cache)]
+
+    def rows(self, request: Any) -> tuple[list[Any], Any]:
+        return image_requests(self._inputs(request)), None
+
+    def outputs(self, results: list[Any], context: Any) -> dict[str, np.ndarray]:
+        return {"_query_embeds": np.stack(results).astype(np.float32, copy=False)}
+
+
+class RetrievalVisionModel(_PipelineModel):
+    """The retrieval image stage: image bytes -> `_image_embeds` and/or `_vision_features`, only those the caller
+    requests (an ensemble step requests the outputs it maps)."""
+
+    stage_name = "itm_vision"
+
+    def load(self, options: ServerOptions) -> None:
+        from ..retrieval import RetrievalImageStage
+
+        self.stage = RetrievalImageStage(options)
+
+    def caches(self) -> list[tuple[CacheMetricsSpec, Any]]:
+        return [(EMBEDDING_CACHE_METRICS, self.stage.cache), (FEATURES_CACHE_METRICS, self.stage.features_cache)]
+
+    def rows(self, request: Any) -> tuple[list[Any], Any]:
+        from .. import retrieval_serving
+
+        requested = set(request.requested_output_names())
+        return retrieval_serving.image_requests(self._inputs(request), requested), requested
+
+    def outputs(self, results: list[Any], context: Any) -> dict[str, np.ndarray]:
+        from .. import retrieval_serving
+
+        return retrieval_serving.image_outputs(results, context)
+
+
+class _BatchModel(StageModel):
+    """A stage that answers each Triton batch within `execute`: every request's rows run in one `stage.run`, and
+    a request with a bad row (or that fails to parse) fails alone."""
+
+    def parse(self, request: Any) -> tuple[list[Any], Any]:
+        """The request's rows for `stage.run`, and what `outputs` needs to know of the request."""
+        raise NotImplementedError
+
+    def outputs(self, results: list[Any], context: Any) -> dict[str, np.ndarray]:
+        """The request's output tensors; an InvalidRequestError fails that request alone."""
+        raise NotImplementedError
+
+    def parameter_stats(self) -> tuple[int, int]:
+        return self.stage.loaded.parameter_count, self.stage.loaded.parameter_bytes
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        parsed: list[tuple[list[Any], Any] | Exception] = []
+        for request in requests:
+            try:
+                parsed.append(self.parse(request))
+            except InvalidRequestError as e:
+                parsed.append(e)
+        rows = [row for p in parsed if not isinstance(p, Exception) for row in p[0]]
+        try:
+            results: list[Any] = list(self.stage.run(rows)) if rows else []
+        except Exception as e:
+            log.exception("%s batch of %d rows failed", self.stage_name, len(rows))
+            results = [e] * len(rows)
+        return [self._response(mine) for mine in self._slices(parsed, results)]
+
+    @staticmethod
+    def _slices(parsed: list[tuple[list[Any], Any] | Exception], results: list[Any]) -> list[Any]:
+        # Each request's own results (or its parse error), in request order.
+        out: list[Any] = []
+        start = 0
+        for p in parsed:
+            if isinstance(p, Exception):
+                out.append(p)
+            else:
+                out.append((results[start:start + len(p[0])], p[1]))
+                start += len(p[0])
+        return out
+
+    def _response(self, mine: tuple[list[Any], Any] | Exception) -> Any:
+        try:
+            if isinstance(mine, Exception):
+                raise mine
+            results, context = mine
+            error = next((r for r in results if isinstance(r, Exception)), None)
+            if error is not None:
+                raise error
+            tensors = [self.pb.Tensor(name, array) for name, array in self.outputs(results, context).items()]
+        except Exception as e:
+            return self.pb.InferenceResponse(error=_triton_error(self.pb, e, self.stage_name))
+        return self.pb.InferenceResponse(output_tensors=tensors)
+
+
+class RetrievalTextModel(_BatchModel):
+    """text -> `_text_embeds` (normalised); with `_image_embeds` as well, the pair's `similarity`. Only the outputs
+    the caller requests are sent."""
+
+    stage_name = "itm_text"
+    input_names = ("text_input", "_image_embeds")
+
+    def load(self, options: ServerOptions) -> None:
+        from ..retrieval import RetrievalTextStage, SimilarityStage
+
+        self.stage = RetrievalTextStage(options)
+        self.similarity = SimilarityStage(self.stage.config)
+
+    def parse(self, request: Any) -> tuple[list[Any], Any]:
+        from .. import retrieval_serving
+
+        inputs = self._inputs(request)
+        requested = set(request.requested_output_names())
+        rows = retrieval_serving.text_requests(inputs)
+        return rows, (requested, retrieval_serving.text_image_embeds(inputs, len(rows), requested))
+
+    def outputs(self, results: list[Any], context: Any) -> dict[str, np.ndarray]:
+        from .. import retrieval_serving
+
+        requested, image_embeds = context
+        return retrieval_serving.text_outputs(results, requested, image_embeds, self.similarity)
+
+
+class RetrievalMatchModel(_BatchModel):
+    """(`_vision_features`, text) -> `match_probability`."""
+
+    stage_name = "itm_match"
+    input_names = ("_vision_features", "text_input")
+
+    def load(self, options: ServerOptions) -> None:
+        from ..retrieval import RetrievalMatchStage
+
+        self.stage = RetrievalMatchStage(options)
+
+    def parse(self, request: Any) -> tuple[list[Any], Any]:
+        from .. import retrieval_serving
+
+        return retrieval_serving.match_requests(self._inputs(request)), None
+
+    def outputs(self, results: list[Any], context: Any) -> dict[str, np.ndarray]:
+        from .. import retrieval_serving
+
+        return {"match_probability": retrieval_serving.score_output(results)}
 
 
 class _Responder:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..options import T5_ENV_PREFIX, env_var
+from ..options import DEFAULT_ENV_PREFIX, ITM_ENV_PREFIX, T5_ENV_PREFIX, env_var
 from .install import TritonInstall
 from .settings import LaunchSettings
 
@@ -58,17 +58,22 @@ def tritonserver_command(settings: LaunchSettings, install: TritonInstall) -> li
 def stage_environment(settings: LaunchSettings, install: TritonInstall, base: Mapping[str, str]) -> dict[str, str]:
     """tritonserver's environment, which its stage processes read their `ServerOptions` from."""
     env = {**base, **install.env}
+    prefixes = (DEFAULT_ENV_PREFIX, T5_ENV_PREFIX, ITM_ENV_PREFIX)
     for name, value in settings.options.items():
-        env[env_var(name)] = env[env_var(name, T5_ENV_PREFIX)] = value
-    if settings.model_id is not None:
-        env[env_var("model_id")] = settings.model_id
-    if settings.t5_model_id is not None:
-        env[env_var("model_id", T5_ENV_PREFIX)] = settings.t5_model_id
+        env.update({env_var(name, prefix): value for prefix in prefixes})
+    for prefix, model_id in zip(prefixes, (settings.model_id, settings.t5_model_id, settings.itm_model_id),
+                                strict=True):
+        if model_id is not None:
+            env[env_var("model_id", prefix)] = model_id
     env.update(settings.env)
-    if settings.serves_t5:
-        # Four computing stage processes (two per family) share the cores. An operator's value for either family
-        # serves both; an empty one counts as unset, as the options read it.
-        names = (env_var("cpu_stages"), env_var("cpu_stages", T5_ENV_PREFIX))
-        value = env.get(names[0]) or env.get(names[1]) or "4"
+    served = [DEFAULT_ENV_PREFIX, *([T5_ENV_PREFIX] if settings.serves_t5 else []),
+              *([ITM_ENV_PREFIX] if settings.serves_itm else [])]
+    if len(served) > 1:
+        # The computing stage processes of every family served share the cores: two per captioning family (vision,
+        # LLM), three for retrieval (image, text, match). An operator's value for any family serves all; an empty
+        # one counts as unset, as the options read it.
+        names = [env_var("cpu_stages", prefix) for prefix in served]
+        stages = 2 + 2 * settings.serves_t5 + 3 * settings.serves_itm
+        value = next((env[name] for name in names if env.get(name)), str(stages))
         env.update({name: env.get(name) or value for name in names})
     return env

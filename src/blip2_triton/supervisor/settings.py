@@ -59,6 +59,9 @@ class LaunchSettings:
     t5_model_repository: Path | None = setting(  # noqa: RUF009
         None, "BLIP2_T5_MODEL_REPOSITORY", "FlanT5 repository served beside it (`serve --t5`)",
         shown="likewise, `model_repository_t5`")
+    itm_model_repository: Path | None = setting(  # noqa: RUF009
+        None, "BLIP2_ITM_MODEL_REPOSITORY", "retrieval repository served beside it (`serve --itm`)",
+        shown="likewise, `model_repository_itm`")
     host: str = setting("127.0.0.1", "TRITON_HOST", "address the HTTP, gRPC and metrics ports clients reach bind to "
                         "(the image sets `0.0.0.0`)")
     http_port: int = setting(8000, "TRITON_HTTP_PORT", "HTTP port clients reach (the front's)")
@@ -82,10 +85,17 @@ class LaunchSettings:
     watchdog: bool = setting(True, "BLIP2_WATCHDOG", "end the server when a stage's stub process dies; `0`: off",
                              shown="`1`")
     # Stage settings passed to tritonserver's environment: the OPT and FlanT5 checkpoints (None: as the
-    # environment says) and other `ServerOptions` fields for both families (dtype, device, quantization, ...).
+    # environment says) and other `ServerOptions` fields for every family (dtype, device, quantization, ...).
     model_id: str | None = None
     t5_model_id: str | None = None
     with_t5: bool = False
+    # The retrieval models (model_repository_itm) are served when either is set: the stages read the same
+    # variable, so a container enables them by setting the checkpoint alone.
+    itm_model_id: str | None = setting(None, "BLIP2_ITM_MODEL_ID", "retrieval checkpoint (`serve --itm-model-id`): "
+                                       "serves `blip2_embed_image`, `blip2_embed_text`, `blip2_similarity`, "
+                                       "`blip2_match` beside the captioning models", shown="unset")
+    with_itm: bool = setting(False, "BLIP2_SERVE_ITM", "`1`: serve the retrieval models on the embedded tiny "
+                             "retrieval checkpoint unless `BLIP2_ITM_MODEL_ID` is set (`serve --itm`)", shown="`0`")
     options: Mapping[str, str] = field(default_factory=dict)
     env: Mapping[str, str] = field(default_factory=dict)
     startup_timeout_s: float = setting(1800.0, "BLIP2_STARTUP_TIMEOUT_S", "seconds tritonserver may take to become "
@@ -129,10 +139,16 @@ class LaunchSettings:
     def serves_t5(self) -> bool:
         return self.with_t5 or self.t5_model_id is not None
 
+    @property
+    def serves_itm(self) -> bool:
+        return self.with_itm or self.itm_model_id is not None
+
     def repositories(self) -> list[Path]:
         found = [self.model_repository or _find_repository("model_repository", "blip2")]
         if self.serves_t5:
             found.append(self.t5_model_repository or _find_repository("model_repository_t5", "blip2_t5"))
+        if self.serves_itm:
+            found.append(self.itm_model_repository or _find_repository("model_repository_itm", "blip2_embed_image"))
         return found
 
     @classmethod

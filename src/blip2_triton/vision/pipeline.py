@@ -1,9 +1,11 @@
-"""The served vision stage: images decode on a pool of threads while one compute thread embeds whatever is ready.
+"""The served image stages: images decode on a pool of threads while one compute thread embeds whatever is ready.
 
 A request never waits for another's decoding: a huge image occupies one decoder thread while the others, and the
 model, go on with the rest. Decoders take the smallest waiting image first (waiting ones age into FIFO order), and the
-pixels being decoded at once stay under a budget, which bounds the memory decoded images take. Identical bytes in
+pixels being decoded at once stay under a budget, which bounds the memory decoded images take. Identical rows in
 flight are decoded and embedded once.
+
+The pipeline serves any `PipelineStage`: the captioning `VisionStage` and the retrieval image stage.
 """
 
 from __future__ import annotations
@@ -14,22 +16,44 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-import numpy as np
-import torch
 from PIL import Image
 
 from ..errors import InvalidRequestError
-from ..requests import ImageRequest
-from .stage import VisionStage
+from ..options import ServerOptions
 
 log = logging.getLogger(__name__)
 
-RowResult = np.ndarray | Exception
+# A row's result (the stage's, e.g. an embedding array) or the error that belongs to that row alone.
+RowResult = Any
 # Receives one result per row of a submitted request, once all rows are done.
 OnDone = Callable[[list[RowResult]], None]
+
+
+class PipelineStage(Protocol):
+    """What the pipeline needs of a stage. A row is an image request with the encoded image in `data`."""
+
+    options: ServerOptions
+
+    def lookup(self, row: Any) -> tuple[Hashable | None, Any]:
+        """Validates the row (raising InvalidRequestError) and returns (key, cached result or None). Rows with
+        equal keys get one computation while in flight; None: never shared."""
+        ...
+
+    def joined(self, row: Any) -> None:
+        """The row joined an identical one in flight (a cache hit, for the counters)."""
+        ...
+
+    def prepare(self, row: Any) -> Any:
+        """The row's input to `embed_batch` (decoded pixels); runs on the decoder threads."""
+        ...
+
+    def embed_batch(self, items: Sequence[tuple[Hashable | None, Any, Any]]) -> Sequence[RowResult]:
+        """One result per (key, row, prepared) of a batch, cached as the stage caches; runs on the compute thread."""
+        ...
 
 
 def declared_pixels(data: bytes) -> int:
@@ -39,6 +63,13 @@ def declared_pixels(data: bytes) -> int:
         return int(width) * int(height)
     except Exception:
         return 0
+
+
+@dataclass(frozen=True)
+class _Unique:
+    """The in-flight token of a row that shares with no other."""
+
+    n: int
 
 
 @dataclass(eq=False)
@@ -51,7 +82,7 @@ class _Request:
 @dataclass(eq=False)
 class _Decode:
     key: object
-    request: ImageRequest
+    request: Any
     pixels: int
     queued_at: float = field(default_factory=time.monotonic)
 
@@ -104,14 +135,14 @@ class DecodeQueue:
 
 
 class VisionPipeline:
-    def __init__(self, stage: VisionStage, *, decode_threads: int = 2, max_batch: int = 16,
+    def __init__(self, stage: PipelineStage, *, decode_threads: int = 2, max_batch: int = 16,
                  budget_pixels: int | None = None, on_batch: Callable[[], None] | None = None) -> None:
         self.stage = stage
         self.max_batch = max_batch
-        # Called on the compute thread after every batch (metrics export).
+        # Called on the compute thread after every batch, before its rows are answered (metrics export).
         self.on_batch = on_batch
         self._decodes = DecodeQueue(budget_pixels or 2 * stage.options.max_image_pixels)
-        self._ready: queue.Queue[tuple[object, torch.Tensor] | None] = queue.Queue()
+        self._ready: queue.Queue[tuple[object, Any, Any] | None] = queue.Queue()
         # Cache key (or a unique token without a cache) -> the rows waiting for that image.
         self._waiters: dict[object, list[tuple[_Request, int]]] = {}
         self._lock = threading.Lock()
@@ -122,36 +153,37 @@ class VisionPipeline:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, requests: list[ImageRequest], on_done: OnDone) -> None:
+    def submit(self, requests: Sequence[Any], on_done: OnDone) -> None:
         """Starts every row of one request; `on_done` gets their results (on a pipeline thread, or this one)."""
         request = _Request([None] * len(requests), len(requests), on_done)
-        keys: list[bytes | InvalidRequestError | None] = []
+        looked: list[tuple[Hashable | None, Any] | InvalidRequestError] = []
         for image in requests:
             try:
-                keys.append(self.stage.cache_key(image))
+                looked.append(self.stage.lookup(image))
             except InvalidRequestError as e:
-                keys.append(e)
-        pixels = [declared_pixels(image.data) if not isinstance(key, Exception) else 0
-                  for image, key in zip(requests, keys, strict=True)]
+                looked.append(e)
+        # Only rows that will be decoded count (not cache hits nor refused rows).
+        pixels = [declared_pixels(image.data) if isinstance(entry, tuple) and entry[1] is None else 0
+                  for image, entry in zip(requests, looked, strict=True)]
         limit = self.stage.options.max_request_pixels
         if sum(pixels) > limit:
             # Bounded decoding work per request: past this a request would crowd out the decoders for seconds.
             error = InvalidRequestError(f"image: expected at most {limit} pixels in one request, got {sum(pixels)}")
-            keys = [error] * len(requests)
-        for row, (image, key) in enumerate(zip(requests, keys, strict=True)):
-            if isinstance(key, InvalidRequestError):
-                self._resolve_row(request, row, key)
+            looked = [error] * len(requests)
+        for row, (image, entry) in enumerate(zip(requests, looked, strict=True)):
+            if isinstance(entry, InvalidRequestError):
+                self._resolve_row(request, row, entry)
                 continue
-            cached = self.stage.cache.get(key) if key is not None else None
+            key, cached = entry
             if cached is not None:
                 self._resolve_row(request, row, cached)
                 continue
-            token: object = key if key is not None else next(self._unique)
+            token: object = key if key is not None else _Unique(next(self._unique))
             with self._lock:
                 joined = token in self._waiters
                 self._waiters.setdefault(token, []).append((request, row))
             if joined:
-                self.stage.cache.count_hit()
+                self.stage.joined(image)
             else:
                 self._decodes.put(_Decode(token, image, pixels[row]))
 
@@ -172,7 +204,7 @@ class VisionPipeline:
                 continue
             finally:
                 self._decodes.done(task)
-            self._ready.put((task.key, pixels))
+            self._ready.put((task.key, task.request, pixels))
 
     def _compute_loop(self) -> None:
         while (first := self._ready.get()) is not None:
@@ -186,21 +218,20 @@ class VisionPipeline:
                     self._ready.put(None)
                     break
                 batch.append(item)
-            keys = [key for key, _ in batch]
+            items = [(None if isinstance(key, _Unique) else key, row, pixels) for key, row, pixels in batch]
             try:
-                embeds: list[RowResult] = list(self.stage.embed_pixels(torch.stack([p for _, p in batch])))
+                results: list[RowResult] = list(self.stage.embed_batch(items))
             except Exception as e:
                 log.exception("vision batch of %d images failed", len(batch))
-                embeds = [e] * len(batch)
-            for key, result in zip(keys, embeds, strict=True):
-                if isinstance(result, np.ndarray) and isinstance(key, bytes):
-                    self.stage.cache.put(key, result)
-                self._resolve(key, result)
+                results = [e] * len(batch)
+            # Before answering: a client that reads the metrics after its response sees its batch counted.
             if self.on_batch is not None:
                 try:
                     self.on_batch()
                 except Exception:
                     log.exception("vision batch hook failed")
+            for (key, _, _), result in zip(batch, results, strict=True):
+                self._resolve(key, result)
 
     def _resolve(self, token: object, result: RowResult) -> None:
         with self._lock:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -52,6 +53,22 @@ class VisionStage:
         """Decodes and preprocesses one image into the model's pixel values [3, H, W]; safe on any thread."""
         image = decode_image(request, self.options)
         return self.image_processor([image], return_tensors="pt")["pixel_values"][0]
+
+    # The served form (`vision.pipeline.PipelineStage`): lookup on the request thread, prepare on the decoders, compute
+    # on the compute thread.
+    def lookup(self, request: ImageRequest) -> tuple[bytes | None, np.ndarray | None]:
+        key = self.cache_key(request)
+        return key, (self.cache.get(key) if key is not None else None)
+
+    def joined(self, request: ImageRequest) -> None:
+        self.cache.count_hit()
+
+    def embed_batch(self, items: Sequence[tuple[bytes | None, ImageRequest, torch.Tensor]]) -> list[np.ndarray]:
+        embeds = list(self.embed_pixels(torch.stack([pixels for _, _, pixels in items])))
+        for (key, _, _), emb in zip(items, embeds, strict=True):
+            if key is not None:
+                self.cache.put(key, emb)
+        return embeds
 
     @torch.inference_mode()
     def embed_pixels(self, pixel_values: torch.Tensor) -> np.ndarray:
