@@ -17,7 +17,7 @@ from ._errors import (
     StreamingUnsupportedError,
 )
 from ._images import ImageInput, encode_image
-from ._request import CONTROL_SPECS, Controls, ModelMetadata, TensorSpec, vqa_prompt
+from ._request import CONTROL_SPECS, Controls, Generation, ModelMetadata, TensorSpec, vqa_prompt
 from ._retrieval import RetrievalModels, similarity_scores
 from ._sync import Blip2Client
 
@@ -30,6 +30,7 @@ __all__ = [
     "Blip2Error",
     "Controls",
     "DeadlineExceededError",
+    "Generation",
     "ImageInput",
     "InvalidInputError",
     "ModelMetadata",

@@ -17,10 +17,12 @@ from ._base import Op, _ClientConfig
 from ._errors import Blip2Error, DeadlineExceededError, ServerUnavailableError
 from ._images import ImageInput, encode_image
 from ._request import (
+    Generation,
     ModelMetadata,
     batch_prompts,
     build_inputs,
     control_tensors,
+    decode_generation,
     decode_text,
     requested_outputs,
     vqa_prompt,
@@ -85,6 +87,7 @@ class Blip2Client(_ClientConfig):
         self.close()
 
     def close(self) -> None:
+        """Closes the connections and the batch thread pool; idempotent. The client cannot be used afterwards."""
         with self._lock:
             if self._closed:
                 return
@@ -190,6 +193,12 @@ class Blip2Client(_ClientConfig):
         text: str = self._call(lambda c, kw: decode_text(c.infer(self.model_name, inputs, outputs=outputs, **kw)))
         return text
 
+    def _infer_detailed(self, image: bytes, prompt: str | None, controls: dict[str, Any]) -> Generation:
+        inputs = build_inputs(_tc(self._protocol), image, prompt, controls)
+        # No outputs named: the server sends every output it has (older servers: the text alone).
+        result: Generation = self._call(lambda c, kw: decode_generation(c.infer(self.model_name, inputs, **kw)))
+        return result
+
     def _map(self, jobs: list[Callable[[], T]]) -> list[T]:
         if len(jobs) <= 1:
             return [job() for job in jobs]
@@ -211,14 +220,54 @@ class Blip2Client(_ClientConfig):
     # -- generation ----------------------------------------------------------------
 
     def generate(self, image: ImageInput, prompt: str | None = None, **controls: Unpack[Controls]) -> str:
-        """Generate text for one image; prompt None (or empty) asks for a caption."""
+        """Generate text for one image (`model_name`, `blip2` by default).
+
+        Args:
+            image: a path, bytes, binary file, PIL image or uint8 array (see *Images* in docs/CLIENT.md).
+            prompt: the text prompt as the model expects it (e.g. `Question: ... Answer:`); None or empty asks for
+                a caption.
+            **controls: `max_tokens`, `temperature`, `top_p`, `top_k`, `beam_width`, `repetition_penalty`, `seed`
+                (docs/CONTRACT.md); each left out keeps the server's default (greedy, 30 tokens).
+
+        Returns:
+            The generated continuation (the prompt not echoed), stripped.
+
+        Raises:
+            InvalidInputError: the server refused the request; the message names the input at fault.
+            ServerUnavailableError: the server or a stage cannot serve now (after `retries` retries).
+            DeadlineExceededError: no answer within `timeout_s`.
+            Blip2Error: any other failed call.
+            TypeError / ValueError: an image or control the client cannot send (before any I/O).
+        """
         control_tensors(controls)  # fail on a bad control before any I/O
         return self._infer(encode_image(image), prompt, dict(controls))
 
+    def generate_result(self, image: ImageInput, prompt: str | None = None,
+                        **controls: Unpack[Controls]) -> Generation:
+        """`generate`, with what the server reports about the generation.
+
+        Returns:
+            A `Generation`: `text`, `finish_reason` ("stop" when the model ended the text, "length" at
+            `max_tokens`), `output_tokens` and `input_tokens` (None from a server that does not report them).
+
+        Raises:
+            As `generate`.
+        """
+        control_tensors(controls)
+        return self._infer_detailed(encode_image(image), prompt, dict(controls))
+
     def caption(self, image: ImageInput, **controls: Unpack[Controls]) -> str:
+        """A caption of the image: `generate(image, None, **controls)`.
+
+        Returns / Raises: as `generate`.
+        """
         return self.generate(image, None, **controls)
 
     def ask(self, image: ImageInput, question: str, **controls: Unpack[Controls]) -> str:
+        """The answer to `question` about the image: `generate` with the VQA prompt `Question: {question} Answer:`.
+
+        Returns / Raises: as `generate`.
+        """
         return self.generate(image, vqa_prompt(question), **controls)
 
     def generate_batch(
@@ -227,11 +276,20 @@ class Blip2Client(_ClientConfig):
         prompts: str | Sequence[str | None] | None = None,
         **controls: Unpack[Controls],
     ) -> list[str]:
-        """One request per image, up to `max_concurrency` in flight; results in input order.
+        """`generate` for each image, one request each, up to `max_concurrency` in flight.
 
-        `prompts` is one prompt for all images or one per image. Every image is
-        encoded before anything is sent, so a bad image argument fails the whole
-        batch up front. The first failed request's error is raised.
+        Args:
+            images: the images (as for `generate`); every one is encoded before anything is sent, so a bad image
+                argument fails the whole batch up front.
+            prompts: one prompt for all images, one per image, or None for captions.
+            **controls: as for `generate`, for every request.
+
+        Returns:
+            The texts, in input order.
+
+        Raises:
+            The first failed request's error, as `generate` raises it; ValueError when `prompts` and `images`
+            differ in length.
         """
         control_tensors(controls)
         encoded = [encode_image(img) for img in images]
@@ -240,12 +298,16 @@ class Blip2Client(_ClientConfig):
         return self._map([partial(self._infer, b, p, ctl) for b, p in zip(encoded, per_image, strict=True)])
 
     def caption_batch(self, images: Iterable[ImageInput], **controls: Unpack[Controls]) -> list[str]:
+        """A caption of each image (`generate_batch` with no prompts); texts in input order."""
         return self.generate_batch(images, None, **controls)
 
     def ask_batch(
         self, images: Iterable[ImageInput], questions: str | Sequence[str], **controls: Unpack[Controls]
     ) -> list[str]:
-        """Ask one question of every image, or questions[i] of images[i]."""
+        """Ask one question of every image, or questions[i] of images[i] (`generate_batch` with VQA prompts).
+
+        Returns / Raises: as `generate_batch`.
+        """
         if isinstance(questions, str):
             return self.generate_batch(images, vqa_prompt(questions), **controls)
         return self.generate_batch(images, [vqa_prompt(q) for q in questions], **controls)
@@ -445,17 +507,33 @@ class Blip2Client(_ClientConfig):
         return lambda c, kw: c.get_model_metadata(model_name, **kw)
 
     def model_metadata(self) -> ModelMetadata:
+        """The served model's name, versions, inputs and outputs (`model_name`).
+
+        Raises:
+            ServerUnavailableError: the model is not served (or not ready); Blip2Error for other failures.
+        """
         return ModelMetadata.from_dict(self._call(self._metadata_op(self.model_name)))
 
     def is_live(self) -> bool:
-        """Whether the server process answers; False (not an error) when it cannot be reached."""
+        """Whether the server answers at all (`/v2/health/live`).
+
+        Returns:
+            True when live; False (not an error) when it cannot be reached or does not answer in `timeout_s`.
+        """
         try:
             return bool(self._call(lambda c, kw: c.is_server_live(**kw), retry=False))
         except (ServerUnavailableError, DeadlineExceededError):
             return False
 
     def is_ready(self, *, timeout_s: float | None = None) -> bool:
-        """Whether the model is loaded and ready; False when the server cannot be reached."""
+        """Whether `model_name` is loaded and every stage healthy (the front's readiness).
+
+        Args:
+            timeout_s: this check's deadline; default the client's `timeout_s`.
+
+        Returns:
+            True when ready; False when not, or when the server cannot be reached.
+        """
         try:
             return bool(
                 self._call(lambda c, kw: c.is_model_ready(self.model_name, **kw), timeout_s=timeout_s, retry=False)
@@ -464,7 +542,15 @@ class Blip2Client(_ClientConfig):
             return False
 
     def wait_until_ready(self, timeout_s: float = 60.0, *, poll_interval_s: float = 0.5) -> None:
-        """Poll readiness; raise ServerUnavailableError if not ready within timeout_s."""
+        """Polls `is_ready` until it says yes.
+
+        Args:
+            timeout_s: how long to wait in all.
+            poll_interval_s: pause between checks.
+
+        Raises:
+            ServerUnavailableError: not ready within `timeout_s`; ValueError for a negative or infinite wait.
+        """
         self._check_wait_args(timeout_s, poll_interval_s)
         deadline = time.monotonic() + timeout_s
         while True:
