@@ -104,6 +104,19 @@ def test_stub_processes_are_the_server_children_running_the_stub(stubs: Stubs) -
     assert stub_processes(other.pid) == {}, "a gone server has no stubs"
 
 
+def test_watchdog_keeps_a_live_stub_when_the_wall_clock_moves(stubs: Stubs, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The kernel recomputes the boot time when the clock is adjusted, which moves every wall-clock create time;
+    # a served bench once lost its server to that.
+    stub = stubs.spawn("blip2_stream_0_5")
+    dog = StubWatchdog(os.getpid(), lambda _: None)
+    dog.stubs = stubs.seen()
+    stub_started = psutil.Process(stub.pid).create_time()
+    boot = psutil.boot_time()
+    monkeypatch.setattr("psutil._pslinux.boot_time", lambda: boot + 1.0)
+    assert abs(psutil.Process(stub.pid).create_time() - stub_started) > 0.5
+    assert dog.check() is None
+
+
 def test_watchdog_reports_a_dead_zombie_or_replaced_stub(stubs: Stubs) -> None:
     vision, llm = stubs.spawn("blip2_vision_0_0"), stubs.spawn("blip2_llm_0_0")
     dog = StubWatchdog(os.getpid(), lambda _: None)

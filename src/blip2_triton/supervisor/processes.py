@@ -26,8 +26,9 @@ PR_SET_PDEATHSIG = 1
 @dataclass(frozen=True)
 class Stub:
     pid: int
-    # psutil's create time: a pid reused by another process after the stub died differs.
-    created: float
+    # Clock ticks from boot to the stub's start: a pid reused after the stub died differs. Not psutil's
+    # create_time, which adds a boot time the kernel recomputes when the clock is adjusted (a false "died").
+    created: int
     # Triton's model instance name, e.g. `blip2_vision_0_0`; the name its "not healthy" error uses.
     instance: str
     shm_region: str | None
@@ -42,9 +43,15 @@ class Stub:
     def _status(self) -> str | None:
         try:
             process = psutil.Process(self.pid)
-            return process.status() if process.create_time() == self.created else None
-        except psutil.NoSuchProcess:
+            return process.status() if start_ticks(self.pid) == self.created else None
+        except (psutil.NoSuchProcess, OSError):
             return None
+
+
+def start_ticks(pid: int) -> int:
+    """Field 22 of /proc/<pid>/stat; the command name before it may hold spaces and parentheses."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[19])
 
 
 def running(pid: int) -> bool:
@@ -57,13 +64,13 @@ def running(pid: int) -> bool:
 
 def _as_stub(child: psutil.Process) -> Stub | None:
     try:
-        created = child.create_time()
+        created = start_ticks(child.pid)
         if child.status() == psutil.STATUS_ZOMBIE:
             # A zombie has no command line left; its name (truncated to 15 characters) still tells.
             dead = child.name()[:15] == STUB_BINARY[:15]
             return Stub(child.pid, created, "unknown (already dead)", None) if dead else None
         args = child.cmdline()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
+    except (psutil.NoSuchProcess, psutil.AccessDenied, OSError):
         return None
     # argv: stub model.py shm_region shm_default shm_growth parent_pid backend_dir ipc_size instance kind,
     # possibly behind an interpreter when the stub is a script.
