@@ -6,7 +6,8 @@
 Runs the serving code's own stages in-process (`VisionStage` + `LanguageStage`, one shared model) and prints
 one JSON object:
   single_request   latency of one request generating 16 tokens (vision + LLM, and each part), plus HF
-                   `generate` on the same model for comparison (TensorRT-LLM publishes 41.9 ms for this case)
+                   `generate` on the same model for comparison (TensorRT-LLM's published 41.9 ms is a ~3-token
+                   answer: compare it with graphs.*.vqa_3_tokens)
   concurrency_32   requests/s and tokens/s with 32 requests batched through both stages
   llm_mixed_c32    the LLM stage alone on VQA requests of mixed length (alternately 4 and 48 tokens), 32 clients:
                    static batches (each waits for its longest row, as `BLIP2_SCHEDULER=static` does) against
