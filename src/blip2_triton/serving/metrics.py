@@ -4,126 +4,148 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 
-class CacheMetrics:
-    """An image stage's cache counters as Triton custom metrics (served on the metrics port). Each cache of a model
-    has its own family names (`prefix`): the captioning vision stage's and the retrieval image embeddings' are
-    `blip2_embedding_cache_*`, the retrieval ViT features' `blip2_vision_features_cache_*`."""
+class MetricSet:
+    """Custom metrics of one model instance, owned here alone so `close()` destroys them while the stub's shared
+    memory exists: a metric updated or destroyed after the stub released it (a thread still running at unload,
+    interpreter exit) segfaults the stub (`Metric::SaveToSharedMemory`). Updates after `close()` are dropped."""
 
-    def __init__(self, pb_utils: Any, model_name: str, *, prefix: str = "blip2_embedding_cache",
-                 what: str = "embedding cache") -> None:
-        labels = {"model": model_name}
-        counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
+    def __init__(self, pb_utils: Any, labels: dict[str, str]) -> None:
+        self.pb = pb_utils
+        self.labels = labels
         # Families must stay referenced for as long as their metrics are updated.
-        self._families = {
-            name: pb_utils.MetricFamily(name=f"{prefix}_{name}", description=text, kind=kind)
-            for name, text, kind in (
-                ("hits_total", f"Images answered from the {what}", counter),
-                ("misses_total", f"Images looked up and not found in the {what}", counter),
-                ("evictions_total", f"Entries of the {what} evicted to stay within its byte budget", counter),
-                ("bytes", f"Bytes held by the {what}", gauge),
-                ("entries", f"Entries held by the {what}", gauge),
-                ("capacity_bytes", f"Byte budget of the {what} (0 = disabled)", gauge),
-            )
-        }
-        self._metrics = {name: family.Metric(labels=labels) for name, family in self._families.items()}
+        self._families: list[Any] = []
+        self._metrics: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def add(self, name: str, description: str, kind: str, *, buckets: Sequence[float] | None = None) -> None:
+        family = self.pb.MetricFamily(name=name, description=description, kind=getattr(self.pb.MetricFamily, kind))
+        self._families.append(family)
+        extra = {} if buckets is None else {"buckets": list(buckets)}
+        self._metrics[name] = family.Metric(labels=self.labels, **extra)
+
+    def increment(self, name: str, value: float) -> None:
+        self._update(name, "increment", value)
+
+    def set(self, name: str, value: float) -> None:
+        self._update(name, "set", value)
+
+    def observe(self, name: str, value: float) -> None:
+        self._update(name, "observe", value)
+
+    def _update(self, name: str, method: str, value: float) -> None:
+        with self._lock:
+            metric = self._metrics.get(name)
+            if metric is not None:
+                getattr(metric, method)(value)
+
+    def close(self) -> None:
+        with self._lock:
+            self._metrics.clear()
+            self._families.clear()
+
+
+class CacheMetrics:
+    """An image stage's cache counters. Each cache of a model has its own family names (`prefix`): the captioning
+    vision stage's and the retrieval image embeddings' are `blip2_embedding_cache_*`, the retrieval ViT features'
+    `blip2_vision_features_cache_*`."""
+
+    def __init__(self, metrics: MetricSet, *, prefix: str = "blip2_embedding_cache",
+                 what: str = "embedding cache") -> None:
+        self.metrics = metrics
+        self.prefix = prefix
+        for name, text, kind in (
+            ("hits_total", f"Images answered from the {what}", "COUNTER"),
+            ("misses_total", f"Images looked up and not found in the {what}", "COUNTER"),
+            ("evictions_total", f"Entries of the {what} evicted to stay within its byte budget", "COUNTER"),
+            ("bytes", f"Bytes held by the {what}", "GAUGE"),
+            ("entries", f"Entries held by the {what}", "GAUGE"),
+            ("capacity_bytes", f"Byte budget of the {what} (0 = disabled)", "GAUGE"),
+        ):
+            metrics.add(f"{prefix}_{name}", text, kind)
         self._exported = {"hits_total": 0, "misses_total": 0, "evictions_total": 0}
         self._lock = threading.Lock()
 
     def export(self, stats: Any) -> None:
         # Counters only go up by increments, so send the change since the last export (from one thread at a time).
         with self._lock:
-            self._export(stats)
-
-    def _export(self, stats: Any) -> None:
-        for name, value in (("hits_total", stats.hits), ("misses_total", stats.misses),
-                            ("evictions_total", stats.evictions)):
-            delta = value - self._exported[name]
-            if delta > 0:
-                self._metrics[name].increment(delta)
-                self._exported[name] = value
-        self._metrics["bytes"].set(stats.bytes)
-        self._metrics["entries"].set(stats.entries)
-        self._metrics["capacity_bytes"].set(stats.capacity_bytes)
+            for name, value in (("hits_total", stats.hits), ("misses_total", stats.misses),
+                                ("evictions_total", stats.evictions)):
+                delta = value - self._exported[name]
+                if delta > 0:
+                    self.metrics.increment(f"{self.prefix}_{name}", delta)
+                    self._exported[name] = value
+            for name in ("bytes", "entries", "capacity_bytes"):
+                self.metrics.set(f"{self.prefix}_{name}", getattr(stats, name))
 
 
 TTFT_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 DURATION_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
-class EngineMetrics:
-    """The LLM engine's figures for capacity planning, as Triton custom metrics."""
-
-    def __init__(self, pb_utils: Any, model_name: str) -> None:
-        labels = {"model": model_name}
-        counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
-        specs = (
-            ("blip2_generated_tokens_total", "Tokens generated by the LLM stage", counter),
-            ("blip2_engine_steps_total",
-             "Decoding steps and prefill groups of the LLM stage (an in-flight iteration may run one of each; "
-             "both count)", counter),
-            ("blip2_engine_step_sequences_total",
-             "Sequences summed over steps and prefill groups; divided by steps it is the average batch size", counter),
-            ("blip2_active_sequences", "Sequences decoding in the LLM stage right now", gauge),
-            ("blip2_waiting_sequences", "Sequences waiting for a slot in the LLM stage's running batch", gauge),
-            ("blip2_kv_cache_bytes",
-             "Bytes of the in-flight engine's KV-cache buffers (spare rows and columns included)", gauge),
-            ("blip2_cuda_graph_bytes", "GPU memory held by the LLM stage's captured decoding-step graphs", gauge),
-            ("blip2_engine_queue_us_total",
-             "Time sequences waited for a slot in the running batch, summed (÷ admitted = mean)", counter),
-            ("blip2_engine_admitted_total", "Sequences admitted into the running batch", counter),
-            ("blip2_time_to_first_token_us_total", "Submission-to-first-token time summed over requests", counter),
-            ("blip2_first_tokens_total", "Requests that produced their first token", counter),
-            ("blip2_requests_cancelled_total", "Generations stopped because their request was cancelled", counter),
-        )
-        # Families must stay referenced for as long as their metrics are updated.
-        self._families = [pb_utils.MetricFamily(name=name, description=text, kind=kind) for name, text, kind in specs]
-        self.m = {name: family.Metric(labels=labels) for (name, _, _), family in zip(specs, self._families,
-                                                                                      strict=True)}
-        histograms = (
-            ("blip2_time_to_first_token_seconds", "Submission to first token in the LLM stage", TTFT_BUCKETS_S),
-            ("blip2_request_duration_seconds", "Submission to the last token in the LLM stage", DURATION_BUCKETS_S),
-        )
-        for name, text, buckets in histograms:
-            family = pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.HISTOGRAM)
-            self._families.append(family)
-            self.m[name] = family.Metric(labels=labels, buckets=list(buckets))
+def add_engine_metrics(metrics: MetricSet) -> None:
+    """The LLM engine's figures for capacity planning."""
+    for name, text, kind in (
+        ("blip2_generated_tokens_total", "Tokens generated by the LLM stage", "COUNTER"),
+        ("blip2_engine_steps_total",
+         "Decoding steps and prefill groups of the LLM stage (an in-flight iteration may run one of each; "
+         "both count)", "COUNTER"),
+        ("blip2_engine_step_sequences_total",
+         "Sequences summed over steps and prefill groups; divided by steps it is the average batch size", "COUNTER"),
+        ("blip2_active_sequences", "Sequences decoding in the LLM stage right now", "GAUGE"),
+        ("blip2_waiting_sequences", "Sequences waiting for a slot in the LLM stage's running batch", "GAUGE"),
+        ("blip2_kv_cache_bytes",
+         "Bytes of the in-flight engine's KV-cache buffers (spare rows and columns included)", "GAUGE"),
+        ("blip2_cuda_graph_bytes", "GPU memory held by the LLM stage's captured decoding-step graphs", "GAUGE"),
+        ("blip2_engine_queue_us_total",
+         "Time sequences waited for a slot in the running batch, summed (÷ admitted = mean)", "COUNTER"),
+        ("blip2_engine_admitted_total", "Sequences admitted into the running batch", "COUNTER"),
+        ("blip2_time_to_first_token_us_total", "Submission-to-first-token time summed over requests", "COUNTER"),
+        ("blip2_first_tokens_total", "Requests that produced their first token", "COUNTER"),
+        ("blip2_requests_cancelled_total", "Generations stopped because their request was cancelled", "COUNTER"),
+    ):
+        metrics.add(name, text, kind)
+    metrics.add("blip2_time_to_first_token_seconds", "Submission to first token in the LLM stage", "HISTOGRAM",
+                buckets=TTFT_BUCKETS_S)
+    metrics.add("blip2_request_duration_seconds", "Submission to the last token in the LLM stage", "HISTOGRAM",
+                buckets=DURATION_BUCKETS_S)
 
 
-def engine_observer(metrics: EngineMetrics) -> Any:
+def engine_observer(metrics: MetricSet) -> Any:
     from ..llm.engine import EngineObserver
 
     class Observer(EngineObserver):
         def on_step(self, active: int, new_tokens: int) -> None:
-            metrics.m["blip2_engine_steps_total"].increment(1)
-            metrics.m["blip2_engine_step_sequences_total"].increment(active)
-            metrics.m["blip2_generated_tokens_total"].increment(new_tokens)
+            metrics.increment("blip2_engine_steps_total", 1)
+            metrics.increment("blip2_engine_step_sequences_total", active)
+            metrics.increment("blip2_generated_tokens_total", new_tokens)
 
         def on_active(self, active: int, waiting: int) -> None:
-            metrics.m["blip2_active_sequences"].set(active)
-            metrics.m["blip2_waiting_sequences"].set(waiting)
+            metrics.set("blip2_active_sequences", active)
+            metrics.set("blip2_waiting_sequences", waiting)
 
         def on_kv_cache(self, nbytes: int) -> None:
-            metrics.m["blip2_kv_cache_bytes"].set(nbytes)
+            metrics.set("blip2_kv_cache_bytes", nbytes)
 
         def on_graphs(self, nbytes: int) -> None:
-            metrics.m["blip2_cuda_graph_bytes"].set(nbytes)
+            metrics.set("blip2_cuda_graph_bytes", nbytes)
 
         def on_admitted(self, waited_s: float) -> None:
-            metrics.m["blip2_engine_queue_us_total"].increment(int(waited_s * 1e6))
-            metrics.m["blip2_engine_admitted_total"].increment(1)
+            metrics.increment("blip2_engine_queue_us_total", int(waited_s * 1e6))
+            metrics.increment("blip2_engine_admitted_total", 1)
 
         def on_first_token(self, seconds: float) -> None:
-            metrics.m["blip2_time_to_first_token_us_total"].increment(int(seconds * 1e6))
-            metrics.m["blip2_first_tokens_total"].increment(1)
-            metrics.m["blip2_time_to_first_token_seconds"].observe(seconds)
+            metrics.increment("blip2_time_to_first_token_us_total", int(seconds * 1e6))
+            metrics.increment("blip2_first_tokens_total", 1)
+            metrics.observe("blip2_time_to_first_token_seconds", seconds)
 
         def on_finished(self, job: Any, outcome: str) -> None:
             if outcome == "CancelledError":
-                metrics.m["blip2_requests_cancelled_total"].increment(1)
+                metrics.increment("blip2_requests_cancelled_total", 1)
             elif outcome == "ok":
-                metrics.m["blip2_request_duration_seconds"].observe(time.monotonic() - job.submitted_at)
+                metrics.observe("blip2_request_duration_seconds", time.monotonic() - job.submitted_at)
 
     return Observer()

@@ -35,6 +35,8 @@ class StageModel:
         self.pb = pb_utils
 
     def initialize(self, args: dict[str, Any]) -> None:
+        from .metrics import MetricSet
+
         config = json.loads(args["model_config"])
         self.options = ServerOptions.resolve(parameters_from_model_config(config)).on_instance(
             str(args.get("model_instance_kind", "CPU")), args.get("model_instance_device_id", 0))
@@ -44,13 +46,12 @@ class StageModel:
         count, nbytes = self.parameter_stats()
         log.info("%s: model instance ready in pid %d, %d parameters, %d bytes", args.get("model_name"), os.getpid(),
                  count, nbytes)
-        family = self.pb.MetricFamily(
-            name="blip2_stage_parameters",
-            description="Parameters held by this stage process (logical element count)",
-            kind=self.pb.MetricFamily.GAUGE,
-        )
-        self._metric_family = family
-        family.Metric(labels={"stage": self.stage_name, "model": args.get("model_name", "")}).set(count)
+        self.metrics = MetricSet(self.pb, {"model": args.get("model_name", "")})
+        parameters = MetricSet(self.pb, {"stage": self.stage_name, "model": args.get("model_name", "")})
+        parameters.add("blip2_stage_parameters", "Parameters held by this stage process (logical element count)",
+                       "GAUGE")
+        parameters.set("blip2_stage_parameters", count)
+        self.metric_sets = [self.metrics, parameters]
 
     def _set_threads(self, model_name: str) -> None:
         # Before loading: packing weights and the warm-up already run on the pool they will serve with.
@@ -114,8 +115,7 @@ class _PipelineModel(StageModel):
         from .metrics import CacheMetrics
 
         super().initialize(args)
-        model_name = args.get("model_name", "")
-        self._cache_metrics = [(CacheMetrics(self.pb, model_name, prefix=prefix, what=what), cache)
+        self._cache_metrics = [(CacheMetrics(self.metrics, prefix=prefix, what=what), cache)
                                for (prefix, what), cache in self.caches()]
         self._export_cache_metrics()
         config = json.loads(args["model_config"])
@@ -365,15 +365,15 @@ class LanguageModel(StageModel):
 
     def initialize(self, args: dict[str, Any]) -> None:
         from ..llm import EngineLimits, InflightEngine
-        from .metrics import EngineMetrics, engine_observer
+        from .metrics import add_engine_metrics, engine_observer
         from .streams import StreamHub
 
         super().initialize(args)
         self.streams = StreamHub()
-        self._metrics = EngineMetrics(self.pb, args.get("model_name", ""))
+        add_engine_metrics(self.metrics)
         limits = EngineLimits(max_active=self.options.max_active_sequences, max_kv_tokens=self.options.max_kv_tokens,
                               policy=self.options.scheduler)
-        self.engine = InflightEngine(self.stage, limits=limits, observer=engine_observer(self._metrics),
+        self.engine = InflightEngine(self.stage, limits=limits, observer=engine_observer(self.metrics),
                                      on_iteration=self.streams.expire_polls)
         log.info("%s: scheduler=%s", args.get("model_name"), self.options.scheduler)
 
@@ -558,8 +558,10 @@ def python_model(cls: Callable[[Any], Any]) -> type:
             log.info("%s stage unloading", self.impl.stage_name)
             if hasattr(self.impl, "finalize"):
                 self.impl.finalize()  # no bound method kept in a local: it would keep the model alive below
-            # Custom metrics must die now: destroyed later, at interpreter exit, they write to the stub's shared
-            # memory after it is gone and the stub segfaults (Metric::SaveToSharedMemory).
+            # Custom metrics must die now, even where a thread still holds the model: destroyed later, at
+            # interpreter exit, they write to the stub's shared memory after it is gone and the stub segfaults.
+            for metrics in getattr(self.impl, "metric_sets", ()):
+                metrics.close()
             del self.impl
             gc.collect()
 
