@@ -46,7 +46,7 @@ echo "== hadolint docker/Dockerfile"
 "${hadolint}" --failure-threshold warning docker/Dockerfile
 
 echo "== shellcheck"
-"${shellcheck}" docker/entrypoint.sh scripts/lint_deploy.sh
+"${shellcheck}" docker/entrypoint.sh scripts/lint_deploy.sh scripts/install_browser.sh .ci/run
 
 validate_rendered() {
     local name="$1" rendered="$2" out rc=0

@@ -24,7 +24,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from blip2_client import Blip2Client
-from triton_helpers import build_inputs, infer
+from triton_helpers import build_inputs, cancelled_requests, front_settings, infer
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
@@ -39,13 +39,6 @@ ROOT = Path(__file__).resolve().parents[2]
 QUESTION = "what is in the picture?"
 VQA = f"Question: {QUESTION} Answer:"
 MIB = 1024 * 1024
-
-
-def front_settings(server: Any, **overrides: Any) -> FrontSettings:
-    values: dict[str, Any] = dict(triton_http=server.http_hostport, triton_grpc=server.grpc_url, host="127.0.0.1",
-                                  http_port=0, grpc_port=0, metrics_port=0)
-    values.update(overrides)
-    return FrontSettings.from_env({}, **values)
 
 
 @pytest.fixture(scope="module")
@@ -480,9 +473,7 @@ def test_raw_bad_bodies(front: Front) -> None:
 def test_cancelled_stream_stops_generation(front: Front, triton_server: Any, image: bytes) -> None:
     """A client that leaves a streamed completion cancels the gRPC stream, so the engine stops the sequence."""
     def cancelled() -> float:
-        text = httpx.get(triton_server.metrics_url).text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("blip2_requests_cancelled_total{") and 'model="blip2_llm"' in line)
+        return cancelled_requests(triton_server)
 
     before = cancelled()
     client = openai.OpenAI(base_url=f"{front.http_url}/v1", api_key="unused")

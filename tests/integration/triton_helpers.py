@@ -89,6 +89,16 @@ def model_stats(http_hostport: str, model: str) -> tuple[int, int]:
     return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
 
 
+def front_settings(server: Any, **overrides: Any) -> Any:  # -> FrontSettings
+    """Settings of an in-process front before `server`, on free loopback ports; `overrides` are FrontSettings fields."""
+    from blip2_triton.front import FrontSettings
+
+    values: dict[str, Any] = dict(triton_http=server.http_hostport, triton_grpc=server.grpc_url, host="127.0.0.1",
+                                  http_port=0, grpc_port=0, metrics_port=0)
+    values.update(overrides)
+    return FrontSettings.from_env({}, **values)
+
+
 def start_server(log_dir: Path, name: str, **settings: Any) -> TritonServer:
     """A started server on free ports with short timeouts; `settings` are LaunchSettings fields or stage options."""
     options = {key: str(settings.pop(key)) for key in list(settings) if key in STAGE_OPTIONS}
@@ -122,3 +132,13 @@ def tritonserver_children(pid: int) -> list[int]:
         except psutil.NoSuchProcess:
             continue
     return found
+
+
+def cancelled_requests(server: Any, llm_model: str = "blip2_llm") -> float:
+    """Requests an LLM stage's engine saw cancelled (`blip2_requests_cancelled_total`), from its metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
+        text = r.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("blip2_requests_cancelled_total{") and f'model="{llm_model}"' in line)

@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import playground
 from .common import (
     HEADER_LENGTH,
     REQUEST_ID_HEADER,
@@ -252,6 +253,7 @@ def build_app(front: FrontState, triton_http: httpx.AsyncClient, gateway: Gatewa
         Route("/v2/health/live", health_live, methods=["GET", "HEAD"]),
         Route("/v2/health/ready", health_ready, methods=["GET", "HEAD"]),
         *gateway.routes(),
+        *(playground.routes() if front.settings.playground else []),
         Route("/v2{rest:path}", kserve_proxy, methods=methods),
     ]
     app = Starlette(routes=routes)

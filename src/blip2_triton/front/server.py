@@ -23,6 +23,7 @@ from .grpc_proxy import GrpcProxy, server_options
 from .http_app import build_app
 from .limits import ByteBudget
 from .metrics import FrontMetrics
+from .playground import PATH as PLAYGROUND_PATH
 from .settings import FrontSettings
 
 log = logging.getLogger("blip2_triton.front")
@@ -68,6 +69,10 @@ class Front:
     @property
     def http_url(self) -> str:
         return f"http://{self._client_host}:{self.http_port}"
+
+    @property
+    def playground_url(self) -> str | None:
+        return f"{self.http_url}{PLAYGROUND_PATH}" if self.settings.playground else None
 
     @property
     def grpc_url(self) -> str:

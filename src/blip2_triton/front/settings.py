@@ -117,6 +117,9 @@ class FrontSettings:
         _parse_pairs)
     usage_fallback: bool = _opt(
         True, "estimate usage and finish_reason with the tokenizer when Triton does not report them", _parse_bool)
+    playground: bool = _opt(
+        True, "serve the browser playground page at /playground (and redirect / there); its API calls need the API "
+        "key when keys are set", _parse_bool)
     log_format: str = _opt("text", "log line format: text or json")
     log_level: str = _opt("INFO", "log level")
     access_log: bool = _opt(True, "one log line per request", _parse_bool)

@@ -45,7 +45,8 @@ def supervise(server: TritonServer, stop: threading.Event, front: Front | None =
         try:
             server.start(interrupt=stop)
             public = front or server
-            _say(f"ready  http={public.http_url}  grpc={public.grpc_url}  metrics={server.metrics_url}")
+            playground = f"  playground={front.playground_url}" if front is not None and front.playground_url else ""
+            _say(f"ready  http={public.http_url}  grpc={public.grpc_url}  metrics={server.metrics_url}{playground}")
         except StartupInterruptedError:
             _say("stopped during startup")
             return 0
