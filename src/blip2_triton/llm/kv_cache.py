@@ -19,6 +19,19 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 
+def fill_holes(keep: list[int]) -> tuple[list[tuple[int, int]], list[int]]:
+    """How to keep the rows `keep` (ascending) by moving rows past the new end into the freed slots, so only as many
+    rows are copied as there are holes: the (hole, row) moves, and the old index of each row in the new order."""
+    rows = len(keep)
+    kept = set(keep)
+    holes = [i for i in range(rows) if i not in kept]
+    moves = list(zip(holes, [i for i in keep if i >= rows], strict=True))
+    order = list(range(rows))
+    for hole, mover in moves:
+        order[hole] = mover
+    return moves, order
+
+
 class SlotLayer(DynamicLayer):
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, *, spare_rows: int, spare_cols: int,
                  max_rows: int) -> None:
@@ -148,20 +161,10 @@ class SlotKVCache:
 
     @torch.inference_mode()
     def keep(self, keep: list[int]) -> list[int]:
-        """Keeps the rows `keep` (ascending); returns the old index of each row in the new order.
-
-        Rows past the new end move into the freed slots, so only as many rows are copied as there are holes.
-        """
-        rows = len(keep)
-        kept = set(keep)
-        holes = [i for i in range(rows) if i not in kept]
-        movers = [i for i in keep if i >= rows]
-        moves = list(zip(holes, movers, strict=True))
-        order = list(range(rows))
-        for hole, mover in moves:
-            order[hole] = mover
+        """Keeps the rows `keep` (ascending, `fill_holes`); returns the old index of each row in the new order."""
+        moves, order = fill_holes(keep)
         for layer in self._layers:
-            layer.move_rows(moves, rows)
+            layer.move_rows(moves, len(keep))
         return order
 
     @torch.inference_mode()
