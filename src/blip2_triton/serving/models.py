@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidRequestError
+from ..logs import configure_logging
 from ..options import ServerOptions, parameters_from_model_config
 from .control import CONTROL_INPUTS, CancelStream, Generate, LlmMessage, PollStream, StartStream, parse_message
 from .tensors import LLM_INPUTS, completion_outputs, image_requests
@@ -19,14 +20,9 @@ from .tensors import LLM_INPUTS, completion_outputs, image_requests
 log = logging.getLogger("blip2_triton")
 
 
-def configure_logging(options: ServerOptions) -> None:
-    from ..logs import configure_logging as configure
-
-    configure(options.log_format)
-
-
 class StageModel:
-    """What the computing stages share: options from the model config, torch threads, loading, the size metric."""
+    """What the computing stages share: options from the model config, torch threads, loading, the size metric;
+    for the image and retrieval stages, a request's rows in (`parse`) and its response out (`outputs`)."""
 
     stage_name = ""
     input_names: tuple[str, ...] = ()
@@ -40,10 +36,10 @@ class StageModel:
         config = json.loads(args["model_config"])
         self.options = ServerOptions.resolve(parameters_from_model_config(config)).on_instance(
             str(args.get("model_instance_kind", "CPU")), args.get("model_instance_device_id", 0))
-        configure_logging(self.options)
+        configure_logging(self.options.log_format)
         self._set_threads(args.get("model_name", ""))
         self.load(self.options)
-        count, nbytes = self.parameter_stats()
+        count, nbytes = self.stage.loaded.parameter_count, self.stage.loaded.parameter_bytes
         log.info("%s: model instance ready in pid %d, %d parameters, %d bytes", args.get("model_name"), os.getpid(),
                  count, nbytes)
         self.metrics = MetricSet(self.pb, {"model": args.get("model_name", "")})
@@ -75,8 +71,23 @@ class StageModel:
     def load(self, options: ServerOptions) -> None:
         raise NotImplementedError
 
-    def parameter_stats(self) -> tuple[int, int]:
+    def parse(self, request: Any) -> tuple[list[Any], Any]:
+        """The request's rows for the stage, and what `outputs` needs to know of the request."""
         raise NotImplementedError
+
+    def outputs(self, results: list[Any], context: Any) -> dict[str, np.ndarray]:
+        """The request's output tensors; an InvalidRequestError fails that request alone."""
+        raise NotImplementedError
+
+    def _response(self, results: list[Any], context: Any, request_id: str = "") -> Any:
+        try:
+            error = next((r for r in results if isinstance(r, Exception)), None)
+            if error is not None:
+                raise error
+            tensors = [self.pb.Tensor(name, array) for name, array in self.outputs(results, context).items()]
+        except Exception as e:
+            return self.pb.InferenceResponse(error=_triton_error(self.pb, e, self.stage_name, request_id))
+        return self.pb.InferenceResponse(output_tensors=tensors)
 
     def _inputs(self, request: Any) -> dict[str, np.ndarray | None]:
         out: dict[str, np.ndarray | None] = {}
@@ -102,13 +113,6 @@ class _PipelineModel(StageModel):
         """(metric family prefix and description, cache) of each cache the stage keeps."""
         raise NotImplementedError
 
-    def rows(self, request: Any) -> tuple[list[Any], Any]:
-        """The request's rows for the pipeline, and what `outputs` needs to know of the request."""
-        raise NotImplementedError
-
-    def outputs(self, results: list[Any], context: Any) -> dict[str, np.ndarray]:
-        raise NotImplementedError
-
     def initialize(self, args: dict[str, Any]) -> None:
         from ..compute_lock import available_cores
         from ..vision.pipeline import VisionPipeline
@@ -128,15 +132,12 @@ class _PipelineModel(StageModel):
         for metrics, cache in self._cache_metrics:
             metrics.export(cache.stats())
 
-    def parameter_stats(self) -> tuple[int, int]:
-        return self.stage.loaded.parameter_count, self.stage.loaded.parameter_bytes
-
     def execute(self, requests: list[Any]) -> None:  # type: ignore[override]
         for request in requests:
             sender = request.get_response_sender()
             rid = request.request_id()
             try:
-                rows, context = self.rows(request)
+                rows, context = self.parse(request)
             except InvalidRequestError as e:
                 self._answer(sender, [e], None, rid)
                 continue
@@ -144,16 +145,9 @@ class _PipelineModel(StageModel):
                                  self._answer(sender, results, context, rid))
         # Cache hits are answered without a compute batch: their counters go out here.
         self._export_cache_metrics()
-        return None
 
     def _answer(self, sender: Any, results: list[Any], context: Any, request_id: str = "") -> None:
-        error = next((r for r in results if isinstance(r, Exception)), None)
-        if error is not None:
-            response = self.pb.InferenceResponse(error=_triton_error(self.pb, error, self.stage_name, request_id))
-        else:
-            response = self.pb.InferenceResponse(output_tensors=[
-                self.pb.Tensor(name, array) for name, array in self.outputs(results, context).items()])
-        sender.send(response, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        sender.send(self._response(results, context, request_id), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def finalize(self) -> None:
         self.pipeline.stop()
@@ -172,7 +166,7 @@ class VisionModel(_PipelineModel):
     def caches(self) -> list[tuple[CacheMetricsSpec, Any]]:
         return [(EMBEDDING_CACHE_METRICS, self.stage.cache)]
 
-    def rows(self, request: Any) -> tuple[list[Any], Any]:
+    def parse(self, request: Any) -> tuple[list[Any], Any]:
         return image_requests(self._inputs(request)), None
 
     def outputs(self, results: list[Any], context: Any) -> dict[str, np.ndarray]:
@@ -193,7 +187,7 @@ class RetrievalVisionModel(_PipelineModel):
     def caches(self) -> list[tuple[CacheMetricsSpec, Any]]:
         return [(EMBEDDING_CACHE_METRICS, self.stage.cache), (FEATURES_CACHE_METRICS, self.stage.features_cache)]
 
-    def rows(self, request: Any) -> tuple[list[Any], Any]:
+    def parse(self, request: Any) -> tuple[list[Any], Any]:
         from .. import retrieval_serving
 
         requested = set(request.requested_output_names())
@@ -209,17 +203,6 @@ class _BatchModel(StageModel):
     """A stage that answers each Triton batch within `execute`: every request's rows run in one `stage.run`, and
     a request with a bad row (or that fails to parse) fails alone."""
 
-    def parse(self, request: Any) -> tuple[list[Any], Any]:
-        """The request's rows for `stage.run`, and what `outputs` needs to know of the request."""
-        raise NotImplementedError
-
-    def outputs(self, results: list[Any], context: Any) -> dict[str, np.ndarray]:
-        """The request's output tensors; an InvalidRequestError fails that request alone."""
-        raise NotImplementedError
-
-    def parameter_stats(self) -> tuple[int, int]:
-        return self.stage.loaded.parameter_count, self.stage.loaded.parameter_bytes
-
     def execute(self, requests: list[Any]) -> list[Any]:
         parsed: list[tuple[list[Any], Any] | Exception] = []
         for request in requests:
@@ -233,33 +216,20 @@ class _BatchModel(StageModel):
         except Exception as e:
             log.exception("%s batch of %d rows failed", self.stage_name, len(rows))
             results = [e] * len(rows)
-        return [self._response(mine) for mine in self._slices(parsed, results)]
+        return [self._response(mine, context) for mine, context in self._slices(parsed, results)]
 
     @staticmethod
-    def _slices(parsed: list[tuple[list[Any], Any] | Exception], results: list[Any]) -> list[Any]:
+    def _slices(parsed: list[tuple[list[Any], Any] | Exception], results: list[Any]) -> list[tuple[list[Any], Any]]:
         # Each request's own results (or its parse error), in request order.
-        out: list[Any] = []
+        out: list[tuple[list[Any], Any]] = []
         start = 0
         for p in parsed:
             if isinstance(p, Exception):
-                out.append(p)
+                out.append(([p], None))
             else:
                 out.append((results[start:start + len(p[0])], p[1]))
                 start += len(p[0])
         return out
-
-    def _response(self, mine: tuple[list[Any], Any] | Exception) -> Any:
-        try:
-            if isinstance(mine, Exception):
-                raise mine
-            results, context = mine
-            error = next((r for r in results if isinstance(r, Exception)), None)
-            if error is not None:
-                raise error
-            tensors = [self.pb.Tensor(name, array) for name, array in self.outputs(results, context).items()]
-        except Exception as e:
-            return self.pb.InferenceResponse(error=_triton_error(self.pb, e, self.stage_name))
-        return self.pb.InferenceResponse(output_tensors=tensors)
 
 
 class RetrievalTextModel(_BatchModel):
@@ -386,9 +356,6 @@ class LanguageModel(StageModel):
         self.stage.run([GenerationRequest(query_embeds=np.zeros(self.stage.embeds_shape, dtype=np.float32),
                                           max_tokens=2)])
 
-    def parameter_stats(self) -> tuple[int, int]:
-        return self.stage.loaded.parameter_count, self.stage.loaded.parameter_bytes
-
     def _send(self, sender: Any, text: str = "", end: object | None = None, *, request_id: str = "") -> None:
         """A stream control reply: text since the last one, and once the stream has ended its completion or error."""
         from ..llm import Completion
@@ -415,7 +382,6 @@ class LanguageModel(StageModel):
                     log.exception("request %s: llm stage failed", request_id or "-",
                                   extra={"request_id": request_id or None})
                 self._send(sender, end=e, request_id=request_id)
-        return None
 
     def _dispatch(self, message: LlmMessage, request: Any, sender: Any, request_id: str) -> None:
         from ..llm import CancelledError, Completion, Job
@@ -469,7 +435,7 @@ class StreamModel:
         import uuid
 
         params = parameters_from_model_config(json.loads(args["model_config"]))
-        configure_logging(ServerOptions.resolve(params))
+        configure_logging(ServerOptions.resolve(params).log_format)
         self.vision = params.get("vision_model") or "blip2_vision"
         self.target = params.get("llm_model") or "blip2_llm"
         self.input_names = LLM_INPUTS
@@ -493,7 +459,6 @@ class StreamModel:
                 sender.send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             else:
                 sender.send(final, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        return None
 
     def _llm(self, request_id: str, *tensors: Any) -> Any:
         # The client's id goes along, so the LLM stage's log lines about this stream carry it.
