@@ -65,18 +65,17 @@ class FakeFamily:
     def __init__(self, name: str, description: str, kind: str) -> None:
         self.name = name
 
-    def Metric(self, labels: dict[str, str], buckets: list[float] | None = None) -> FakeMetric:  # noqa: N802
+    def Metric(self, labels: dict[str, str], buckets: list[float] | None = None) -> FakeMetric:
         return FakeMetric(labels, buckets)
 
 
 class MeteredModel(Model):
     def initialize(self, args: dict[str, Any]) -> None:
-        from blip2_triton.serving.metrics import MetricSet, add_engine_metrics, engine_observer
+        from blip2_triton.serving.metrics import EngineMetrics, MetricSet
 
         self.metrics = MetricSet(self.pb, {"model": "probe"})
-        add_engine_metrics(self.metrics)
         self.metric_sets = [self.metrics]
-        self.observer = engine_observer(self.metrics)
+        self.observer = EngineMetrics(self.metrics)
 
 
 def test_unloading_destroys_the_metrics_even_while_a_thread_holds_the_model(monkeypatch) -> None:

@@ -16,7 +16,7 @@ from ..requests import GenerationRequest
 from . import static
 from .runner import ModelRunner, configure_attention
 from .sampler import Sampler
-from .sequence import Sequence
+from .sequence import Completion, Sequence
 from .static import StaticRunner
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,6 @@ class LanguageStage:
 
     def run(self, requests: list[GenerationRequest]) -> list[str | InvalidRequestError]:
         """Generates `requests` as one static batch on the calling thread (warm-up, benchmarks, tests)."""
-        from .engine import generate_batch
+        from .engine import run_static
 
-        return generate_batch(self, requests)
+        return [r.text if isinstance(r, Completion) else r for _, r in run_static(self, requests)]  # type: ignore[misc]

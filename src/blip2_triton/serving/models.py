@@ -335,15 +335,14 @@ class LanguageModel(StageModel):
 
     def initialize(self, args: dict[str, Any]) -> None:
         from ..llm import EngineLimits, InflightEngine
-        from .metrics import add_engine_metrics, engine_observer
+        from .metrics import EngineMetrics
         from .streams import StreamHub
 
         super().initialize(args)
         self.streams = StreamHub()
-        add_engine_metrics(self.metrics)
         limits = EngineLimits(max_active=self.options.max_active_sequences, max_kv_tokens=self.options.max_kv_tokens,
                               policy=self.options.scheduler)
-        self.engine = InflightEngine(self.stage, limits=limits, observer=engine_observer(self.metrics),
+        self.engine = InflightEngine(self.stage, limits=limits, observer=EngineMetrics(self.metrics),
                                      on_iteration=self.streams.expire_polls)
         log.info("%s: scheduler=%s", args.get("model_name"), self.options.scheduler)
 
