@@ -10,9 +10,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from ..options import SCHEDULERS
 from .sequence import Sequence
-
-POLICIES = ("inflight", "static")
 
 
 @dataclass(frozen=True)
@@ -28,8 +27,8 @@ class SchedulerConfig:
     max_overtakes: int = 16
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.policy not in SCHEDULERS:
+            raise ValueError(f"policy must be one of {', '.join(SCHEDULERS)}, got {self.policy!r}")
 
 
 @dataclass
