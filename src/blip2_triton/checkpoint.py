@@ -28,6 +28,7 @@ from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2V
 from .errors import ConfigurationError
 from .options import ServerOptions
 from .packed_linear import PACKABLE_DTYPES, pack_linears
+from .tiny import TINY_SEED
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +51,14 @@ def tiny_dirname(family: str) -> str:
     return f"tiny-blip2-{family}-v{version}"
 
 
-def _write_tiny(out_dir: Path, family: str) -> None:
+def write_tiny(out_dir: str | os.PathLike[str], family: str, *, seed: int = TINY_SEED) -> Path:
     if family == TINY_ITM_FAMILY:
         from .tiny_itm import write_tiny_itm_model
 
-        write_tiny_itm_model(out_dir)
-    else:
-        from .tiny import write_tiny_model
+        return write_tiny_itm_model(out_dir, seed=seed)
+    from .tiny import write_tiny_model
 
-        write_tiny_model(out_dir, family=family)
+    return write_tiny_model(out_dir, family=family, seed=seed)
 
 
 # Generating the tiny model takes seconds; a staging directory this old belongs to a generator that was killed.
@@ -86,7 +86,7 @@ def ensure_tiny_model(cache_dir: Path, family: str = "opt") -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=cache_dir))
     try:
-        _write_tiny(staging, family)
+        write_tiny(staging, family)
         try:
             # rename() is atomic: a concurrent generator either wins or finds the finished directory.
             os.rename(staging, target)
@@ -130,20 +130,19 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def quantization_config(options: ServerOptions, dtype: torch.dtype) -> BitsAndBytesConfig | None:
-    if options.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+    if options.quantization == "none":
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
         # transformers would say "pip install bitsandbytes", which cannot be followed inside the CPU image.
         raise ConfigurationError(
             f"quantization={options.quantization} needs bitsandbytes, which this installation lacks (the CPU "
             "image has none); use the GPU image, pip install bitsandbytes, or set quantization=none"
         )
-    if options.quantization != "none":
-        # bitsandbytes logs a warning on *every* fp32 int8 matmul on CPU, which would flood the server log.
-        logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    # bitsandbytes logs a warning on *every* fp32 int8 matmul on CPU, which would flood the server log.
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     if options.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    if options.quantization == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype)
-    return None
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype)
 
 
 class Blip2VisionStageModel(Blip2ForConditionalGeneration):
