@@ -130,9 +130,8 @@ class ServerOptions:
             )
 
     @classmethod
-    def resolve(
-        cls, parameters: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None
-    ) -> ServerOptions:
+    def resolve(cls, parameters: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None
+                ) -> ServerOptions:
         parameters = parameters or {}
         env = os.environ if env is None else env
         prefix = parameters.get("env_prefix") or DEFAULT_ENV_PREFIX

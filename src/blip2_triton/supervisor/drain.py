@@ -60,16 +60,9 @@ class DrainMonitor:
     """Decides when a draining server is idle: nothing queued, no request completed, and the stubs burned no CPU
     for `quiet_s`. Triton exposes no in-flight count; an executing stage always uses CPU."""
 
-    def __init__(
-        self,
-        cpu_seconds: Callable[[], float],
-        pending: Callable[[], int | None],
-        completed: Callable[[], int | None],
-        *,
-        quiet_s: float = 1.0,
-        idle_cpu_per_s: float = 0.04,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, cpu_seconds: Callable[[], float], pending: Callable[[], int | None],
+                 completed: Callable[[], int | None], *, quiet_s: float = 1.0, idle_cpu_per_s: float = 0.04,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.cpu_seconds, self.pending, self.completed = cpu_seconds, pending, completed
         self.quiet_s = quiet_s
         self.idle_cpu_per_s = idle_cpu_per_s
@@ -93,17 +86,9 @@ class DrainMonitor:
         return now - self._quiet_since >= self.quiet_s
 
 
-def drain_and_stop(
-    proc: subprocess.Popen[bytes],
-    http: tuple[str, int] | None,
-    metrics_url: str | None,
-    *,
-    exit_timeout_s: float,
-    quiet_s: float = 1.0,
-    poll_s: float = 0.1,
-    settle_s: float = 3.0,
-    kill_after_s: float = 15.0,
-) -> int:
+def drain_and_stop(proc: subprocess.Popen[bytes], http: tuple[str, int] | None, metrics_url: str | None, *,
+                   exit_timeout_s: float, quiet_s: float = 1.0, poll_s: float = 0.1, settle_s: float = 3.0,
+                   kill_after_s: float = 15.0) -> int:
     """SIGTERM with a drain in front, watching the server's HTTP port and metrics URL (None: not that signal).
     Returns the server's exit status (negative: killed by that signal), or 0 when the server was drained and then
     had to be ended because it kept waiting for idle client connections."""
