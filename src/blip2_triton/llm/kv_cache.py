@@ -6,9 +6,8 @@ in one buffer with spare rows and columns: a decoding step writes one column in 
 copied into free rows, a finished row is overwritten by a row from the end (one row copied), and all-padding columns
 on the left are dropped by moving an offset. HF attention reads views of the live region `[:rows, :, start:end]`.
 
-Layout is the engine's left-padded one: every row's newest token sits in the last live column, and the attention
-mask (kept by `batch.BatchState`, one column per live column) marks each row's own positions. Buffers start zeroed and
-padding only ever holds zeros or another row's finite values, which masked attention weighs by exactly zero.
+Layout and mask: `batch.py`'s, one mask column per live column. Buffers start zeroed and padding only ever holds
+zeros or another row's finite values, which masked attention weighs by exactly zero.
 """
 
 from __future__ import annotations

@@ -1,9 +1,5 @@
-"""Decides, per engine iteration, which sequences run, join and leave. Pure bookkeeping: no model, no thread.
-
-The engine calls `schedule()` once per iteration: the running sequences step, admitted ones are prefilled and join
-them, and sequences for HF's whole-request generation (beam search, encoder-decoder LMs) are handed out at once.
-The engine reports every sequence that leaves (finished, failed, cancelled) through `finish()`.
-"""
+"""Decides, per engine iteration (`schedule`), which sequences run, join and leave. Pure bookkeeping: no model, no
+thread."""
 
 from __future__ import annotations
 

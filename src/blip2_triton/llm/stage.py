@@ -93,9 +93,8 @@ class LanguageStage:
             # HF's no-text path: image tokens + BOS, built by `generate` itself.
             return [self.image_token_id] * self.num_query_tokens + [self.bos_token_id]
         text_ids = self.tokenizer(prompt or "")["input_ids"]
-        image_ids = self.tokenizer(self.image_token_text * self.processor_query_tokens, add_special_tokens=False)[
-            "input_ids"
-        ]
+        image_ids = self.tokenizer(self.image_token_text * self.processor_query_tokens,
+                                   add_special_tokens=False)["input_ids"]
         return list(image_ids) + list(text_ids)
 
     def prepare(self, request: GenerationRequest) -> Sequence:
