@@ -233,8 +233,7 @@ def load_stage_model(cls: type[PreTrainedModel], stage: str, source: str, option
         log.warning("allow_pickle: pickle (.bin) weights may be loaded; only do this for checkpoints you trust")
     if quant is not None:
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {"": device.index if device.type == "cuda" and device.index is not None
-                                else (0 if device.type == "cuda" else "cpu")}
+        kwargs["device_map"] = {"": (device.index or 0) if device.type == "cuda" else "cpu"}
     try:
         model = cls.from_pretrained(source, **kwargs)
         processor = Blip2Processor.from_pretrained(source, trust_remote_code=False)

@@ -108,9 +108,7 @@ class GenerationRequest:
         if self.max_tokens is None:
             self.max_tokens = options.default_max_tokens
         if not 1 <= self.max_tokens <= options.max_max_tokens:
-            raise InvalidRequestError(
-                f"max_tokens: expected 1..{options.max_max_tokens}, got {self.max_tokens}"
-            )
+            raise InvalidRequestError(f"max_tokens: expected 1..{options.max_max_tokens}, got {self.max_tokens}")
         if self.temperature is not None and (not math.isfinite(self.temperature) or self.temperature < 0):
             raise InvalidRequestError(f"temperature: expected a finite value >= 0, got {self.temperature}")
         if self.top_p is not None and (not math.isfinite(self.top_p) or not 0 < self.top_p <= 1):

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -363,9 +364,8 @@ class LanguageModel(StageModel):
             response = self.pb.InferenceResponse(error=_triton_error(self.pb, end, self.stage_name, request_id))
         else:
             # Every reply carries every output (the counts are final once `_done`), as a BLS caller asks for all.
-            summary = end if isinstance(end, Completion) else Completion(text, 0, "")
-            outputs = completion_outputs([Completion(text, summary.tokens, summary.finish_reason,
-                                                     summary.prompt_tokens)])
+            completion = replace(end, text=text) if isinstance(end, Completion) else Completion(text, 0, "")
+            outputs = completion_outputs([completion])
             outputs["_done"] = np.array([[end is not None]], dtype=np.bool_)
             response = self.pb.InferenceResponse(output_tensors=[self.pb.Tensor(k, v) for k, v in outputs.items()])
         sender.send(response, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
@@ -418,12 +418,10 @@ STREAM_OUTPUTS = ("text_output", "num_output_tokens", "finish_reason", "num_inpu
 
 class StreamModel:
     """`blip2_stream`: decoupled entry point for token streaming. Runs the vision stage, starts the job in the
-    LLM stage and long-polls it for text (plain BLS calls only: decoupled BLS iterators crashed the stub under
-    load on 2.51), forwarding each piece as it arrives. Being a top-level request (not an ensemble step) it sees
-    the client's cancellation, and passes it on to the LLM stage, which stops that sequence.
-
-    Single-threaded on purpose (the stub is not safe for BLS calls driven from worker threads); concurrent
-    streams come from several instances."""
+    LLM stage and long-polls it for text (why: `streams.py`), forwarding each piece as it arrives. Being a top-level
+    request (not an ensemble step) it sees the client's cancellation, and passes it on to the LLM stage, which stops
+    that sequence. Single-threaded on purpose (the stub is not safe for BLS calls driven from worker threads);
+    concurrent streams come from several instances."""
 
     stage_name = "stream"
 
