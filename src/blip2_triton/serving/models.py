@@ -22,8 +22,8 @@ log = logging.getLogger("blip2_triton")
 
 
 class StageModel:
-    """What the computing stages share: options from the model config, torch threads, loading, the size metric;
-    for the image and retrieval stages, a request's rows in (`parse`) and its response out (`outputs`)."""
+    """What the computing stages share: options from the model config, torch threads, loading, the size metric, and
+    a request's response from its rows' results (`outputs`; the image and retrieval stages also `parse` it)."""
 
     stage_name = ""
     input_names: tuple[str, ...] = ()
@@ -286,10 +286,10 @@ class RetrievalMatchModel(_BatchModel):
 class _Responder:
     """Collects the rows of one Triton request and answers it once, when all rows are done (or one failed)."""
 
-    def __init__(self, pb: Any, sender: Any, rows: int, request_id: str) -> None:
+    def __init__(self, model: StageModel, sender: Any, rows: int, request_id: str) -> None:
         import threading
 
-        self.pb, self.sender, self.request_id = pb, sender, request_id
+        self.model, self.sender, self.request_id = model, sender, request_id
         self.results: list[Any] = [None] * rows
         self.remaining = rows
         self.answered = False
@@ -299,18 +299,14 @@ class _Responder:
         with self.lock:
             if self.answered:
                 return
-            if isinstance(result, Exception):
-                response = self.pb.InferenceResponse(error=_triton_error(self.pb, result, "llm", self.request_id))
-            else:
-                self.results[index] = result
-                self.remaining -= 1
-                if self.remaining:
-                    return
-                outputs = completion_outputs(self.results)
-                response = self.pb.InferenceResponse(
-                    output_tensors=[self.pb.Tensor(name, array) for name, array in outputs.items()])
+            self.results[index] = result
+            self.remaining -= 1
+            if self.remaining and not isinstance(result, Exception):
+                return
             self.answered = True
-        self.sender.send(response, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        # The first failed row (this one, if any) fails the request.
+        self.sender.send(self.model._response(self.results, None, self.request_id),
+                         flags=self.model.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
 
 def _triton_error(pb: Any, error: Exception, stage: str, request_id: str = "") -> Any:
@@ -400,7 +396,7 @@ class LanguageModel(StageModel):
                                         on_done=lambda result: self.streams.finish(stream_id, result),
                                         job_id=stream_id, request_id=request_id)])
             case Generate(rows):
-                responder = _Responder(self.pb, sender, len(rows), request_id)
+                responder = _Responder(self, sender, len(rows), request_id)
                 # Once a sibling row has failed the request is answered: the other rows stop at the next iteration.
                 self.engine.submit([
                     Job(request=row, on_piece=None, on_done=lambda result, i=i: responder.done(i, result),
@@ -408,6 +404,9 @@ class LanguageModel(StageModel):
                         request_id=request_id)
                     for i, row in enumerate(rows)
                 ])
+
+    def outputs(self, results: list[Any], context: Any) -> dict[str, np.ndarray]:
+        return completion_outputs(results)
 
     def finalize(self) -> None:
         self.engine.stop()
