@@ -28,7 +28,8 @@ from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2V
 from .errors import ConfigurationError
 from .options import ServerOptions
 from .packed_linear import PACKABLE_DTYPES, pack_linears
-from .tiny import TINY_SEED
+from .tiny import TINY_SEED, TINY_VERSION, write_tiny_model
+from .tiny_itm import TINY_ITM_VERSION, write_tiny_itm_model
 
 log = logging.getLogger(__name__)
 
@@ -43,21 +44,12 @@ TINY_ITM_FAMILY = "itm"
 
 
 def tiny_dirname(family: str) -> str:
-    if family == TINY_ITM_FAMILY:
-        from .tiny_itm import TINY_ITM_VERSION as version
-    else:
-        from .tiny import TINY_VERSION as version
-
-    return f"tiny-blip2-{family}-v{version}"
+    return f"tiny-blip2-{family}-v{TINY_ITM_VERSION if family == TINY_ITM_FAMILY else TINY_VERSION}"
 
 
 def write_tiny(out_dir: str | os.PathLike[str], family: str, *, seed: int = TINY_SEED) -> Path:
     if family == TINY_ITM_FAMILY:
-        from .tiny_itm import write_tiny_itm_model
-
         return write_tiny_itm_model(out_dir, seed=seed)
-    from .tiny import write_tiny_model
-
     return write_tiny_model(out_dir, family=family, seed=seed)
 
 
