@@ -45,8 +45,7 @@ class Job:
     is_cancelled: Callable[[], bool] = lambda: False
     # A local check, made every iteration: whether the result can no longer reach anyone.
     is_abandoned: Callable[[], bool] = lambda: False
-    # Set by callers that may cancel the job later through `InflightEngine.cancel` (the stream front end, whose
-    # cancellation Triton does not pass on to the requests it makes).
+    # For `InflightEngine.cancel` (the stream front end: Triton does not pass its cancellation on to BLS requests).
     job_id: str | None = None
     # The client's request id, for log lines about this job.
     request_id: str = ""
@@ -93,8 +92,7 @@ class InflightEngine:
         self.stage = stage
         self.limits = limits or EngineLimits()
         self.observer = observer
-        # Called on the engine thread after every iteration and every `idle_tick_s` while idle (stream polls that
-        # waited long enough are answered from here).
+        # Called on the engine thread after every iteration and every `idle_tick_s` while idle (expires stream polls).
         self.on_iteration = on_iteration
         self.idle_tick_s = idle_tick_s
         self.scheduler = Scheduler(self.limits)
@@ -186,8 +184,6 @@ class InflightEngine:
         try:
             work()
         except Exception as e:  # a bug or OOM fails the affected requests, never the thread
-            if not self._threads:
-                raise
             log.exception("LLM engine iteration failed; failing its %d requests", len(self.scheduler.running))
             self._fail_all(e)
 
