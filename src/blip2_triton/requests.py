@@ -98,9 +98,8 @@ class GenerationRequest:
         if self.prompt is not None and "\x00" in self.prompt:
             raise InvalidRequestError("text_input: NUL characters are not allowed")
         if self.prompt is not None:
-            # Checked before tokenizing: a multi-megabyte prompt would cost the whole batch seconds of CPU only to
-            # be refused by the token limit. No BPE token is longer than this, so every refused prompt is one the
-            # token limit would refuse too.
+            # Checked before tokenizing (a huge prompt would cost the whole batch seconds of CPU); no BPE token is
+            # longer than MAX_BYTES_PER_TOKEN, so every prompt refused here is one the token limit would refuse too.
             limit = options.max_prompt_tokens * MAX_BYTES_PER_TOKEN
             size = len(self.prompt.encode("utf-8", errors="surrogatepass"))
             if size > limit:

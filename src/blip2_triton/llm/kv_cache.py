@@ -56,9 +56,8 @@ class SlotLayer(DynamicLayer):
         if rows <= cap_rows and front <= self.start and self.end + back <= cap_cols:
             return
         width = self.end - self.start
-        # Every reallocation (growth, or compaction once dropped left columns have used up the room) sizes the
-        # buffers to the need plus some slack: reallocations stay rare, and memory stays close to what the
-        # batch uses (the `blip2_kv_cache_bytes` metric reports it).
+        # Every reallocation (growth, or compaction once dropped left columns used up the room) sizes the buffers to
+        # the need plus some slack: reallocations stay rare, and memory stays close to what the batch uses.
         new_rows = cap_rows if rows <= cap_rows else min(max(rows, self.max_rows), rows + max(8, rows // 4))
         need = front + width + back
         new_cols = need + max(self.spare_cols, need // 8)
