@@ -125,9 +125,8 @@ class ServerOptions:
             if getattr(self, name) < 0:
                 raise ConfigurationError(f"{name} must be >= 0 (0: automatic), got {getattr(self, name)}")
         if self.default_max_tokens > self.max_max_tokens:
-            raise ConfigurationError(
-                f"default_max_tokens ({self.default_max_tokens}) exceeds max_max_tokens ({self.max_max_tokens})"
-            )
+            raise ConfigurationError(f"default_max_tokens ({self.default_max_tokens}) exceeds max_max_tokens "
+                                     f"({self.max_max_tokens})")
 
     @classmethod
     def resolve(cls, parameters: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None

@@ -90,9 +90,8 @@ class GenerationRequest:
 
     def validate(self, options: ServerOptions, *, expected_embeds_shape: tuple[int, int]) -> None:
         if self.query_embeds.shape != expected_embeds_shape:
-            raise InvalidRequestError(
-                f"_query_embeds: expected shape {list(expected_embeds_shape)}, got {list(self.query_embeds.shape)}"
-            )
+            raise InvalidRequestError(f"_query_embeds: expected shape {list(expected_embeds_shape)}, "
+                                      f"got {list(self.query_embeds.shape)}")
         if not np.isfinite(self.query_embeds).all():
             raise InvalidRequestError("_query_embeds: expected finite values, got NaN or inf")
         if self.prompt is not None and "\x00" in self.prompt:
@@ -114,9 +113,8 @@ class GenerationRequest:
             raise InvalidRequestError(f"top_p: expected 0 < top_p <= 1, got {self.top_p}")
         if self.top_k is not None and self.top_k < 0:
             raise InvalidRequestError(f"top_k: expected >= 0 (0 disables it), got {self.top_k}")
-        if self.repetition_penalty is not None and (
-            not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0
-        ):
+        if self.repetition_penalty is not None and not (math.isfinite(self.repetition_penalty)
+                                                        and self.repetition_penalty > 0):
             raise InvalidRequestError(f"repetition_penalty: expected a finite value > 0, got {self.repetition_penalty}")
         if self.beam_width is not None and not 1 <= self.beam_width <= options.max_beam_width:
             raise InvalidRequestError(f"beam_width: expected 1..{options.max_beam_width}, got {self.beam_width}")

@@ -124,9 +124,8 @@ class SlotKVCache:
         layers = list(prefilled.layers)
         unsupported = {type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer}
         if unsupported:
-            raise NotImplementedError(
-                f"in-flight batching supports full-attention KV caches (DynamicLayer), got {sorted(unsupported)}"
-            )
+            raise NotImplementedError("in-flight batching supports full-attention KV caches (DynamicLayer), "
+                                      f"got {sorted(unsupported)}")
         self.cache = DynamicCache()
         self.cache.layers = [SlotLayer(layer.keys, layer.values, spare_rows=spare_rows, spare_cols=spare_cols,
                                        max_rows=max_rows) for layer in layers]

@@ -104,15 +104,12 @@ class LanguageStage:
             raise InvalidRequestError(f"text_input: must not contain the image token {self.image_token_text!r}")
         text_tokens = len(ids) - self.num_query_tokens
         if text_tokens > self.options.max_prompt_tokens:
-            raise InvalidRequestError(
-                f"text_input: expected at most {self.options.max_prompt_tokens} tokens, got {text_tokens}"
-            )
+            raise InvalidRequestError(f"text_input: expected at most {self.options.max_prompt_tokens} tokens, "
+                                      f"got {text_tokens}")
         assert request.max_tokens is not None
         if len(ids) + request.max_tokens > self.max_positions:
-            raise InvalidRequestError(
-                f"text_input + max_tokens: expected at most {self.max_positions} positions, "
-                f"got {len(ids)} + {request.max_tokens}"
-            )
+            raise InvalidRequestError(f"text_input + max_tokens: expected at most {self.max_positions} positions, "
+                                      f"got {len(ids)} + {request.max_tokens}")
         generator = None
         if request.do_sample:
             seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
