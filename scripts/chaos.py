@@ -252,11 +252,12 @@ def paused_stage(replica: Replica, pause_s: float) -> tuple[bool, str]:
 
 
 def huge_images(replica: Replica) -> tuple[bool, str]:
-    heavy = one_bit_png(4000, 4000)
     client = grpcclient.InferenceServerClient(replica.grpc)
     results = []
     try:
         for rows in (6, 16):
+            # A new image per request: rows the embedding cache answers decode nothing and so count no pixels.
+            heavy = one_bit_png(4000, 4000 + rows)
             image = grpcclient.InferInput("image", [rows, 1], "BYTES")
             image.set_data_from_numpy(np.array([[heavy]] * rows, dtype=np.object_))
             tokens = grpcclient.InferInput("max_tokens", [rows, 1], "INT32")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import http.client
 import http.server
 import json
 import logging
@@ -228,6 +229,30 @@ def test_public_models_answer_as_triton_does(front: Front, triton_server: Any, i
         response = httpx.post(f"{url}/v2/models/blip2_stream/generate_stream", json={"image": "x", "max_tokens": 2})
         assert (response.status_code, response.text) == (400, 'data: {"error":"image: bytes are not a supported '
                                                                'image file"}\n\n')
+
+
+def test_responses_are_encoded_only_as_the_client_asks(front: Front, image: bytes) -> None:
+    host, port = front.http_url.removeprefix("http://").rsplit(":", 1)
+    body = json.dumps({"inputs": [{"name": "image", "shape": [1, 1], "datatype": "BYTES",
+                                   "data": [base64.b64encode(image).decode()]},
+                                  {"name": "max_tokens", "shape": [1, 1], "datatype": "INT32", "data": [2]}]})
+    for accept, encoding in ((None, None), ("gzip", "gzip")):
+        # Without an Accept-Encoding, as curl sends it: the front must not let its own HTTP client add one.
+        connection = http.client.HTTPConnection(host, int(port), timeout=60)
+        try:
+            connection.putrequest("POST", "/v2/models/blip2/infer", skip_accept_encoding=True)
+            for name, value in {"content-type": "application/json", "content-length": str(len(body)),
+                                **({"accept-encoding": accept} if accept else {})}.items():
+                connection.putheader(name, value)
+            connection.endheaders(body.encode())
+            response = connection.getresponse()
+            data = response.read()
+        finally:
+            connection.close()
+        assert response.status == 200 and response.getheader("content-encoding") == encoding
+        if encoding is None:
+            assert json.loads(data)["outputs"][0]["name"] in ("text_output", "finish_reason", "num_output_tokens",
+                                                               "num_input_tokens")
 
 
 def test_request_ids_reach_triton_and_come_back(front: Front, image: bytes) -> None:

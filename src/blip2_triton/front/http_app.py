@@ -171,6 +171,8 @@ async def kserve_proxy(request: Request) -> Response:
             front.check_serving()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         headers[REQUEST_ID_HEADER] = record["request_id"]
+        # Else the HTTP client's own default asks Triton for gzip, relayed to a client that cannot read it (curl).
+        headers.setdefault("accept-encoding", "identity")
         body = b""
         if request.method in ("POST", "PUT", "PATCH"):
             body = await read_body(request, front)
