@@ -37,14 +37,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
-    if args.family == "itm":
-        from .tiny_itm import write_tiny_itm_model
+    from .checkpoint import write_tiny
 
-        print(write_tiny_itm_model(args.out_dir, seed=args.seed))
-        return 0
-    from .tiny import write_tiny_model
-
-    print(write_tiny_model(args.out_dir, family=args.family, seed=args.seed))
+    print(write_tiny(args.out_dir, args.family, seed=args.seed))
     return 0
 
 

@@ -136,12 +136,8 @@ def available_cores(cgroup_v2: Path = _CGROUP_V2, cgroup_v1: Path = _CGROUP_V1) 
 
 def stage_threads(options: ServerOptions, device: str, *, cores: int | None = None,
                   env: dict[str, str] | None = None, torch_default: int | None = None) -> int | None:
-    """torch threads for one stage process, or None to leave torch's default.
-
-    An explicit `cpu_threads` wins, and a set `OMP_NUM_THREADS` is taken as the operator's own choice. Otherwise a
-    CPU stage takes every usable core when the stages take turns (`compute_lock=on`), and its share of them
-    (`cpu_stages` computing stage processes on the host) when they overlap.
-    """
+    """torch threads for one stage process, or None to leave torch's default (a set `OMP_NUM_THREADS` is the
+    operator's own choice)."""
     if options.cpu_threads > 0:
         return options.cpu_threads
     environ = os.environ if env is None else env

@@ -1,5 +1,5 @@
 """Repository text generated from code, between `>>> generated: <block>` and `<<< generated` comment lines: the
-inputs the ensembles, stream front ends and LLM stages share (config.pbtxt, from `serving.LLM_INPUTS` and
+inputs the ensembles, stream front ends and LLM stages share (config.pbtxt, from `serving.tensors.LLM_INPUTS` and
 `serving.control.CONTROL_INPUTS`) and README's settings tables (from `ServerOptions` and `LaunchSettings`).
 `python -m blip2_triton.generated --write` rewrites them; `--check` (run by a unit test) fails when a file
 differs."""
@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .options import ServerOptions
-from .serving import CONTROL_DTYPES, LLM_INPUTS
 from .serving.control import CONTROL_INPUTS
+from .serving.tensors import CONTROL_DTYPES, LLM_INPUTS
 from .supervisor.settings import PACKAGE_ROOT, LaunchSettings
 
 TRITON_TYPES = {"int32": "TYPE_INT32", "float32": "TYPE_FP32", "uint64": "TYPE_UINT64"}

@@ -20,8 +20,7 @@ DEVICES = ("auto", "cuda", "cpu")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 FAMILIES = ("opt", "t5")
 SCHEDULERS = ("inflight", "static")
-COMPUTE_LOCKS = ("auto", "on", "off")
-PACKED_WEIGHTS = ("auto", "on", "off")
+AUTO_ON_OFF = ("auto", "on", "off")
 ON_OFF = ("on", "off")
 # Environment wins over config.pbtxt so one repository serves the tiny model in tests and a real checkpoint in a
 # container; the FlanT5 and retrieval models' prefixes let several checkpoints be served side by side.
@@ -106,8 +105,8 @@ class ServerOptions:
     def validate(self) -> None:
         for name, allowed in (
             ("dtype", DTYPES), ("quantization", QUANTIZATIONS), ("tiny_family", FAMILIES),
-            ("scheduler", SCHEDULERS), ("compute_lock", COMPUTE_LOCKS), ("cudnn_attention", ON_OFF),
-            ("cuda_graphs", COMPUTE_LOCKS), ("packed_weights", PACKED_WEIGHTS), ("log_format", LOG_FORMATS),
+            ("scheduler", SCHEDULERS), ("compute_lock", AUTO_ON_OFF), ("cudnn_attention", ON_OFF),
+            ("cuda_graphs", AUTO_ON_OFF), ("packed_weights", AUTO_ON_OFF), ("log_format", LOG_FORMATS),
         ):
             value = getattr(self, name)
             if value not in allowed:
@@ -126,14 +125,12 @@ class ServerOptions:
             if getattr(self, name) < 0:
                 raise ConfigurationError(f"{name} must be >= 0 (0: automatic), got {getattr(self, name)}")
         if self.default_max_tokens > self.max_max_tokens:
-            raise ConfigurationError(
-                f"default_max_tokens ({self.default_max_tokens}) exceeds max_max_tokens ({self.max_max_tokens})"
-            )
+            raise ConfigurationError(f"default_max_tokens ({self.default_max_tokens}) exceeds max_max_tokens "
+                                     f"({self.max_max_tokens})")
 
     @classmethod
-    def resolve(
-        cls, parameters: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None
-    ) -> ServerOptions:
+    def resolve(cls, parameters: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None
+                ) -> ServerOptions:
         parameters = parameters or {}
         env = os.environ if env is None else env
         prefix = parameters.get("env_prefix") or DEFAULT_ENV_PREFIX

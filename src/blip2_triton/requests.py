@@ -90,17 +90,15 @@ class GenerationRequest:
 
     def validate(self, options: ServerOptions, *, expected_embeds_shape: tuple[int, int]) -> None:
         if self.query_embeds.shape != expected_embeds_shape:
-            raise InvalidRequestError(
-                f"_query_embeds: expected shape {list(expected_embeds_shape)}, got {list(self.query_embeds.shape)}"
-            )
+            raise InvalidRequestError(f"_query_embeds: expected shape {list(expected_embeds_shape)}, "
+                                      f"got {list(self.query_embeds.shape)}")
         if not np.isfinite(self.query_embeds).all():
             raise InvalidRequestError("_query_embeds: expected finite values, got NaN or inf")
         if self.prompt is not None and "\x00" in self.prompt:
             raise InvalidRequestError("text_input: NUL characters are not allowed")
         if self.prompt is not None:
-            # Checked before tokenizing: a multi-megabyte prompt would cost the whole batch seconds of CPU only to
-            # be refused by the token limit. No BPE token is longer than this, so every refused prompt is one the
-            # token limit would refuse too.
+            # Checked before tokenizing (a huge prompt would cost the whole batch seconds of CPU); no BPE token is
+            # longer than MAX_BYTES_PER_TOKEN, so every prompt refused here is one the token limit would refuse too.
             limit = options.max_prompt_tokens * MAX_BYTES_PER_TOKEN
             size = len(self.prompt.encode("utf-8", errors="surrogatepass"))
             if size > limit:
@@ -108,18 +106,15 @@ class GenerationRequest:
         if self.max_tokens is None:
             self.max_tokens = options.default_max_tokens
         if not 1 <= self.max_tokens <= options.max_max_tokens:
-            raise InvalidRequestError(
-                f"max_tokens: expected 1..{options.max_max_tokens}, got {self.max_tokens}"
-            )
+            raise InvalidRequestError(f"max_tokens: expected 1..{options.max_max_tokens}, got {self.max_tokens}")
         if self.temperature is not None and (not math.isfinite(self.temperature) or self.temperature < 0):
             raise InvalidRequestError(f"temperature: expected a finite value >= 0, got {self.temperature}")
         if self.top_p is not None and (not math.isfinite(self.top_p) or not 0 < self.top_p <= 1):
             raise InvalidRequestError(f"top_p: expected 0 < top_p <= 1, got {self.top_p}")
         if self.top_k is not None and self.top_k < 0:
             raise InvalidRequestError(f"top_k: expected >= 0 (0 disables it), got {self.top_k}")
-        if self.repetition_penalty is not None and (
-            not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0
-        ):
+        if self.repetition_penalty is not None and not (math.isfinite(self.repetition_penalty)
+                                                        and self.repetition_penalty > 0):
             raise InvalidRequestError(f"repetition_penalty: expected a finite value > 0, got {self.repetition_penalty}")
         if self.beam_width is not None and not 1 <= self.beam_width <= options.max_beam_width:
             raise InvalidRequestError(f"beam_width: expected 1..{options.max_beam_width}, got {self.beam_width}")

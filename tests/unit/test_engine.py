@@ -152,7 +152,7 @@ def test_cancellation_stops_a_job_and_frees_its_slot(setup) -> None:
     assert isinstance(collector.results[1], CancelledError)
     # max_active=1: job 2 could only run once the cancelled ones left.
     assert isinstance(collector.results[2], str) and collector.results[2]
-    assert engine.active_count == 0
+    assert len(engine.batch) == 0
 
 
 def test_stopped_engine_takes_no_work(setup) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from blip2_triton import retrieval_serving as rs
-from blip2_triton.serving import CONTROL_DTYPES, LLM_INPUTS
+from blip2_triton.serving.tensors import CONTROL_DTYPES, LLM_INPUTS
 
 REPO = Path(__file__).resolve().parents[2] / "model_repository"
 # Retrieval models (docs/RETRIEVAL.md).

@@ -71,12 +71,11 @@ class FakeFamily:
 
 class MeteredModel(Model):
     def initialize(self, args: dict[str, Any]) -> None:
-        from blip2_triton.serving.metrics import MetricSet, add_engine_metrics, engine_observer
+        from blip2_triton.serving.metrics import EngineMetrics, MetricSet
 
         self.metrics = MetricSet(self.pb, {"model": "probe"})
-        add_engine_metrics(self.metrics)
         self.metric_sets = [self.metrics]
-        self.observer = engine_observer(self.metrics)
+        self.observer = EngineMetrics(self.metrics)
 
 
 def test_unloading_destroys_the_metrics_even_while_a_thread_holds_the_model(monkeypatch) -> None:

@@ -19,7 +19,7 @@ import pytest
 from fake_triton import Supervised, fake_install
 
 from blip2_triton.supervisor import FAULT_EXIT_CODE, TritonServer, free_port, server
-from blip2_triton.supervisor.drain import DrainMonitor, Endpoints, drain_and_stop
+from blip2_triton.supervisor.drain import DrainMonitor, drain_and_stop
 from blip2_triton.supervisor.processes import (
     STUB_BINARY,
     Stub,
@@ -228,7 +228,7 @@ def test_a_server_killed_past_its_exit_timeout_takes_its_stubs_with_it(tmp_path:
     try:
         assert triton.stdout is not None and triton.stdout.readline() == b"up\n"
         wait_until(lambda: found.update(stub_processes(triton.pid)) or found)
-        code = drain_and_stop(triton, Endpoints(None, None), exit_timeout_s=0.3, kill_after_s=0.3)
+        code = drain_and_stop(triton, None, None, exit_timeout_s=0.3, kill_after_s=0.3)
         assert code == -signal.SIGKILL
         (record,) = found.values()
         wait_until(lambda: not record.alive(), timeout_s=5)

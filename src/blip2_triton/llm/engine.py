@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -45,8 +45,7 @@ class Job:
     is_cancelled: Callable[[], bool] = lambda: False
     # A local check, made every iteration: whether the result can no longer reach anyone.
     is_abandoned: Callable[[], bool] = lambda: False
-    # Set by callers that may cancel the job later through `InflightEngine.cancel` (the stream front end, whose
-    # cancellation Triton does not pass on to the requests it makes).
+    # For `InflightEngine.cancel` (the stream front end: Triton does not pass its cancellation on to BLS requests).
     job_id: str | None = None
     # The client's request id, for log lines about this job.
     request_id: str = ""
@@ -58,8 +57,8 @@ class Job:
     finished: bool = False
 
 
-class EngineObserver:
-    """Hooks for metrics; the default does nothing."""
+class EngineObserver(Protocol):
+    """Hooks for metrics (`serving.metrics.EngineMetrics`); a subclass overrides those it needs, the rest do nothing."""
 
     def on_step(self, active: int, new_tokens: int) -> None: ...
 
@@ -76,13 +75,10 @@ class EngineObserver:
     def on_graphs(self, nbytes: int) -> None: ...
 
 
-@dataclass
-class EngineLimits:
-    max_active: int = 64
-    max_kv_tokens: int = 65536
+@dataclass(frozen=True)
+class EngineLimits(SchedulerConfig):
     # How often each job asks Triton whether its request was cancelled (an IPC round trip).
     cancel_check_interval_s: float = 0.05
-    policy: str = "inflight"
 
 
 # What the engine thread's queue carries: new jobs, whole generations that ended, or None (stop).
@@ -95,13 +91,11 @@ class InflightEngine:
                  idle_tick_s: float = 0.25, threaded: bool = True) -> None:
         self.stage = stage
         self.limits = limits or EngineLimits()
-        self.observer = observer or EngineObserver()
-        # Called on the engine thread after every iteration and every `idle_tick_s` while idle (stream polls that
-        # waited long enough are answered from here).
+        self.observer = observer
+        # Called on the engine thread after every iteration and every `idle_tick_s` while idle (expires stream polls).
         self.on_iteration = on_iteration
         self.idle_tick_s = idle_tick_s
-        self.scheduler = Scheduler(SchedulerConfig(policy=self.limits.policy, max_active=self.limits.max_active,
-                                                   max_kv_tokens=self.limits.max_kv_tokens))
+        self.scheduler = Scheduler(self.limits)
         self.batch = stage.runner.new_batch(max_rows=self.limits.max_active)
         self._jobs: dict[int, Job] = {}  # seq_id -> job of every sequence the scheduler or the worker holds
         self._queue: queue.Queue[_Item] = queue.Queue()
@@ -138,10 +132,6 @@ class InflightEngine:
         self._whole.put(None)
         for thread in self._threads:
             thread.join(timeout_s)
-
-    @property
-    def active_count(self) -> int:
-        return len(self.batch)
 
     # ---- engine thread ---------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -194,8 +184,6 @@ class InflightEngine:
         try:
             work()
         except Exception as e:  # a bug or OOM fails the affected requests, never the thread
-            if not self._threads:
-                raise
             log.exception("LLM engine iteration failed; failing its %d requests", len(self.scheduler.running))
             self._fail_all(e)
 
@@ -323,8 +311,9 @@ class InflightEngine:
         self.batch.clear()
 
     def _notify(self, event: str, *args: Any) -> None:
-        handler = getattr(self.observer, event)
-        self._deferred.append(lambda: handler(*args))
+        if self.observer is not None:
+            handler = getattr(self.observer, event)
+            self._deferred.append(lambda: handler(*args))
 
     def _report(self, event: str, *values: int) -> None:
         # Gauges go out only when they change: each report is an IPC round trip.
@@ -399,8 +388,3 @@ def run_static(stage: LanguageStage, requests: list[GenerationRequest]) -> list[
         if isinstance(result, Exception) and not isinstance(result, InvalidRequestError):
             raise result
     return list(zip(jobs, results, strict=True))
-
-
-def generate_batch(stage: LanguageStage, requests: list[GenerationRequest]) -> list[str | InvalidRequestError]:
-    """The texts of `run_static`."""
-    return [r.text if isinstance(r, Completion) else r for _, r in run_static(stage, requests)]  # type: ignore[misc]

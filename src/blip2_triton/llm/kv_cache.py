@@ -6,9 +6,8 @@ in one buffer with spare rows and columns: a decoding step writes one column in 
 copied into free rows, a finished row is overwritten by a row from the end (one row copied), and all-padding columns
 on the left are dropped by moving an offset. HF attention reads views of the live region `[:rows, :, start:end]`.
 
-Layout is the engine's left-padded one: every row's newest token sits in the last live column, and the attention
-mask (kept by `batch.BatchState`, one column per live column) marks each row's own positions. Buffers start zeroed and
-padding only ever holds zeros or another row's finite values, which masked attention weighs by exactly zero.
+Layout and mask: `batch.py`'s, one mask column per live column. Buffers start zeroed and padding only ever holds
+zeros or another row's finite values, which masked attention weighs by exactly zero.
 """
 
 from __future__ import annotations
@@ -17,6 +16,19 @@ from typing import Any
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
+
+
+def fill_holes(keep: list[int]) -> tuple[list[tuple[int, int]], list[int]]:
+    """How to keep the rows `keep` (ascending) by moving rows past the new end into the freed slots, so only as many
+    rows are copied as there are holes: the (hole, row) moves, and the old index of each row in the new order."""
+    rows = len(keep)
+    kept = set(keep)
+    holes = [i for i in range(rows) if i not in kept]
+    moves = list(zip(holes, [i for i in keep if i >= rows], strict=True))
+    order = list(range(rows))
+    for hole, mover in moves:
+        order[hole] = mover
+    return moves, order
 
 
 class SlotLayer(DynamicLayer):
@@ -44,9 +56,8 @@ class SlotLayer(DynamicLayer):
         if rows <= cap_rows and front <= self.start and self.end + back <= cap_cols:
             return
         width = self.end - self.start
-        # Every reallocation (growth, or compaction once dropped left columns have used up the room) sizes the
-        # buffers to the need plus some slack: reallocations stay rare, and memory stays close to what the
-        # batch uses (the `blip2_kv_cache_bytes` metric reports it).
+        # Every reallocation (growth, or compaction once dropped left columns used up the room) sizes the buffers to
+        # the need plus some slack: reallocations stay rare, and memory stays close to what the batch uses.
         new_rows = cap_rows if rows <= cap_rows else min(max(rows, self.max_rows), rows + max(8, rows // 4))
         need = front + width + back
         new_cols = need + max(self.spare_cols, need // 8)
@@ -113,9 +124,8 @@ class SlotKVCache:
         layers = list(prefilled.layers)
         unsupported = {type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer}
         if unsupported:
-            raise NotImplementedError(
-                f"in-flight batching supports full-attention KV caches (DynamicLayer), got {sorted(unsupported)}"
-            )
+            raise NotImplementedError("in-flight batching supports full-attention KV caches (DynamicLayer), "
+                                      f"got {sorted(unsupported)}")
         self.cache = DynamicCache()
         self.cache.layers = [SlotLayer(layer.keys, layer.values, spare_rows=spare_rows, spare_cols=spare_cols,
                                        max_rows=max_rows) for layer in layers]
@@ -148,20 +158,10 @@ class SlotKVCache:
 
     @torch.inference_mode()
     def keep(self, keep: list[int]) -> list[int]:
-        """Keeps the rows `keep` (ascending); returns the old index of each row in the new order.
-
-        Rows past the new end move into the freed slots, so only as many rows are copied as there are holes.
-        """
-        rows = len(keep)
-        kept = set(keep)
-        holes = [i for i in range(rows) if i not in kept]
-        movers = [i for i in keep if i >= rows]
-        moves = list(zip(holes, movers, strict=True))
-        order = list(range(rows))
-        for hole, mover in moves:
-            order[hole] = mover
+        """Keeps the rows `keep` (ascending, `fill_holes`); returns the old index of each row in the new order."""
+        moves, order = fill_holes(keep)
         for layer in self._layers:
-            layer.move_rows(moves, rows)
+            layer.move_rows(moves, len(keep))
         return order
 
     @torch.inference_mode()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import logging
 from typing import Any
 
@@ -64,10 +65,7 @@ class ModelRunner:
             self._decoder_cache_kwarg = _cache_kwarg(self._decoder)
             self._output_projection = lm.get_output_embeddings()
 
-    @property
-    def graph_bytes(self) -> int:
-        """Memory held by captured CUDA graphs (`static.StaticRunner`)."""
-        return 0
+    graph_bytes = 0  # memory held by captured CUDA graphs (`static.StaticRunner`)
 
     def new_batch(self, *, max_rows: int) -> BatchState:
         return BatchState(max_rows=max_rows)
@@ -136,13 +134,11 @@ class ModelRunner:
         return logits[: len(batch)], Prefilled(prefilled.past_key_values, prefill_mask, logits[len(batch):])
 
     def _decode_attention_mask(self, batch: BatchState) -> torch.Tensor | None:
-        """The attention mask of a one-token step, ready for the attention kernel.
-
-        Given the 2D padding mask, transformers rebuilds a 4D mask on every forward and PyTorch converts and re-pads
-        it in every layer, host work that dominated GPU steps. A one-token step needs no causal part, so the padding
-        mask alone, additive, in the model's dtype and with a row stride that is a multiple of 8 (the
-        memory-efficient kernel's alignment), goes in as it is; no padding, no mask, which lets flash attention run.
-        """
+        """The attention mask of a one-token step as the kernel takes it. Given the 2D padding mask, transformers
+        rebuilds a 4D mask on every forward and PyTorch converts and re-pads it in every layer (host work that
+        dominated GPU steps); a one-token step needs no causal part, so the padding mask alone goes in: additive, in
+        the model's dtype, with a row stride that is a multiple of 8 (the memory-efficient kernel's alignment). No
+        padding, no mask, which lets flash attention run."""
         if not batch.padded:
             return None
         assert batch.mask is not None
@@ -219,12 +215,5 @@ class ModelRunner:
             out = self.lm.generate(**inputs, max_new_tokens=max(s.max_tokens for s in seqs), **kwargs)
         # Decoder-only output repeats the prompt; encoder-decoder output starts with the decoder start token.
         new = out[:, width:] if self.decoder_only else out[:, 1:]
-        results = []
-        for seq, tokens in zip(seqs, new.tolist(), strict=True):
-            kept: list[int] = []
-            for t in tokens[: seq.max_tokens]:
-                if t in self.eos_token_ids:
-                    break
-                kept.append(t)
-            results.append(kept)
-        return results
+        return [list(itertools.takewhile(lambda t: t not in self.eos_token_ids, tokens[: seq.max_tokens]))
+                for seq, tokens in zip(seqs, new.tolist(), strict=True)]

@@ -1,18 +1,13 @@
-"""Decides, per engine iteration, which sequences run, join and leave. Pure bookkeeping: no model, no thread.
-
-The engine calls `schedule()` once per iteration: the running sequences step, admitted ones are prefilled and join
-them, and sequences for HF's whole-request generation (beam search, encoder-decoder LMs) are handed out at once.
-The engine reports every sequence that leaves (finished, failed, cancelled) through `finish()`.
-"""
+"""Decides, per engine iteration (`schedule`), which sequences run, join and leave. Pure bookkeeping: no model, no
+thread."""
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
 
+from ..options import SCHEDULERS
 from .sequence import Sequence
-
-POLICIES = ("inflight", "static")
 
 
 @dataclass(frozen=True)
@@ -28,8 +23,8 @@ class SchedulerConfig:
     max_overtakes: int = 16
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.policy not in SCHEDULERS:
+            raise ValueError(f"policy must be one of {', '.join(SCHEDULERS)}, got {self.policy!r}")
 
 
 @dataclass

@@ -16,7 +16,7 @@ from ..requests import GenerationRequest
 from . import static
 from .runner import ModelRunner, configure_attention
 from .sampler import Sampler
-from .sequence import Sequence
+from .sequence import Completion, Sequence
 from .static import StaticRunner
 
 log = logging.getLogger(__name__)
@@ -93,9 +93,8 @@ class LanguageStage:
             # HF's no-text path: image tokens + BOS, built by `generate` itself.
             return [self.image_token_id] * self.num_query_tokens + [self.bos_token_id]
         text_ids = self.tokenizer(prompt or "")["input_ids"]
-        image_ids = self.tokenizer(self.image_token_text * self.processor_query_tokens, add_special_tokens=False)[
-            "input_ids"
-        ]
+        image_ids = self.tokenizer(self.image_token_text * self.processor_query_tokens,
+                                   add_special_tokens=False)["input_ids"]
         return list(image_ids) + list(text_ids)
 
     def prepare(self, request: GenerationRequest) -> Sequence:
@@ -105,15 +104,12 @@ class LanguageStage:
             raise InvalidRequestError(f"text_input: must not contain the image token {self.image_token_text!r}")
         text_tokens = len(ids) - self.num_query_tokens
         if text_tokens > self.options.max_prompt_tokens:
-            raise InvalidRequestError(
-                f"text_input: expected at most {self.options.max_prompt_tokens} tokens, got {text_tokens}"
-            )
+            raise InvalidRequestError(f"text_input: expected at most {self.options.max_prompt_tokens} tokens, "
+                                      f"got {text_tokens}")
         assert request.max_tokens is not None
         if len(ids) + request.max_tokens > self.max_positions:
-            raise InvalidRequestError(
-                f"text_input + max_tokens: expected at most {self.max_positions} positions, "
-                f"got {len(ids)} + {request.max_tokens}"
-            )
+            raise InvalidRequestError(f"text_input + max_tokens: expected at most {self.max_positions} positions, "
+                                      f"got {len(ids)} + {request.max_tokens}")
         generator = None
         if request.do_sample:
             seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
@@ -126,6 +122,6 @@ class LanguageStage:
 
     def run(self, requests: list[GenerationRequest]) -> list[str | InvalidRequestError]:
         """Generates `requests` as one static batch on the calling thread (warm-up, benchmarks, tests)."""
-        from .engine import generate_batch
+        from .engine import run_static
 
-        return generate_batch(self, requests)
+        return [r.text if isinstance(r, Completion) else r for _, r in run_static(self, requests)]  # type: ignore[misc]

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from transformers import OPTForCausalLM
 
 from .batch import BatchState, Prefilled
+from .kv_cache import fill_holes
 from .runner import ModelRunner
 from .sequence import Sequence
 
@@ -63,7 +64,6 @@ class StaticBatchState:
         self.lengths = torch.zeros(self.max_rows, dtype=torch.long, device=device)
         self.tokens = torch.zeros(self.max_rows, dtype=torch.long, device=device)
         self.seqs: list[Sequence] = []
-        self.padded = False
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -100,20 +100,14 @@ class StaticBatchState:
 
     def retain(self, keep: list[int]) -> None:
         """Keeps the rows at positions `keep` (ascending); rows from the end fill the holes."""
-        rows = len(keep)
-        kept = set(keep)
-        holes = [i for i in range(rows) if i not in kept]
-        movers = [i for i in keep if i >= rows]
-        order = list(range(rows))
-        if holes:
+        moves, order = fill_holes(keep)
+        if moves:
+            holes, movers = zip(*moves, strict=True)
             dst = torch.tensor(holes, device=self.lengths.device)
             src = torch.tensor(movers, device=self.lengths.device)
-            for buffers in (self.keys, self.values):
-                for buffer in buffers:
-                    buffer[dst] = buffer[src]
+            for buffer in self.keys + self.values:
+                buffer[dst] = buffer[src]
             self.lengths[dst] = self.lengths[src]
-            for hole, mover in zip(holes, movers, strict=True):
-                order[hole] = mover
         self.seqs = [self.seqs[i] for i in order]
 
     def trim(self) -> None:

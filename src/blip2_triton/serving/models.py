@@ -7,11 +7,13 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from ..errors import InvalidRequestError
+from ..logs import configure_logging
 from ..options import ServerOptions, parameters_from_model_config
 from .control import CONTROL_INPUTS, CancelStream, Generate, LlmMessage, PollStream, StartStream, parse_message
 from .tensors import LLM_INPUTS, completion_outputs, image_requests
@@ -19,14 +21,9 @@ from .tensors import LLM_INPUTS, completion_outputs, image_requests
 log = logging.getLogger("blip2_triton")
 
 
-def configure_logging(options: ServerOptions) -> None:
-    from ..logs import configure_logging as configure
-
-    configure(options.log_format)
-
-
 class StageModel:
-    """What the computing stages share: options from the model config, torch threads, loading, the size metric."""
+    """What the computing stages share: options from the model config, torch threads, loading, the size metric, and
+    a request's response from its rows' results (`outputs`; the image and retrieval stages also `parse` it)."""
 
     stage_name = ""
     input_names: tuple[str, ...] = ()
@@ -40,10 +37,10 @@ class StageModel:
         config = json.loads(args["model_config"])
         self.options = ServerOptions.resolve(parameters_from_model_config(config)).on_instance(
             str(args.get("model_instance_kind", "CPU")), args.get("model_instance_device_id", 0))
-        configure_logging(self.options)
+        configure_logging(self.options.log_format)
         self._set_threads(args.get("model_name", ""))
         self.load(self.options)
-        count, nbytes = self.parameter_stats()
+        count, nbytes = self.stage.loaded.parameter_count, self.stage.loaded.parameter_bytes
         log.info("%s: model instance ready in pid %d, %d parameters, %d bytes", args.get("model_name"), os.getpid(),
                  count, nbytes)
         self.metrics = MetricSet(self.pb, {"model": args.get("model_name", "")})
@@ -75,8 +72,23 @@ class StageModel:
     def load(self, options: ServerOptions) -> None:
         raise NotImplementedError
 
-    def parameter_stats(self) -> tuple[int, int]:
+    def parse(self, request: Any) -> tuple[list[Any], Any]:
+        """The request's rows for the stage, and what `outputs` needs to know of the request."""
         raise NotImplementedError
+
+    def outputs(self, results: list[Any], context: Any) -> dict[str, np.ndarray]:
+        """The request's output tensors; an InvalidRequestError fails that request alone."""
+        raise NotImplementedError
+
+    def _response(self, results: list[Any], context: Any, request_id: str = "") -> Any:
+        try:
+            error = next((r for r in results if isinstance(r, Exception)), None)
+            if error is not None:
+                raise error
+            tensors = [self.pb.Tensor(name, array) for name, array in self.outputs(results, context).items()]
+        except Exception as e:
+            return self.pb.InferenceResponse(error=_triton_error(self.pb, e, self.stage_name, request_id))
+        return self.pb.InferenceResponse(output_tensors=tensors)
 
     def _inputs(self, request: Any) -> dict[str, np.ndarray | None]:
         out: dict[str, np.ndarray | None] = {}
@@ -102,13 +114,6 @@ class _PipelineModel(StageModel):
         """(metric family prefix and description, cache) of each cache the stage keeps."""
         raise NotImplementedError
 
-    def rows(self, request: Any) -> tuple[list[Any], Any]:
-        """The request's rows for the pipeline, and what `outputs` needs to know of the request."""
-        raise NotImplementedError
-
-    def outputs(self, results: list[Any], context: Any) -> dict[str, np.ndarray]:
-        raise NotImplementedError
-
     def initialize(self, args: dict[str, Any]) -> None:
         from ..compute_lock import available_cores
         from ..vision.pipeline import VisionPipeline
@@ -128,15 +133,12 @@ class _PipelineModel(StageModel):
         for metrics, cache in self._cache_metrics:
             metrics.export(cache.stats())
 
-    def parameter_stats(self) -> tuple[int, int]:
-        return self.stage.loaded.parameter_count, self.stage.loaded.parameter_bytes
-
     def execute(self, requests: list[Any]) -> None:  # type: ignore[override]
         for request in requests:
             sender = request.get_response_sender()
             rid = request.request_id()
             try:
-                rows, context = self.rows(request)
+                rows, context = self.parse(request)
             except InvalidRequestError as e:
                 self._answer(sender, [e], None, rid)
                 continue
@@ -144,16 +146,9 @@ class _PipelineModel(StageModel):
                                  self._answer(sender, results, context, rid))
         # Cache hits are answered without a compute batch: their counters go out here.
         self._export_cache_metrics()
-        return None
 
     def _answer(self, sender: Any, results: list[Any], context: Any, request_id: str = "") -> None:
-        error = next((r for r in results if isinstance(r, Exception)), None)
-        if error is not None:
-            response = self.pb.InferenceResponse(error=_triton_error(self.pb, error, self.stage_name, request_id))
-        else:
-            response = self.pb.InferenceResponse(output_tensors=[
-                self.pb.Tensor(name, array) for name, array in self.outputs(results, context).items()])
-        sender.send(response, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        sender.send(self._response(results, context, request_id), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def finalize(self) -> None:
         self.pipeline.stop()
@@ -172,7 +167,7 @@ class VisionModel(_PipelineModel):
     def caches(self) -> list[tuple[CacheMetricsSpec, Any]]:
         return [(EMBEDDING_CACHE_METRICS, self.stage.cache)]
 
-    def rows(self, request: Any) -> tuple[list[Any], Any]:
+    def parse(self, request: Any) -> tuple[list[Any], Any]:
         return image_requests(self._inputs(request)), None
 
     def outputs(self, results: list[Any], context: Any) -> dict[str, np.ndarray]:
@@ -193,7 +188,7 @@ class RetrievalVisionModel(_PipelineModel):
     def caches(self) -> list[tuple[CacheMetricsSpec, Any]]:
         return [(EMBEDDING_CACHE_METRICS, self.stage.cache), (FEATURES_CACHE_METRICS, self.stage.features_cache)]
 
-    def rows(self, request: Any) -> tuple[list[Any], Any]:
+    def parse(self, request: Any) -> tuple[list[Any], Any]:
         from .. import retrieval_serving
 
         requested = set(request.requested_output_names())
@@ -209,17 +204,6 @@ class _BatchModel(StageModel):
     """A stage that answers each Triton batch within `execute`: every request's rows run in one `stage.run`, and
     a request with a bad row (or that fails to parse) fails alone."""
 
-    def parse(self, request: Any) -> tuple[list[Any], Any]:
-        """The request's rows for `stage.run`, and what `outputs` needs to know of the request."""
-        raise NotImplementedError
-
-    def outputs(self, results: list[Any], context: Any) -> dict[str, np.ndarray]:
-        """The request's output tensors; an InvalidRequestError fails that request alone."""
-        raise NotImplementedError
-
-    def parameter_stats(self) -> tuple[int, int]:
-        return self.stage.loaded.parameter_count, self.stage.loaded.parameter_bytes
-
     def execute(self, requests: list[Any]) -> list[Any]:
         parsed: list[tuple[list[Any], Any] | Exception] = []
         for request in requests:
@@ -233,33 +217,20 @@ class _BatchModel(StageModel):
         except Exception as e:
             log.exception("%s batch of %d rows failed", self.stage_name, len(rows))
             results = [e] * len(rows)
-        return [self._response(mine) for mine in self._slices(parsed, results)]
+        return [self._response(mine, context) for mine, context in self._slices(parsed, results)]
 
     @staticmethod
-    def _slices(parsed: list[tuple[list[Any], Any] | Exception], results: list[Any]) -> list[Any]:
+    def _slices(parsed: list[tuple[list[Any], Any] | Exception], results: list[Any]) -> list[tuple[list[Any], Any]]:
         # Each request's own results (or its parse error), in request order.
-        out: list[Any] = []
+        out: list[tuple[list[Any], Any]] = []
         start = 0
         for p in parsed:
             if isinstance(p, Exception):
-                out.append(p)
+                out.append(([p], None))
             else:
                 out.append((results[start:start + len(p[0])], p[1]))
                 start += len(p[0])
         return out
-
-    def _response(self, mine: tuple[list[Any], Any] | Exception) -> Any:
-        try:
-            if isinstance(mine, Exception):
-                raise mine
-            results, context = mine
-            error = next((r for r in results if isinstance(r, Exception)), None)
-            if error is not None:
-                raise error
-            tensors = [self.pb.Tensor(name, array) for name, array in self.outputs(results, context).items()]
-        except Exception as e:
-            return self.pb.InferenceResponse(error=_triton_error(self.pb, e, self.stage_name))
-        return self.pb.InferenceResponse(output_tensors=tensors)
 
 
 class RetrievalTextModel(_BatchModel):
@@ -315,10 +286,10 @@ class RetrievalMatchModel(_BatchModel):
 class _Responder:
     """Collects the rows of one Triton request and answers it once, when all rows are done (or one failed)."""
 
-    def __init__(self, pb: Any, sender: Any, rows: int, request_id: str) -> None:
+    def __init__(self, model: StageModel, sender: Any, rows: int, request_id: str) -> None:
         import threading
 
-        self.pb, self.sender, self.request_id = pb, sender, request_id
+        self.model, self.sender, self.request_id = model, sender, request_id
         self.results: list[Any] = [None] * rows
         self.remaining = rows
         self.answered = False
@@ -328,18 +299,14 @@ class _Responder:
         with self.lock:
             if self.answered:
                 return
-            if isinstance(result, Exception):
-                response = self.pb.InferenceResponse(error=_triton_error(self.pb, result, "llm", self.request_id))
-            else:
-                self.results[index] = result
-                self.remaining -= 1
-                if self.remaining:
-                    return
-                outputs = completion_outputs(self.results)
-                response = self.pb.InferenceResponse(
-                    output_tensors=[self.pb.Tensor(name, array) for name, array in outputs.items()])
+            self.results[index] = result
+            self.remaining -= 1
+            if self.remaining and not isinstance(result, Exception):
+                return
             self.answered = True
-        self.sender.send(response, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        # The first failed row (this one, if any) fails the request.
+        self.sender.send(self.model._response(self.results, None, self.request_id),
+                         flags=self.model.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
 
 def _triton_error(pb: Any, error: Exception, stage: str, request_id: str = "") -> Any:
@@ -365,15 +332,14 @@ class LanguageModel(StageModel):
 
     def initialize(self, args: dict[str, Any]) -> None:
         from ..llm import EngineLimits, InflightEngine
-        from .metrics import add_engine_metrics, engine_observer
+        from .metrics import EngineMetrics
         from .streams import StreamHub
 
         super().initialize(args)
         self.streams = StreamHub()
-        add_engine_metrics(self.metrics)
         limits = EngineLimits(max_active=self.options.max_active_sequences, max_kv_tokens=self.options.max_kv_tokens,
                               policy=self.options.scheduler)
-        self.engine = InflightEngine(self.stage, limits=limits, observer=engine_observer(self.metrics),
+        self.engine = InflightEngine(self.stage, limits=limits, observer=EngineMetrics(self.metrics),
                                      on_iteration=self.streams.expire_polls)
         log.info("%s: scheduler=%s", args.get("model_name"), self.options.scheduler)
 
@@ -386,9 +352,6 @@ class LanguageModel(StageModel):
         self.stage.run([GenerationRequest(query_embeds=np.zeros(self.stage.embeds_shape, dtype=np.float32),
                                           max_tokens=2)])
 
-    def parameter_stats(self) -> tuple[int, int]:
-        return self.stage.loaded.parameter_count, self.stage.loaded.parameter_bytes
-
     def _send(self, sender: Any, text: str = "", end: object | None = None, *, request_id: str = "") -> None:
         """A stream control reply: text since the last one, and once the stream has ended its completion or error."""
         from ..llm import Completion
@@ -397,9 +360,8 @@ class LanguageModel(StageModel):
             response = self.pb.InferenceResponse(error=_triton_error(self.pb, end, self.stage_name, request_id))
         else:
             # Every reply carries every output (the counts are final once `_done`), as a BLS caller asks for all.
-            summary = end if isinstance(end, Completion) else Completion(text, 0, "")
-            outputs = completion_outputs([Completion(text, summary.tokens, summary.finish_reason,
-                                                     summary.prompt_tokens)])
+            completion = replace(end, text=text) if isinstance(end, Completion) else Completion(text, 0, "")
+            outputs = completion_outputs([completion])
             outputs["_done"] = np.array([[end is not None]], dtype=np.bool_)
             response = self.pb.InferenceResponse(output_tensors=[self.pb.Tensor(k, v) for k, v in outputs.items()])
         sender.send(response, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
@@ -415,7 +377,6 @@ class LanguageModel(StageModel):
                     log.exception("request %s: llm stage failed", request_id or "-",
                                   extra={"request_id": request_id or None})
                 self._send(sender, end=e, request_id=request_id)
-        return None
 
     def _dispatch(self, message: LlmMessage, request: Any, sender: Any, request_id: str) -> None:
         from ..llm import CancelledError, Completion, Job
@@ -435,7 +396,7 @@ class LanguageModel(StageModel):
                                         on_done=lambda result: self.streams.finish(stream_id, result),
                                         job_id=stream_id, request_id=request_id)])
             case Generate(rows):
-                responder = _Responder(self.pb, sender, len(rows), request_id)
+                responder = _Responder(self, sender, len(rows), request_id)
                 # Once a sibling row has failed the request is answered: the other rows stop at the next iteration.
                 self.engine.submit([
                     Job(request=row, on_piece=None, on_done=lambda result, i=i: responder.done(i, result),
@@ -443,6 +404,9 @@ class LanguageModel(StageModel):
                         request_id=request_id)
                     for i, row in enumerate(rows)
                 ])
+
+    def outputs(self, results: list[Any], context: Any) -> dict[str, np.ndarray]:
+        return completion_outputs(results)
 
     def finalize(self) -> None:
         self.engine.stop()
@@ -453,12 +417,10 @@ STREAM_OUTPUTS = ("text_output", "num_output_tokens", "finish_reason", "num_inpu
 
 class StreamModel:
     """`blip2_stream`: decoupled entry point for token streaming. Runs the vision stage, starts the job in the
-    LLM stage and long-polls it for text (plain BLS calls only: decoupled BLS iterators crashed the stub under
-    load on 2.51), forwarding each piece as it arrives. Being a top-level request (not an ensemble step) it sees
-    the client's cancellation, and passes it on to the LLM stage, which stops that sequence.
-
-    Single-threaded on purpose (the stub is not safe for BLS calls driven from worker threads); concurrent
-    streams come from several instances."""
+    LLM stage and long-polls it for text (why: `streams.py`), forwarding each piece as it arrives. Being a top-level
+    request (not an ensemble step) it sees the client's cancellation, and passes it on to the LLM stage, which stops
+    that sequence. Single-threaded on purpose (the stub is not safe for BLS calls driven from worker threads);
+    concurrent streams come from several instances."""
 
     stage_name = "stream"
 
@@ -469,7 +431,7 @@ class StreamModel:
         import uuid
 
         params = parameters_from_model_config(json.loads(args["model_config"]))
-        configure_logging(ServerOptions.resolve(params))
+        configure_logging(ServerOptions.resolve(params).log_format)
         self.vision = params.get("vision_model") or "blip2_vision"
         self.target = params.get("llm_model") or "blip2_llm"
         self.input_names = LLM_INPUTS
@@ -493,7 +455,6 @@ class StreamModel:
                 sender.send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             else:
                 sender.send(final, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        return None
 
     def _llm(self, request_id: str, *tensors: Any) -> Any:
         # The client's id goes along, so the LLM stage's log lines about this stream carry it.

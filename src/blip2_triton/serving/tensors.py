@@ -34,9 +34,7 @@ def _rows(name: str, array: np.ndarray, n: int | None) -> list[Any]:
 
 
 def _as_bytes(value: Any) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, np.bytes_ | bytearray):
+    if isinstance(value, bytes | bytearray):  # numpy's bytes_ is a bytes
         return bytes(value)
     if isinstance(value, str):
         return value.encode()

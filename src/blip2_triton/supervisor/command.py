@@ -16,11 +16,6 @@ ADMIN_KEY_HEADER = "triton-admin-key"
 WILDCARDS = ("0.0.0.0", "", "::")  # noqa: S104  (compared against, never bound)
 
 
-def restricted_api_args(admin_key: str) -> list[str]:
-    spec = f"{','.join(RESTRICTED_APIS)}:{ADMIN_KEY_HEADER}={admin_key}"
-    return [f"--http-restricted-api={spec}", f"--grpc-restricted-protocol={spec}"]
-
-
 def tritonserver_command(settings: LaunchSettings, install: TritonInstall) -> list[str]:
     cmd = [
         str(install.binary),
@@ -51,7 +46,8 @@ def tritonserver_command(settings: LaunchSettings, install: TritonInstall) -> li
     own_restrictions = any(a.startswith(("--http-restricted-api", "--grpc-restricted-protocol"))
                            for a in settings.extra_args)
     if settings.restrict_admin_apis and not own_restrictions:
-        cmd += restricted_api_args(settings.admin_key)
+        spec = f"{','.join(RESTRICTED_APIS)}:{ADMIN_KEY_HEADER}={settings.admin_key}"
+        cmd += [f"--http-restricted-api={spec}", f"--grpc-restricted-protocol={spec}"]
     return cmd + list(settings.extra_args)
 
 

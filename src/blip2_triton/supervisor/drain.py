@@ -14,21 +14,12 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from .processes import cpu_seconds, kill_server, stub_processes
 
 log = logging.getLogger(__name__)
 
 _PENDING_RE = re.compile(r"^nv_inference_pending_request_count\{[^}]*\} (\S+)$", re.M)
-
-
-@dataclass(frozen=True)
-class Endpoints:
-    """Where the drain controller reaches the server; None disables that signal."""
-
-    http: tuple[str, int] | None
-    metrics_url: str | None
 
 
 class _HeldConnection:
@@ -53,9 +44,6 @@ class _HeldConnection:
             total += int(inference.get("success", {}).get("count", 0)) + int(inference.get("fail", {}).get("count", 0))
         return total
 
-    def close(self) -> None:
-        self.conn.close()
-
 
 def _pending_requests(metrics_url: str | None) -> int | None:
     if metrics_url is None:
@@ -72,16 +60,9 @@ class DrainMonitor:
     """Decides when a draining server is idle: nothing queued, no request completed, and the stubs burned no CPU
     for `quiet_s`. Triton exposes no in-flight count; an executing stage always uses CPU."""
 
-    def __init__(
-        self,
-        cpu_seconds: Callable[[], float],
-        pending: Callable[[], int | None],
-        completed: Callable[[], int | None],
-        *,
-        quiet_s: float = 1.0,
-        idle_cpu_per_s: float = 0.04,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, cpu_seconds: Callable[[], float], pending: Callable[[], int | None],
+                 completed: Callable[[], int | None], *, quiet_s: float = 1.0, idle_cpu_per_s: float = 0.04,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.cpu_seconds, self.pending, self.completed = cpu_seconds, pending, completed
         self.quiet_s = quiet_s
         self.idle_cpu_per_s = idle_cpu_per_s
@@ -105,25 +86,19 @@ class DrainMonitor:
         return now - self._quiet_since >= self.quiet_s
 
 
-def drain_and_stop(
-    proc: subprocess.Popen[bytes],
-    endpoints: Endpoints,
-    *,
-    exit_timeout_s: float,
-    quiet_s: float = 1.0,
-    poll_s: float = 0.1,
-    settle_s: float = 3.0,
-    kill_after_s: float = 15.0,
-) -> int:
-    """SIGTERM with a drain in front. Returns the server's exit status (negative: killed by that signal), or 0
-    when the server was drained and then had to be ended because it kept waiting for idle client connections."""
+def drain_and_stop(proc: subprocess.Popen[bytes], http: tuple[str, int] | None, metrics_url: str | None, *,
+                   exit_timeout_s: float, quiet_s: float = 1.0, poll_s: float = 0.1, settle_s: float = 3.0,
+                   kill_after_s: float = 15.0) -> int:
+    """SIGTERM with a drain in front, watching the server's HTTP port and metrics URL (None: not that signal).
+    Returns the server's exit status (negative: killed by that signal), or 0 when the server was drained and then
+    had to be ended because it kept waiting for idle client connections."""
     if proc.poll() is not None:
         return int(proc.returncode)
     started = time.monotonic()
     held: _HeldConnection | None = None
-    if endpoints.http is not None:
+    if http is not None:
         try:
-            held = _HeldConnection(*endpoints.http)
+            held = _HeldConnection(*http)
         except (OSError, http.client.HTTPException) as e:
             log.warning("drain: cannot hold an HTTP connection (%s); stopping without drain", e)
     stubs = list(stub_processes(proc.pid).values())
@@ -133,7 +108,7 @@ def drain_and_stop(
         # Keep a share of the exit timeout for Triton's own model shutdown once the hold is released.
         deadline = started + max(exit_timeout_s - max(3.0, exit_timeout_s / 5), 0.0)
         monitor = DrainMonitor(lambda: cpu_seconds(s.pid for s in stubs),
-                               lambda: _pending_requests(endpoints.metrics_url), held.completed_requests,
+                               lambda: _pending_requests(metrics_url), held.completed_requests,
                                quiet_s=quiet_s)
         while time.monotonic() < deadline and proc.poll() is None:
             if monitor.idle():
@@ -141,7 +116,7 @@ def drain_and_stop(
                 break
             time.sleep(poll_s)
         log.info("drain: %s after %.1f s", "idle" if drained else "deadline reached", time.monotonic() - started)
-        held.close()
+        held.conn.close()
     remaining = max(exit_timeout_s - (time.monotonic() - started), 0.0)
     try:
         # Drained, Triton stops its idle models in seconds, unless idle keep-alive connections of other clients

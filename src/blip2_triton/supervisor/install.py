@@ -29,9 +29,8 @@ def find_tritonserver(cache_dir: Path | None = None) -> TritonInstall:
         return TritonInstall(Path(on_path), None, {})
     bundled = _bundled_install(cache_dir or default_cache_dir())
     if bundled is None:
-        raise LauncherError(
-            "tritonserver not found: run inside the NGC tritonserver container or `pip install nvidia-pytriton`"
-        )
+        raise LauncherError("tritonserver not found: run inside the NGC tritonserver container or "
+                            "`pip install nvidia-pytriton`")
     return bundled
 
 

@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import BinaryIO
 
 from .command import WILDCARDS, stage_environment, tritonserver_command
-from .drain import Endpoints, drain_and_stop
+from .drain import drain_and_stop
 from .install import find_tritonserver
 from .processes import Stub, end_stubs, end_with_parent, kill_server, running, stub_processes
 from .settings import LauncherError, LaunchSettings, StartupInterruptedError
@@ -38,7 +38,7 @@ class TritonServer:
         self.http_url = f"http://{self.http_hostport}"
         self.grpc_url = f"{host}:{self.settings.grpc_port}"
         self.metrics_url = f"http://{host}:{self.settings.metrics_port}/metrics"
-        self._endpoints = Endpoints((host, self.settings.http_port), self.metrics_url)
+        self._http_address = (host, self.settings.http_port)
         # Why the watchdog ended the server (a dead stub), or None.
         self.fault: str | None = None
         self.fault_event = threading.Event()
@@ -170,7 +170,7 @@ class TritonServer:
             if proc.poll() is None:
                 # 0 also when the drained server had to be ended because idle client connections held it.
                 self._stop_code = drain_and_stop(
-                    proc, self._endpoints, quiet_s=self.settings.drain_quiet_s,
+                    proc, self._http_address, self.metrics_url, quiet_s=self.settings.drain_quiet_s,
                     exit_timeout_s=timeout_s if timeout_s is not None else self.settings.exit_timeout_s,
                 )
             # A server that crashed (or aborted) leaves its stubs behind: end them and their shm regions.
@@ -182,7 +182,6 @@ class TritonServer:
     def __enter__(self) -> TritonServer:
         return self.start()
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+                 ) -> None:
         self.stop()

@@ -114,7 +114,6 @@ class LaunchSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: Any) -> LaunchSettings:
-        """Settings for serving: the environment's, else the defaults."""
         values: dict[str, Any] = {}
         for f in fields(cls):
             raw = env.get(f.metadata.get("env", ""))
