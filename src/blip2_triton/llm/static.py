@@ -15,13 +15,13 @@ operations.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import OPTForCausalLM
 
+from ..cuda_graphs import GraphPool, bucket, quantized
 from .batch import BatchState, Prefilled
 from .runner import ModelRunner
 from .sequence import Sequence
@@ -36,13 +36,9 @@ def supports(lm: torch.nn.Module) -> str | None:
     """Why the fixed-buffer step cannot serve `lm`, or None."""
     if not isinstance(lm, OPTForCausalLM):
         return f"the fixed-buffer decoding step covers OPT language models, got {type(lm).__name__}"
-    if any(type(m).__module__.startswith("bitsandbytes") for m in lm.modules()):
+    if quantized(lm):
         return "the fixed-buffer decoding step does not cover bitsandbytes-quantized layers"
     return None
-
-
-def bucket(value: int, buckets: tuple[int, ...]) -> int:
-    return next(b for b in buckets if b >= value)
 
 
 class StaticBatchState:
@@ -131,8 +127,11 @@ class StaticDecoder:
         self.decoder = lm.get_decoder()
         self.graphs = graphs
         self._captured: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._pool: Any = None
-        self.graph_bytes = 0
+        self.pool = GraphPool()
+
+    @property
+    def graph_bytes(self) -> int:
+        return self.pool.nbytes
 
     @torch.inference_mode()
     def __call__(self, batch: StaticBatchState) -> torch.Tensor:
@@ -145,27 +144,11 @@ class StaticDecoder:
     def _replay(self, batch: StaticBatchState, rows: int, columns: int) -> torch.Tensor:
         key = (rows, columns)
         if key not in self._captured:
-            self._captured[key] = self._capture(lambda: self._step(batch, rows, columns), key)
+            self._captured[key] = self.pool.capture(lambda: self._step(batch, rows, columns),
+                                                    f"the decoding step for {rows} rows x {columns} columns")
         graph, logits = self._captured[key]
         graph.replay()
         return logits
-
-    def _capture(self, step: Callable[[], torch.Tensor], key: tuple[int, int]
-                 ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        # Warm up on a side stream (lazy initialisation must not be captured), then capture into a shared pool.
-        before = torch.cuda.memory_reserved()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = step()
-        self._pool = graph.pool()
-        self.graph_bytes += max(0, torch.cuda.memory_reserved() - before)
-        log.info("captured the decoding step for %d rows x %d columns (graphs hold %d bytes)", *key, self.graph_bytes)
-        return graph, logits
 
     def _step(self, batch: StaticBatchState, rows: int, columns: int) -> torch.Tensor:
         """One token for every slot of the bucket (slots past the batch compute on zeros and are never read)."""
