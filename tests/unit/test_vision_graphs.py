@@ -89,5 +89,5 @@ def test_batches_run_in_their_bucket_padded_with_zero_rows() -> None:
 
 
 def test_on_refuses_quantization_before_loading(tiny_model_dir: Path) -> None:
-    with pytest.raises(ConfigurationError, match="cuda_graphs=on: .*bitsandbytes-quantized"):
+    with pytest.raises(ConfigurationError, match=r"cuda_graphs=on: .*bitsandbytes-quantized"):
         VisionStage(ServerOptions(model_id=str(tiny_model_dir), cuda_graphs="on", quantization="8bit"))
