@@ -65,7 +65,7 @@ class FakeFamily:
     def __init__(self, name: str, description: str, kind: str) -> None:
         self.name = name
 
-    def Metric(self, labels: dict[str, str], buckets: list[float] | None = None) -> FakeMetric:  # noqa: N802
+    def Metric(self, labels: dict[str, str], buckets: list[float] | None = None) -> FakeMetric:
         return FakeMetric(labels, buckets)
 
 
