@@ -3,6 +3,7 @@ and the captions they lead to are the eager path's, whatever the batch and whate
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from blip2_triton.options import ServerOptions
 from blip2_triton.requests import GenerationRequest, ImageRequest
 from blip2_triton.vision import VisionStage
 from blip2_triton.vision.graphs import BucketedForward
+from blip2_triton.vision.pipeline import VisionPipeline
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,16 @@ def test_captions_through_the_llm_are_unchanged(stages, tiny_model_dir: Path, sa
     _, fixed = stages
     llm = LanguageStage(ServerOptions(model_id=str(tiny_model_dir)))
     names = sorted(sample_images)
-    embeds = fixed.run([ImageRequest(sample_images[n]) for n in names])
+    # As served: decoded on the pipeline's threads, embedded in the compute thread's batches.
+    pipeline = VisionPipeline(fixed, decode_threads=2, max_batch=3)
+    done = threading.Event()
+    embeds: list = []
+    try:
+        pipeline.submit([ImageRequest(sample_images[n]) for n in names],
+                        lambda rows: (embeds.extend(rows), done.set()))
+        assert done.wait(60), "the pipeline never answered"
+    finally:
+        pipeline.stop()
     requests, expected = [], []
     for name, emb in zip(names, embeds, strict=True):
         for prompt in (None, *PROMPTS):
