@@ -35,25 +35,33 @@ def fixed_buffers(mode: str, *, reason: str | None, device: torch.device, dtype:
 
 
 class GraphPool:
-    """CUDA graphs captured into one shared memory pool: they are replayed one at a time, never concurrently."""
+    """CUDA graphs on one device, captured into one shared memory pool: they are replayed one at a time, never
+    concurrently. Capture and replay run with that device current: a KIND_GPU instance's model sits on the GPU Triton
+    assigned it, which need not be the process's current device, and a graph runs on the current device's stream."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
         self._pool: Any = None
         self.nbytes = 0
 
     def capture(self, step: Callable[[], torch.Tensor], what: str) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """`step` captured: replaying the graph rewrites the returned tensor from the step's input buffers."""
-        # Warm up on a side stream (lazy initialisation must not be captured), then capture into the shared pool.
-        before = torch.cuda.memory_reserved()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            out = step()
-        self._pool = graph.pool()
-        self.nbytes += max(0, torch.cuda.memory_reserved() - before)
-        log.info("captured %s (graphs hold %d bytes)", what, self.nbytes)
+        with torch.cuda.device(self.device):
+            # Warm up on a side stream (lazy initialisation must not be captured), then capture into the shared pool.
+            before = torch.cuda.memory_reserved()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                step()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = step()
+            self._pool = graph.pool()
+            self.nbytes += max(0, torch.cuda.memory_reserved() - before)
+        log.info("captured %s on %s (graphs hold %d bytes)", what, self.device, self.nbytes)
         return graph, out
+
+    def replay(self, graph: torch.cuda.CUDAGraph) -> None:
+        with torch.cuda.device(self.device):
+            graph.replay()

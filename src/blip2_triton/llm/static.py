@@ -122,12 +122,12 @@ class StaticBatchState:
 class StaticDecoder:
     """OPT's decoding step over a `StaticBatchState`, per (rows, columns) bucket; replayed from CUDA graphs on CUDA."""
 
-    def __init__(self, lm: OPTForCausalLM, *, graphs: bool) -> None:
+    def __init__(self, lm: OPTForCausalLM, *, graphs: bool, device: torch.device) -> None:
         self.lm = lm
         self.decoder = lm.get_decoder()
         self.graphs = graphs
         self._captured: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.pool = GraphPool()
+        self.pool = GraphPool(device)
 
     @property
     def graph_bytes(self) -> int:
@@ -147,7 +147,7 @@ class StaticDecoder:
             self._captured[key] = self.pool.capture(lambda: self._step(batch, rows, columns),
                                                     f"the decoding step for {rows} rows x {columns} columns")
         graph, logits = self._captured[key]
-        graph.replay()
+        self.pool.replay(graph)
         return logits
 
     def _step(self, batch: StaticBatchState, rows: int, columns: int) -> torch.Tensor:
@@ -203,7 +203,7 @@ class StaticRunner(ModelRunner):
     def __init__(self, lm: torch.nn.Module, *, capacity: int, graphs: bool, **kwargs: Any) -> None:
         super().__init__(lm, **kwargs)
         self.capacity = capacity
-        self.decoder = StaticDecoder(lm, graphs=graphs)  # type: ignore[arg-type]
+        self.decoder = StaticDecoder(lm, graphs=graphs, device=self.device)  # type: ignore[arg-type]
         # The step and a prefill each project on their own: the step's shapes must not depend on admissions.
         self._decoder = None
 

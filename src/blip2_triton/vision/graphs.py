@@ -33,7 +33,7 @@ class BucketedForward:
         # Pixels stay in the processor's float32: the model casts them, inside the graph, as HF's forward does.
         self.inputs = torch.zeros((BATCH_BUCKETS[-1], *pixel_shape), dtype=torch.float32, device=device)
         self._captured: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.pool = GraphPool()
+        self.pool = GraphPool(device)
         # Graph outputs are overwritten by the next replay, and the buffer is shared by every bucket.
         self._lock = threading.Lock()
 
@@ -69,7 +69,7 @@ class BucketedForward:
             self.inputs[n:rows].zero_()
             if self.graphs:
                 graph, out = self._graph(rows)
-                graph.replay()
+                self.pool.replay(graph)
             else:
                 out = self.forward(self.inputs[:rows])
             return out[:n].float().cpu()
