@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -54,7 +55,9 @@ def _add_connection_options(p: argparse.ArgumentParser, *, top_level: bool) -> N
     def default(value: Any) -> Any:
         return value if top_level else argparse.SUPPRESS
 
-    p.add_argument("--url", default=default(DEFAULT_GRPC_URL), help=f"server address (default {DEFAULT_GRPC_URL})")
+    url = os.environ.get("BLIP2_URL") or DEFAULT_GRPC_URL
+    p.add_argument("--url", default=default(url),
+                   help=f"server address (default: $BLIP2_URL, else {DEFAULT_GRPC_URL})")
     p.add_argument(
         "--protocol",
         choices=["grpc", "http"],
