@@ -23,6 +23,10 @@ single_request.llm_inflight: the LLM part of one request through the in-flight e
                    included), captions with 32 and 64 requests in flight through both stages, the mixed workload,
                    greedy text against HF (first divergent position and its top-2 margin where fp16 flips a token)
                    and a seeded request alone against the same in a batch of 32
+  vision_graphs    the vision stage's forward (ViT + Q-Former + projection, decoded pixels in) per image at batch 1
+                   and 32, eager (`off`) against fixed buffers per batch bucket (`on`: CUDA graphs on a GPU, the
+                   same buffers eagerly on CPU), the graphs' memory and capture time, and the largest absolute
+                   difference of the embeddings from the eager path's (also at 5 rows: a batch padded to 8)
 Generation never stops early (the EOS logit is pinned at zero), so every request does the same work.
 """
 
@@ -92,6 +96,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--graph-rows", default="1,8,32,64", help="rows of the measured decoding steps")
     p.add_argument("--graph-cached", default="40,300", help="cached positions of the measured decoding steps")
     p.add_argument("--graph-clients", default="32,64", help="requests in flight for the captions phases")
+    p.add_argument("--vision-graphs", choices=("compare", "skip"), default="compare",
+                   help="measure the vision forward on fixed buffers / CUDA graphs against the eager forward")
+    p.add_argument("--vision-batches", default="1,32", help="batch sizes of the vision_graphs timings")
     p.add_argument("--output", type=Path, default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
@@ -188,6 +195,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report["decode_step_ms"] = decode_step_costs(llm, embeds, args.concurrency, device)
     if args.mixed_rounds and time.perf_counter() - t0 < args.budget_s:
         report["llm_mixed_c32"] = static_vs_inflight(llm, embeds, args.concurrency, args.mixed_rounds, device)
+    if args.vision_graphs == "compare" and time.perf_counter() - t0 < args.budget_s:
+        report["vision_graphs"] = vision_graphs_comparison(
+            vision, loaded, images, device, [int(v) for v in args.vision_batches.split(",")], args.latency_runs)
     if args.graphs == "compare" and time.perf_counter() - t0 < args.budget_s:
         report["graphs"] = graphs_comparison(vision, loaded, images, device, args, deadline=t0 + args.budget_s)
     if device.type == "cuda":
@@ -416,6 +426,48 @@ def graphs_comparison(vision: Any, loaded: Any, images: Any, device: torch.devic
         result["seeded_alone_equals_batch_of_32"] = seeded_alone_vs_batch(llm, embeds[:32])
         result["graph_bytes"] = llm.runner.graph_bytes
         out[mode] = result
+    return out
+
+
+def vision_graphs_comparison(vision: Any, loaded: Any, images: Any, device: torch.device, batches: list[int],
+                             runs: int) -> dict[str, Any]:
+    """The vision forward per image, eager against fixed buffers per batch bucket, and how far their embeddings
+    differ, on the same decoded pixels."""
+    import dataclasses
+
+    from blip2_triton.requests import ImageRequest
+    from blip2_triton.vision import VisionStage
+
+    rows = max([*batches, 5])
+    pixels = torch.stack([vision.prepare(ImageRequest(b)) for b in images(rows)])
+    t = time.perf_counter()
+    fixed = VisionStage(dataclasses.replace(_options(loaded), cuda_graphs="on"), loaded=loaded)
+    fixed.warm_up(max(batches))
+    out: dict[str, Any] = {"graphs": bool(fixed.fixed and fixed.fixed.graphs), "graph_bytes": fixed.graph_bytes,
+                           "capture_s": round(time.perf_counter() - t, 2)}
+    for mode, stage in (("off", vision), ("on", fixed)):
+        result: dict[str, Any] = {}
+        for n in batches:
+            stage.embed_pixels(pixels[:n])  # warm-up: kernel selection at this shape
+            times = []
+            for _ in range(runs):
+                t = time.perf_counter()
+                stage.embed_pixels(pixels[:n])
+                times.append(time.perf_counter() - t)
+            result[f"batch_{n}"] = {**_percentiles(times),
+                                    "ms_per_image": round(statistics.median(times) * 1e3 / n, 3)}
+        out[mode] = result
+    out["on_over_off_per_image"] = {
+        f"batch_{n}": round(out["on"][f"batch_{n}"]["ms_per_image"] / out["off"][f"batch_{n}"]["ms_per_image"], 3)
+        for n in batches}
+    diffs: dict[str, float] = {}
+    largest = 0.0
+    for n in sorted({*batches, 5}):
+        eager = vision.embed_pixels(pixels[:n])
+        diffs[f"batch_{n}"] = float(abs(fixed.embed_pixels(pixels[:n]) - eager).max())
+        largest = max(largest, float(abs(eager).max()))
+    out["max_abs_diff_vs_eager"] = diffs
+    out["max_abs_embedding"] = largest
     return out
 
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from .options import DEVICES, DTYPES, QUANTIZATIONS
+from .supervisor.settings import INSTANCE_KINDS
 
 STAGE_FLAGS = ("dtype", "device", "quantization")
 
@@ -65,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", choices=DTYPES)
     serve.add_argument("--device", help=f"{', '.join(DEVICES)} or cuda:N (KIND_GPU instances use Triton's GPU)")
     serve.add_argument("--quantization", choices=QUANTIZATIONS)
+    serve.add_argument("--instance-kind", choices=INSTANCE_KINDS,
+                       help="gpu: the computing stages' KIND_GPU configs, one vision instance per GPU "
+                            "(default: BLIP2_INSTANCE_KIND, else cpu)")
     serve.add_argument("--http-port", type=int)
     serve.add_argument("--grpc-port", type=int)
     serve.add_argument("--metrics-port", type=int)

@@ -1,6 +1,7 @@
 """Repository text generated from code, between `>>> generated: <block>` and `<<< generated` comment lines: the
 inputs the ensembles, stream front ends and LLM stages share (config.pbtxt, from `serving.tensors.LLM_INPUTS` and
-`serving.control.CONTROL_INPUTS`) and README's settings tables (from `ServerOptions` and `LaunchSettings`).
+`serving.control.CONTROL_INPUTS`) and README's settings tables (from `ServerOptions` and `LaunchSettings`). Whole
+files too: each computing stage's `configs/gpu.pbtxt`, its config.pbtxt with KIND_GPU instances.
 `python -m blip2_triton.generated --write` rewrites them; `--check` (run by a unit test) fails when a file
 differs."""
 
@@ -15,7 +16,7 @@ from pathlib import Path
 from .options import ServerOptions
 from .serving.control import CONTROL_INPUTS
 from .serving.tensors import CONTROL_DTYPES, LLM_INPUTS
-from .supervisor.settings import PACKAGE_ROOT, LaunchSettings
+from .supervisor.settings import GPU_CONFIG_NAME, PACKAGE_ROOT, LaunchSettings
 
 TRITON_TYPES = {"int32": "TYPE_INT32", "float32": "TYPE_FP32", "uint64": "TYPE_UINT64"}
 COMMENTS = {
@@ -67,6 +68,40 @@ FILES = {**_OPT, **{p.replace("repository/blip2", "repository_t5/blip2_t5"): b f
          "README.md": ("options", "launch_settings")}
 
 
+CPU_GROUP = "instance_group [ { count: 1 kind: KIND_CPU } ]"
+PER_GPU = ("instance_group [ { count: 1 kind: KIND_GPU } ]",
+           "One instance on each GPU Triton sees, each on the GPU Triton assigns it (`model_instance_device_id`;\n"
+           "`device` is not read): a 4-GPU node runs four.")
+FIRST_GPU = ("instance_group [ { count: 1 kind: KIND_GPU gpus: [ 0 ] } ]",
+             "Exactly one instance, on the first GPU Triton sees: it owns the engine and the only copy of the LLM\n"
+             "weights, and the stream front end's polls must reach the instance that holds their job (streams live\n"
+             "in that process). The LLM scales out with replicas, not with the GPUs of a node.")
+# The computing stages' GPU variants: (instance group, why), by model directory.
+GPU_VARIANTS: dict[str, tuple[str, str]] = {
+    "model_repository/blip2_vision": PER_GPU, "model_repository/blip2_llm": FIRST_GPU,
+    "model_repository_t5/blip2_t5_vision": PER_GPU, "model_repository_t5/blip2_t5_llm": FIRST_GPU,
+    "model_repository_itm/blip2_itm_vision": PER_GPU, "model_repository_itm/blip2_itm_text": PER_GPU,
+    "model_repository_itm/blip2_itm_match_head": PER_GPU,
+}
+
+
+def gpu_variant(config: str, group: str, why: str) -> str:
+    """`config` (a config.pbtxt's text) with `group`, under the comment `why`, for its one KIND_CPU instance group
+    and the comment above it."""
+    lines = config.splitlines(keepends=True)
+    found = [i for i, line in enumerate(lines) if line.strip() == CPU_GROUP]
+    if len(found) != 1:
+        raise ValueError(f"expected one line {CPU_GROUP!r}, found {len(found)}")
+    end = start = found[0]
+    while start > 0 and lines[start - 1].startswith("#"):
+        start -= 1
+    lines[start:end + 1] = [f"# {line}\n" for line in why.splitlines()] + [group + "\n"]
+    header = (f"# GENERATED from ../config.pbtxt by `python -m blip2_triton.generated --write`: edit that file.\n"
+              f"# Read instead of config.pbtxt when tritonserver runs with --model-config-name={GPU_CONFIG_NAME} "
+              "(BLIP2_INSTANCE_KIND=gpu).\n\n")
+    return header + "".join(lines)
+
+
 def render(text: str) -> str:
     return REGION.sub(lambda m: m["head"] + "".join(f"{m['indent']}{line}\n" for line in BLOCKS[m["block"]]())
                       + m["tail"], text)
@@ -86,6 +121,21 @@ def sync(root: Path, *, write: bool) -> list[str]:
                 path.write_text(render(text), encoding="utf-8")
             else:
                 problems.append(f"{relative}: out of date; run python -m blip2_triton.generated --write")
+    for model, (group, why) in GPU_VARIANTS.items():
+        target = root / model / "configs" / f"{GPU_CONFIG_NAME}.pbtxt"
+        try:
+            # From the rendered source: its generated blocks as they will be after `--write`.
+            expected = gpu_variant(render((root / model / "config.pbtxt").read_text(encoding="utf-8")), group, why)
+        except ValueError as e:
+            problems.append(f"{model}/config.pbtxt: {e}")
+            continue
+        if target.exists() and target.read_text(encoding="utf-8") == expected:
+            continue
+        if write:
+            target.parent.mkdir(exist_ok=True)
+            target.write_text(expected, encoding="utf-8")
+        else:
+            problems.append(f"{target.relative_to(root)}: out of date; run python -m blip2_triton.generated --write")
     return problems
 
 

@@ -82,10 +82,11 @@ class ServerOptions:
                                f"{BENCHMARK}#packed-weights-and-cores-split-between-the-stages-d1b5313-03f4e72))")
     compute_lock_file: str = option("", "lock file the stage processes of a host share",
                                     shown="`blip2-triton-compute-<uid>.lock` in the temp directory")
-    cuda_graphs: str = option("off", "LLM stage, OPT checkpoints: decoding steps on fixed buffers, replayed from CUDA "
-                              "graphs on a GPU. `auto`: on for CUDA, float16/bfloat16, not quantized; `on`: also the "
-                              "fixed-buffer step on CPU (eager), refuse to start where it cannot apply; `off` (default "
-                              "until measured on a GPU)")
+    cuda_graphs: str = option("off", "fixed buffers, replayed from CUDA graphs on a GPU: the LLM stage's decoding "
+                              "steps (OPT checkpoints) and the vision stage's forward per batch bucket (1, 2, 4, ..., "
+                              "32 images, a batch padded up to its bucket). `auto`: on for CUDA, float16/bfloat16, not "
+                              "quantized; `on`: also the fixed-buffer path on CPU (eager), refuse to start where it "
+                              "cannot apply; `off` (default until measured on a GPU)")
     cudnn_attention: str = option("off", "LLM stage on CUDA, process-wide: `on` lets PyTorch pick cuDNN attention, "
                                   "slow with the in-flight batch's shape changing every step ([GPU check]("
                                   f"{BENCHMARK}#gpu-check-benchgpu_checkpy))")

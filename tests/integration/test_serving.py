@@ -105,6 +105,15 @@ def test_beam_search_matches_hf(triton_server, sample_images, reference) -> None
     assert got == reference(data, None, 10, num_beams=3)
 
 
+def test_both_stages_report_their_cuda_graph_memory(triton_server) -> None:
+    # One metric family registered from the LLM and the vision stage processes; nothing is captured on CPU.
+    with urllib.request.urlopen(triton_server.metrics_url, timeout=10) as r:
+        metrics = r.read().decode()
+    held = {m.group(1): float(m.group(2))
+            for m in re.finditer(r'^blip2_cuda_graph_bytes\{[^}]*model="(\w+)"[^}]*\} (\S+)$', metrics, re.M)}
+    assert held == {"blip2_vision": 0, "blip2_llm": 0, "blip2_t5_vision": 0, "blip2_t5_llm": 0}
+
+
 def _split_counts(model_dir: Path) -> tuple[int, int]:
     full = Blip2ForConditionalGeneration.from_pretrained(model_dir)
     vision = sum(p.numel() for n, p in full.named_parameters() if not n.startswith("language_model."))

@@ -7,7 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from packaging.version import Version
 
 from blip2_triton.options import ITM_ENV_PREFIX, T5_ENV_PREFIX, ServerOptions, env_var
 from blip2_triton.supervisor import LaunchSettings, TritonInstall, free_port, tritonserver_command
-from blip2_triton.supervisor.settings import REPOSITORY_ROOTS
+from blip2_triton.supervisor.settings import GPU_CONFIG_NAME, REPOSITORY_ROOTS, LauncherError
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
@@ -641,6 +641,54 @@ def test_container_runs_the_launchers_command_line(tmp_path: Path) -> None:
     assert {"model-repository", "shared-memory"} <= set(apis.split(",")) and header == "triton-admin-key=s3cret"
     # Extra flags last, the variable's before the container's arguments, so either can override ours.
     assert argv[-3:] == ["--buffer-manager-thread-count=2", "--http-thread-count=8", "--log-verbose=1"]
+
+
+def test_instance_kind_gpu_selects_the_gpu_model_configs(tmp_path: Path) -> None:
+    from blip2_triton import cli
+
+    def config_names(settings: LaunchSettings) -> list[str]:
+        return flag(tritonserver_command(settings, INSTALL), "model-config-name")
+
+    assert SERVING.instance_kind == "cpu" and config_names(SERVING) == []
+    assert config_names(LaunchSettings.from_env({"BLIP2_INSTANCE_KIND": "gpu"})) == [GPU_CONFIG_NAME]
+    given = {k: v for k, v in vars(cli.build_parser().parse_args(["serve", "--instance-kind", "gpu"])).items()
+             if k not in ("command", "func")}
+    assert config_names(replace(SERVING, **given)) == [GPU_CONFIG_NAME]
+    # An operator's own config name passes through on CPU instances, and is refused beside the GPU one.
+    own = ("--model-config-name=h100",)
+    assert config_names(LaunchSettings(extra_args=own)) == ["h100"]
+    with pytest.raises(LauncherError, match="instance_kind=gpu selects --model-config-name=gpu; the extra"):
+        tritonserver_command(LaunchSettings(instance_kind="gpu", extra_args=own), INSTALL)
+    with pytest.raises(LauncherError, match="instance_kind must be one of cpu, gpu, got 'tpu'"):
+        LaunchSettings.from_env({"BLIP2_INSTANCE_KIND": "tpu"})
+    # The container's entrypoint passes the variable through the launcher.
+    argv, _ = container_argv(tmp_path, BLIP2_INSTANCE_KIND="gpu")
+    assert flag(argv, "model-config-name") == [GPU_CONFIG_NAME]
+
+
+def dockerfile_stage_env() -> dict[str, dict[str, str]]:
+    """ENV of each build stage by name, its own lines only."""
+    stages: dict[str, dict[str, str]] = {}
+    current = ""
+    for line in dockerfile().splitlines():
+        if line.startswith("FROM "):
+            current = line.split()[-1]
+            stages[current] = {}
+        elif line.startswith("ENV "):
+            stages[current].update(dict(re.findall(r"(\w+)=(\S*)", line)))
+    return stages
+
+
+def test_gpu_artefacts_run_the_stages_as_kind_gpu_instances() -> None:
+    stages = dockerfile_stage_env()
+    assert stages["torch-gpu"]["BLIP2_INSTANCE_KIND"] == "gpu"
+    assert all("BLIP2_INSTANCE_KIND" not in stages[name] for name in ("base", "torch-cpu", "runtime"))
+    services = triton_services()
+    assert services["triton"]["environment"]["BLIP2_INSTANCE_KIND"] == "${BLIP2_INSTANCE_KIND:-gpu}"
+    assert "BLIP2_INSTANCE_KIND" not in services["triton-cpu"]["environment"]
+    for overlay in OVERLAYS:
+        kind = LaunchSettings.from_env(pod_env(render(overlay))).instance_kind
+        assert kind == ("gpu" if overlay in GPU_OVERLAYS else "cpu"), overlay
 
 
 def test_container_defaults_and_unguessable_admin_key(tmp_path: Path) -> None:

@@ -32,6 +32,16 @@ def test_cpu_smoke_run_reports_latency_throughput_and_hf_identical_text(gpu_chec
     assert mixed["static"]["requests_per_s"] > 0 and mixed["inflight"]["requests_per_s"] > 0
     assert report["shapes"] == "tiny" and report["dtype"] == "float32"
     assert out.read_text().strip().startswith("{")
+    vision = report["vision_graphs"]
+    # On CPU `on` is the fixed-buffer forward run eagerly: no graphs, and the embeddings of the eager path.
+    assert vision["graphs"] is False and vision["graph_bytes"] == 0
+    for mode in ("off", "on"):
+        assert set(vision[mode]) == {"batch_1", "batch_32"}
+        assert all(entry["runs"] == 2 and entry["ms_per_image"] > 0 for entry in vision[mode].values())
+    assert set(vision["on_over_off_per_image"]) == {"batch_1", "batch_32"}
+    diffs = vision["max_abs_diff_vs_eager"]
+    assert set(diffs) == {"batch_1", "batch_5", "batch_32"} and all(d <= 1e-5 for d in diffs.values()), diffs
+    assert vision["max_abs_embedding"] > 0
 
 
 def test_cuda_requested_without_a_gpu_is_a_clear_usage_error(gpu_check, capsys: pytest.CaptureFixture[str]) -> None:

@@ -98,10 +98,13 @@ def test_stage_models_batch_dynamically_and_stay_thin() -> None:
 def test_llm_stages_run_exactly_one_instance() -> None:
     # Streams live in the LLM stage's process: a second instance would receive polls for jobs it does not hold
     # (and load a second copy of the weights).
-    t5 = REPO.parent / "model_repository_t5" / "blip2_t5_llm" / "config.pbtxt"
-    for config in (_read("blip2_llm"), t5.read_text()):
+    for model in ("model_repository/blip2_llm", "model_repository_t5/blip2_t5_llm"):
+        config, gpu = ((REPO.parent / model / name).read_text() for name in ("config.pbtxt", "configs/gpu.pbtxt"))
         assert re.findall(r"instance_group \[ \{ count: (\d+)", config) == ["1"]
         assert "model_transaction_policy" not in config
+        # On GPUs too: one instance, pinned to the first GPU rather than one per GPU.
+        assert re.findall(r"^instance_group .*$", gpu, re.M) == [
+            "instance_group [ { count: 1 kind: KIND_GPU gpus: [ 0 ] } ]"]
 
 
 def test_generated_text_is_up_to_date() -> None:
@@ -110,12 +113,20 @@ def test_generated_text_is_up_to_date() -> None:
     assert sync(REPO.parent, write=False) == []
 
 
-def test_a_hand_edited_block_is_caught(tmp_path: Path) -> None:
-    from blip2_triton.generated import FILES, sync
+def _copy_generated(root: Path) -> None:
+    """The repository's generated files and their sources, under `root`."""
+    from blip2_triton.generated import FILES, GPU_VARIANTS
 
-    for relative in FILES:
-        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / relative).write_text((REPO.parent / relative).read_text())
+    for relative in [*FILES, *(f"{model}/{name}" for model in GPU_VARIANTS
+                              for name in ("config.pbtxt", "configs/gpu.pbtxt"))]:
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_text((REPO.parent / relative).read_text())
+
+
+def test_a_hand_edited_block_is_caught(tmp_path: Path) -> None:
+    from blip2_triton.generated import sync
+
+    _copy_generated(tmp_path)
     llm = tmp_path / "model_repository_t5" / "blip2_t5_llm" / "config.pbtxt"
     llm.write_text(llm.read_text().replace('"seed" data_type: TYPE_UINT64', '"seed" data_type: TYPE_INT64'))
     ensemble = tmp_path / "model_repository" / "blip2" / "config.pbtxt"
@@ -127,6 +138,47 @@ def test_a_hand_edited_block_is_caught(tmp_path: Path) -> None:
     ]
     assert sync(tmp_path, write=True) == sync(tmp_path, write=False) == [sync(tmp_path, write=False)[0]]
     assert llm.read_text() == (REPO.parent / "model_repository_t5" / "blip2_t5_llm" / "config.pbtxt").read_text()
+
+
+def _settings(config: str) -> list[str]:
+    return [line for line in config.splitlines()
+            if line and not line.startswith("#") and not line.startswith("instance_group")]
+
+
+def test_gpu_configs_are_the_configs_with_kind_gpu_instances(tmp_path: Path) -> None:
+    from blip2_triton.generated import GPU_VARIANTS, sync
+
+    # Every computing stage (a Python model, not a stream front end) has a GPU variant, and nothing else has one.
+    stages = {str(p.parent.relative_to(REPO.parent)) for p in REPO.parent.glob("model_repository*/*/config.pbtxt")
+              if 'backend: "python"' in p.read_text() and not p.parent.name.endswith("_stream")}
+    assert set(GPU_VARIANTS) == stages
+    variants = REPO.parent.glob("model_repository*/*/configs/*")
+    assert {str(p.parent.parent.relative_to(REPO.parent)) for p in variants} == stages
+    for model in stages:
+        config = (REPO.parent / model / "config.pbtxt").read_text()
+        gpu = (REPO.parent / model / "configs" / "gpu.pbtxt").read_text()
+        assert "kind: KIND_CPU" in config and "KIND_CPU" not in gpu and "count: 1 kind: KIND_GPU" in gpu
+        # Only the instance group and the comments differ.
+        assert _settings(config) == _settings(gpu), model
+    # A hand-edited or missing variant is caught and rewritten; a config without its KIND_CPU group is reported.
+    _copy_generated(tmp_path)
+    assert sync(tmp_path, write=False) == []
+    vision = tmp_path / "model_repository" / "blip2_vision" / "configs" / "gpu.pbtxt"
+    vision.write_text(vision.read_text().replace("count: 1 kind: KIND_GPU", "count: 2 kind: KIND_GPU"))
+    (tmp_path / "model_repository_itm" / "blip2_itm_text" / "configs" / "gpu.pbtxt").unlink()
+    head = tmp_path / "model_repository_itm" / "blip2_itm_match_head" / "config.pbtxt"
+    head.write_text(head.read_text().replace("kind: KIND_CPU", "kind: KIND_MODEL"))
+    assert sync(tmp_path, write=False) == [
+        "model_repository/blip2_vision/configs/gpu.pbtxt: out of date; run python -m blip2_triton.generated --write",
+        "model_repository_itm/blip2_itm_text/configs/gpu.pbtxt: out of date; run python -m blip2_triton.generated "
+        "--write",
+        "model_repository_itm/blip2_itm_match_head/config.pbtxt: expected one line 'instance_group [ { count: 1 "
+        "kind: KIND_CPU } ]', found 0",
+    ]
+    sync(tmp_path, write=True)
+    for model in ("model_repository/blip2_vision", "model_repository_itm/blip2_itm_text"):
+        assert (tmp_path / model / "configs" / "gpu.pbtxt").read_text() == (
+            REPO.parent / model / "configs" / "gpu.pbtxt").read_text()
 
 
 def test_config_parameters_only_where_a_model_differs() -> None:

@@ -10,6 +10,7 @@ import torch
 
 from ..checkpoint import LoadedStage, load_stage
 from ..compute_lock import ComputeLock
+from ..cuda_graphs import fixed_buffers
 from ..errors import ConfigurationError, InvalidRequestError
 from ..options import ServerOptions
 from ..requests import GenerationRequest
@@ -73,16 +74,10 @@ class LanguageStage:
         self.sampler = Sampler(gen.repetition_penalty)
 
     def _fixed_buffers(self) -> bool:
-        mode = self.options.cuda_graphs
-        if mode == "off":
+        if self.options.cuda_graphs == "off":
             return False
         reason = static.supports(self.lm) if self.decoder_only else "encoder-decoder LMs are generated whole"
-        if mode == "on":
-            if reason is not None:
-                raise ConfigurationError(f"cuda_graphs=on: {reason}")
-            return True
-        half = self.loaded.dtype in (torch.float16, torch.bfloat16)
-        return reason is None and self.device.type == "cuda" and half
+        return fixed_buffers(self.options.cuda_graphs, reason=reason, device=self.device, dtype=self.loaded.dtype)
 
     @property
     def embeds_shape(self) -> tuple[int, int]:

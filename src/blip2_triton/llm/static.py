@@ -15,13 +15,13 @@ operations.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import OPTForCausalLM
 
+from ..cuda_graphs import GraphPool, bucket, quantized
 from .batch import BatchState, Prefilled
 from .kv_cache import fill_holes
 from .runner import ModelRunner
@@ -37,13 +37,9 @@ def supports(lm: torch.nn.Module) -> str | None:
     """Why the fixed-buffer step cannot serve `lm`, or None."""
     if not isinstance(lm, OPTForCausalLM):
         return f"the fixed-buffer decoding step covers OPT language models, got {type(lm).__name__}"
-    if any(type(m).__module__.startswith("bitsandbytes") for m in lm.modules()):
+    if quantized(lm):
         return "the fixed-buffer decoding step does not cover bitsandbytes-quantized layers"
     return None
-
-
-def bucket(value: int, buckets: tuple[int, ...]) -> int:
-    return next(b for b in buckets if b >= value)
 
 
 class StaticBatchState:
@@ -120,13 +116,16 @@ class StaticBatchState:
 class StaticDecoder:
     """OPT's decoding step over a `StaticBatchState`, per (rows, columns) bucket; replayed from CUDA graphs on CUDA."""
 
-    def __init__(self, lm: OPTForCausalLM, *, graphs: bool) -> None:
+    def __init__(self, lm: OPTForCausalLM, *, graphs: bool, device: torch.device) -> None:
         self.lm = lm
         self.decoder = lm.get_decoder()
         self.graphs = graphs
         self._captured: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._pool: Any = None
-        self.graph_bytes = 0
+        self.pool = GraphPool(device)
+
+    @property
+    def graph_bytes(self) -> int:
+        return self.pool.nbytes
 
     @torch.inference_mode()
     def __call__(self, batch: StaticBatchState) -> torch.Tensor:
@@ -139,27 +138,11 @@ class StaticDecoder:
     def _replay(self, batch: StaticBatchState, rows: int, columns: int) -> torch.Tensor:
         key = (rows, columns)
         if key not in self._captured:
-            self._captured[key] = self._capture(lambda: self._step(batch, rows, columns), key)
+            self._captured[key] = self.pool.capture(lambda: self._step(batch, rows, columns),
+                                                    f"the decoding step for {rows} rows x {columns} columns")
         graph, logits = self._captured[key]
-        graph.replay()
+        self.pool.replay(graph)
         return logits
-
-    def _capture(self, step: Callable[[], torch.Tensor], key: tuple[int, int]
-                 ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        # Warm up on a side stream (lazy initialisation must not be captured), then capture into a shared pool.
-        before = torch.cuda.memory_reserved()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = step()
-        self._pool = graph.pool()
-        self.graph_bytes += max(0, torch.cuda.memory_reserved() - before)
-        log.info("captured the decoding step for %d rows x %d columns (graphs hold %d bytes)", *key, self.graph_bytes)
-        return graph, logits
 
     def _step(self, batch: StaticBatchState, rows: int, columns: int) -> torch.Tensor:
         """One token for every slot of the bucket (slots past the batch compute on zeros and are never read)."""
@@ -214,7 +197,7 @@ class StaticRunner(ModelRunner):
     def __init__(self, lm: torch.nn.Module, *, capacity: int, graphs: bool, **kwargs: Any) -> None:
         super().__init__(lm, **kwargs)
         self.capacity = capacity
-        self.decoder = StaticDecoder(lm, graphs=graphs)  # type: ignore[arg-type]
+        self.decoder = StaticDecoder(lm, graphs=graphs, device=self.device)  # type: ignore[arg-type]
         # The step and a prefill each project on their own: the step's shapes must not depend on admissions.
         self._decoder = None
 

@@ -82,6 +82,11 @@ class CacheMetrics:
                 self.metrics.set(f"{self.prefix}_{name}", getattr(stats, name))
 
 
+# Set by the LLM stage (its decoding steps) and the vision stage (its forward per batch bucket), each under its model
+# label; one description, as processes registering one family must agree on it.
+CUDA_GRAPH_BYTES = ("blip2_cuda_graph_bytes", "GPU memory held by a stage's captured CUDA graphs (LLM: decoding "
+                    "steps; vision: the forward per batch bucket)", "GAUGE")
+
 TTFT_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 DURATION_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -103,7 +108,7 @@ class EngineMetrics:
             ("blip2_waiting_sequences", "Sequences waiting for a slot in the LLM stage's running batch", "GAUGE"),
             ("blip2_kv_cache_bytes",
              "Bytes of the in-flight engine's KV-cache buffers (spare rows and columns included)", "GAUGE"),
-            ("blip2_cuda_graph_bytes", "GPU memory held by the LLM stage's captured decoding-step graphs", "GAUGE"),
+            CUDA_GRAPH_BYTES,
             ("blip2_engine_queue_us_total",
              "Time sequences waited for a slot in the running batch, summed (÷ admitted = mean)", "COUNTER"),
             ("blip2_engine_admitted_total", "Sequences admitted into the running batch", "COUNTER"),
@@ -130,7 +135,7 @@ class EngineMetrics:
         self.metrics.set("blip2_kv_cache_bytes", nbytes)
 
     def on_graphs(self, nbytes: int) -> None:
-        self.metrics.set("blip2_cuda_graph_bytes", nbytes)
+        self.metrics.set(CUDA_GRAPH_BYTES[0], nbytes)
 
     def on_admitted(self, waited_s: float) -> None:
         self.metrics.increment("blip2_engine_queue_us_total", int(waited_s * 1e6))

@@ -124,10 +124,14 @@ class _PipelineModel(StageModel):
                                for (prefix, what), cache in self.caches()]
         self._export_cache_metrics()
         config = json.loads(args["model_config"])
+        max_batch = int(config.get("max_batch_size") or 16)
+        self.warm_up(max_batch)
         threads = self.options.decode_threads or min(8, max(2, available_cores()))
-        self.pipeline = VisionPipeline(self.stage, decode_threads=threads,
-                                       max_batch=int(config.get("max_batch_size") or 16),
+        self.pipeline = VisionPipeline(self.stage, decode_threads=threads, max_batch=max_batch,
                                        on_batch=self._export_cache_metrics)
+
+    def warm_up(self, max_batch: int) -> None:
+        """Before serving, with the batch size Triton may send."""
 
     def _export_cache_metrics(self) -> None:
         for metrics, cache in self._cache_metrics:
@@ -163,6 +167,13 @@ class VisionModel(_PipelineModel):
         from ..vision import VisionStage
 
         self.stage = VisionStage(options)
+
+    def warm_up(self, max_batch: int) -> None:
+        from .metrics import CUDA_GRAPH_BYTES
+
+        self.stage.warm_up(max_batch)
+        self.metrics.add(*CUDA_GRAPH_BYTES)
+        self.metrics.set(CUDA_GRAPH_BYTES[0], self.stage.graph_bytes)
 
     def caches(self) -> list[tuple[CacheMetricsSpec, Any]]:
         return [(EMBEDDING_CACHE_METRICS, self.stage.cache)]

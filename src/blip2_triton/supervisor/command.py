@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 from ..options import DEFAULT_ENV_PREFIX, ITM_ENV_PREFIX, T5_ENV_PREFIX, env_var
 from .install import TritonInstall
-from .settings import LaunchSettings
+from .settings import GPU_CONFIG_NAME, LauncherError, LaunchSettings
 
 # Triton's admin APIs: model load/unload and repository index, shared-memory registration, trace and log
 # settings. Inference callers must not reach them; Triton cannot switch them off, only require a header.
@@ -43,6 +43,11 @@ def tritonserver_command(settings: LaunchSettings, install: TritonInstall) -> li
         cmd.append(f"--metrics-address={settings.metrics_host or '0.0.0.0'}")  # noqa: S104  (Prometheus scrapes it)
     if install.backend_directory is not None:
         cmd.append(f"--backend-directory={install.backend_directory}")
+    if settings.instance_kind == "gpu":
+        if any(a.startswith("--model-config-name") for a in settings.extra_args):
+            raise LauncherError("instance_kind=gpu selects --model-config-name=gpu; the extra tritonserver flags "
+                                "name a model config of their own: drop one of them")
+        cmd.append(f"--model-config-name={GPU_CONFIG_NAME}")
     own_restrictions = any(a.startswith(("--http-restricted-api", "--grpc-restricted-protocol"))
                            for a in settings.extra_args)
     if settings.restrict_admin_apis and not own_restrictions:

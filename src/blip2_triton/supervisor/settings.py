@@ -16,6 +16,10 @@ from ..options import ServerOptions
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 # Source checkout first (<root>/src/blip2_triton -> <root>/...), then the container image's copy.
 REPOSITORY_ROOTS = (PACKAGE_ROOT.parent.parent, Path("/opt/blip2"))
+INSTANCE_KINDS = ("cpu", "gpu")
+# `<model>/configs/gpu.pbtxt`: the computing stages' KIND_GPU variants (generated from their config.pbtxt), read
+# instead of config.pbtxt under `--model-config-name`; models without one keep their config.pbtxt.
+GPU_CONFIG_NAME = "gpu"
 
 
 class LauncherError(RuntimeError):
@@ -82,6 +86,11 @@ class LaunchSettings:
                              secret=True)
     extra_args: tuple[str, ...] = setting((), "BLIP2_TRITON_ARGS", "extra `tritonserver` flags, shell-split",
                                           shown="none")
+    instance_kind: str = setting("cpu", "BLIP2_INSTANCE_KIND", "`cpu`: the models' `config.pbtxt` (KIND_CPU: each "
+                                 "stage one instance, on `BLIP2_DEVICE`); `gpu`: the computing stages' "
+                                 "`configs/gpu.pbtxt` (`--model-config-name=gpu`, KIND_GPU): one vision and retrieval "
+                                 "stage instance per GPU, on the GPU Triton assigns it, and the LLM stages' one "
+                                 "instance on the first GPU (`serve --instance-kind`; the GPU image sets `gpu`)")
     watchdog: bool = setting(True, "BLIP2_WATCHDOG", "end the server when a stage's stub process dies; `0`: off",
                              shown="`1`")
     # Stage settings passed to tritonserver's environment: the OPT and FlanT5 checkpoints (None: as the
@@ -111,6 +120,8 @@ class LaunchSettings:
         unknown = set(self.options) - ({f.name for f in fields(ServerOptions)} - {"model_id"})
         if unknown:
             raise LauncherError(f"options: not stage options: {sorted(unknown)} (model ids have their own fields)")
+        if self.instance_kind not in INSTANCE_KINDS:
+            raise LauncherError(f"instance_kind must be one of {', '.join(INSTANCE_KINDS)}, got {self.instance_kind!r}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: Any) -> LaunchSettings:

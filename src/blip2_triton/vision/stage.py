@@ -10,18 +10,25 @@ import torch
 
 from ..checkpoint import LoadedStage, load_stage
 from ..compute_lock import ComputeLock
+from ..cuda_graphs import fixed_buffers, quantized
 from ..embedding_cache import EmbeddingCache
-from ..errors import InvalidRequestError
+from ..errors import ConfigurationError, InvalidRequestError
 from ..options import ServerOptions
 from ..requests import ImageRequest
+from .graphs import BucketedForward
 from .images import decode_image
 
 log = logging.getLogger(__name__)
+
+QUANTIZED = "the vision stage's fixed-buffer forward does not cover bitsandbytes-quantized layers"
 
 
 class VisionStage:
     def __init__(self, options: ServerOptions, loaded: LoadedStage | None = None) -> None:
         self.options = options
+        if options.cuda_graphs == "on" and options.quantization != "none":
+            # Refused before loading: the load itself may need a GPU or bitsandbytes this host lacks.
+            raise ConfigurationError(f"cuda_graphs=on: {QUANTIZED}")
         self.loaded = loaded or load_stage("vision", options)
         self.model = self.loaded.model
         self.image_processor = self.loaded.processor.image_processor
@@ -32,6 +39,26 @@ class VisionStage:
         self.compute = ComputeLock.for_stage(options.compute_lock, options.compute_lock_file)
         if self.cache.enabled:
             log.info("embedding cache: up to %d bytes", self.cache.max_bytes)
+        self.fixed: BucketedForward | None = None
+        device = self.loaded.device
+        reason = QUANTIZED if quantized(self.model) else None
+        if fixed_buffers(options.cuda_graphs, reason=reason, device=device, dtype=self.loaded.dtype):
+            size = int(config.vision_config.image_size)
+            channels = int(self.model.vision_model.embeddings.patch_embedding.in_channels)
+            self.fixed = BucketedForward(self._features, pixel_shape=(channels, size, size), device=device,
+                                         graphs=device.type == "cuda")
+            log.info("vision forward on fixed buffers per batch bucket (%s)",
+                     "CUDA graphs" if self.fixed.graphs else "eager, no CUDA device")
+
+    def warm_up(self, max_rows: int) -> None:
+        """Captures the CUDA graphs of every batch bucket up to `max_rows` now (nothing without graphs)."""
+        if self.fixed is not None:
+            self.fixed.capture(max_rows)
+
+    @property
+    def graph_bytes(self) -> int:
+        """GPU memory held by the captured forward graphs."""
+        return self.fixed.graph_bytes if self.fixed is not None else 0
 
     @property
     def model_identity(self) -> str:
@@ -70,10 +97,16 @@ class VisionStage:
                 self.cache.put(key, emb)
         return embeds
 
+    def _features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values=pixel_values).pooler_output
+
     @torch.inference_mode()
     def embed_pixels(self, pixel_values: torch.Tensor) -> np.ndarray:
         with self.compute:
-            features = self.model.get_image_features(pixel_values=pixel_values.to(self.loaded.device)).pooler_output
+            if self.fixed is not None:
+                features = self.fixed(pixel_values)
+            else:
+                features = self._features(pixel_values.to(self.loaded.device))
         # Transported as FP32 between stages: exact for fp16/bf16 values, so the LLM stage casts back losslessly.
         return features.float().cpu().numpy()
 
