@@ -246,31 +246,12 @@ def inflight_latency(llm: Any, embeds: list[Any], tokens: int, runs: int) -> lis
 def decode_step_costs(llm: Any, embeds: list[Any], rows: int, device: torch.device, steps: int = 20
                       ) -> dict[str, float]:
     """Median ms of one decoding step on the engine's KV buffers, for 1 and `rows` rows, unpadded and padded."""
-    from blip2_triton.llm.batch import BatchState
     from blip2_triton.requests import GenerationRequest
 
     def step_ms(prompts: list[str]) -> float:
         seqs = [llm.prepare(GenerationRequest(query_embeds=embeds[i % len(embeds)], prompt=p, max_tokens=steps + 1))
                 for i, p in enumerate(prompts)]
-        with torch.inference_mode():
-            prefilled = llm.runner.prefill(seqs)
-            batch = BatchState(max_rows=len(prompts))
-            tokens = prefilled.logits.argmax(-1).tolist()
-            times = []
-            for step in range(steps + 1):
-                for seq, token in zip(seqs, tokens, strict=True):
-                    seq.generated.append(token)
-                    seq.next_token = token
-                if step == 0:
-                    batch.merge(seqs, prefilled)
-                    continue
-                batch.begin_step()
-                _sync(device)
-                t = time.perf_counter()
-                logits = llm.runner.decode(batch)
-                tokens = logits.argmax(-1).tolist()  # reads the result back, as every scheduler does
-                times.append(time.perf_counter() - t)
-        return round(statistics.median(times[2:]) * 1e3, 2)
+        return round(statistics.median(_step_times(llm, seqs, steps, device)[2:]) * 1e3, 2)
 
     short = MIXED_PROMPT
     mixed = [short, short + " Describe it in a few words."] * (rows // 2) + [short] * (rows % 2)
@@ -486,9 +467,14 @@ def step_ms(llm: Any, embeds: list[Any], rows: int, cached: int, device: torch.d
     prompt = "Question: " + "what " * words + "is it? Answer:"
     seqs = [llm.prepare(GenerationRequest(query_embeds=embeds[i % len(embeds)], prompt=prompt, max_tokens=steps + 1))
             for i in range(rows)]
+    return round(statistics.median(_step_times(llm, seqs, steps, device)[2:]) * 1e3, 3)
+
+
+def _step_times(llm: Any, seqs: list[Any], steps: int, device: torch.device) -> list[float]:
+    """Seconds of each of `steps` decoding steps of `seqs` on the runner's own batch state, after their prefill."""
     with torch.inference_mode():
         prefilled = llm.runner.prefill(seqs)
-        batch = llm.runner.new_batch(max_rows=rows)
+        batch = llm.runner.new_batch(max_rows=len(seqs))
         tokens = prefilled.logits.argmax(-1).tolist()
         times = []
         for step in range(steps + 1):
@@ -503,7 +489,7 @@ def step_ms(llm: Any, embeds: list[Any], rows: int, cached: int, device: torch.d
             t = time.perf_counter()
             tokens = llm.runner.decode(batch).argmax(-1).tolist()  # the one read back every scheduler makes
             times.append(time.perf_counter() - t)
-    return round(statistics.median(times[2:]) * 1e3, 3)
+    return times
 
 
 def served_latency(vision: Any, llm: Any, images: Any, prompt: str | None, tokens: int, runs: int) -> list[float]:
