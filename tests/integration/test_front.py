@@ -10,9 +10,11 @@ import http.client
 import http.server
 import json
 import logging
+import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -493,6 +495,49 @@ def test_raw_bad_bodies(front: Front) -> None:
     assert "the body is not valid JSON" in response.json()["error"]["message"]
     deep = http.post("/v1/chat/completions", content=b"[" * 1000 + b"]" * 1000)
     assert deep.status_code == 400 and "nesting at most 32 deep, got 1000" in deep.json()["error"]["message"]
+
+
+def test_hundreds_of_streams_cancelled_at_once_leave_the_front_up(triton_server: Any, image: bytes,
+                                                                   tmp_path: Path) -> None:
+    # The front in its own process, as `serve` runs it, so a crash fails this test alone. It used to die of SIGSEGV
+    # here: the access log read the peer of a call the client had cancelled.
+    http_port, grpc_port = free_port(), free_port()
+    log = tmp_path / "front.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "blip2_triton.front", "--triton-http", triton_server.http_hostport,
+         "--triton-grpc", triton_server.grpc_url, "--host", "127.0.0.1", "--http-port", str(http_port),
+         "--grpc-port", str(grpc_port), "--metrics-port", "-1"],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        while not _answers(f"http://127.0.0.1:{http_port}/v2/health/live"):
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        for _ in range(5):
+            clients = []
+            for _ in range(200):
+                client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+                client.start_stream(callback=lambda result, error: None)
+                client.async_stream_infer("blip2_stream", build_inputs(grpcclient, image, max_tokens=256))
+                clients.append(client)
+            time.sleep(1.0)
+            for client in clients:
+                client.stop_stream(cancel_requests=True)
+            for client in clients:
+                client.close()
+            assert process.poll() is None, log.read_text()[-3000:]
+        with Blip2Client(f"127.0.0.1:{grpc_port}", timeout_s=60) as client:
+            assert client.generate(image, VQA, max_tokens=3) == direct(triton_server, image, VQA, max_tokens=3)
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def test_cancelled_stream_stops_generation(front: Front, triton_server: Any, image: bytes) -> None:

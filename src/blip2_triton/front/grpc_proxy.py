@@ -120,7 +120,7 @@ class GrpcProxy(grpc.GenericRpcHandler):
         return remaining if remaining is not None else self.front.settings.request_timeout_s
 
     def _finish(self, rid: str, method: str, model: str | None, code: grpc.StatusCode, start: float, bytes_in: int,
-                context: grpc.aio.ServicerContext, rejected: str | None) -> None:
+                peer: str, rejected: str | None) -> None:
         elapsed = time.perf_counter() - start
         metrics = self.front.metrics
         name = method.rsplit("/", 1)[-1]
@@ -129,12 +129,13 @@ class GrpcProxy(grpc.GenericRpcHandler):
             metrics.rejected.labels("grpc", rejected).inc()
         if self.front.settings.access_log:
             log_access(request_id=rid, protocol="grpc", method="POST", path=method, model=model, status=code.name,
-                       duration_s=elapsed, bytes_in=bytes_in, peer=context.peer())
+                       duration_s=elapsed, bytes_in=bytes_in, peer=peer)
 
     async def _unary(self, method: str, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         rid = request_id(self._incoming(context, "x-request-id"))
         start = time.perf_counter()
         code, model, rejected, held = grpc.StatusCode.OK, None, None, 0
+        peer = context.peer()  # read while the call is live (see _stream)
         metrics = self.front.metrics
         metrics.in_flight.labels("grpc").inc()
         try:
@@ -166,20 +167,23 @@ class GrpcProxy(grpc.GenericRpcHandler):
             if held:
                 self.front.budget.release(held)
             metrics.in_flight.labels("grpc").dec()
-            self._finish(rid, method, model, code, start, len(request), context, rejected)
+            self._finish(rid, method, model, code, start, len(request), peer, rejected)
         raise AssertionError("unreachable: abort raises")
 
     async def _stream(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         rid = request_id(self._incoming(context, "x-request-id"))
         start = time.perf_counter()
         code, models, rejected = grpc.StatusCode.OK, [], None
+        # Read now: grpcio's peer() on a call the client has cancelled reads freed core state (SIGSEGV of the whole
+        # front when hundreds of streams were cancelled at once).
+        peer = context.peer()
         held = bytes_in = 0
         metrics = self.front.metrics
         metrics.in_flight.labels("grpc").inc()
         await context.send_initial_metadata((("x-request-id", rid),))
         if not self.front.authorized(self._incoming(context, "authorization")):
             metrics.in_flight.labels("grpc").dec()
-            self._finish(rid, STREAM, None, grpc.StatusCode.UNAUTHENTICATED, start, 0, context, "auth")
+            self._finish(rid, STREAM, None, grpc.StatusCode.UNAUTHENTICATED, start, 0, peer, "auth")
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "front: missing or wrong API key")
         call = self.upstream_stream(metadata=self._forwarded(context, rid), timeout=self._timeout(context))
         out: asyncio.Queue[Any] = asyncio.Queue()
@@ -230,13 +234,14 @@ class GrpcProxy(grpc.GenericRpcHandler):
             code = grpc.StatusCode.CANCELLED
             raise
         finally:
+            call.cancel()  # stops generation of a stream whose client went away
             for task in tasks:
                 task.cancel()
-            call.cancel()  # stops generation of a stream whose client went away
+            await asyncio.gather(*tasks, return_exceptions=True)  # nothing of this call runs once its handler ends
             self.front.budget.release(held)
             metrics.in_flight.labels("grpc").dec()
             self._finish(rid, STREAM, ",".join(dict.fromkeys(m for m in models if m)) or None, code, start,
-                         bytes_in, context, rejected)
+                         bytes_in, peer, rejected)
 
 
 async def _enumerate(items: AsyncIterator[bytes]) -> AsyncIterator[tuple[int, bytes]]:
