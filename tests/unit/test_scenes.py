@@ -1,0 +1,144 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
+
+from blip2_triton.scenes import (
+    BACKGROUNDS,
+    COLOURS,
+    HELD_OUT_SEED_START,
+    NUMBERS,
+    Scene,
+    make_scene,
+    requests,
+    shipped_model_dir,
+    vqa_prompt,
+)
+
+MAX_NEW_TOKENS = 24
+
+
+def test_a_seed_always_gives_the_same_scene() -> None:
+    for seed in (0, 7, HELD_OUT_SEED_START + 3):
+        a, b = make_scene(seed), make_scene(seed)
+        assert a.image.tobytes() == b.image.tobytes()
+        assert (a.caption, a.qa, a.shapes, a.background) == (b.caption, b.qa, b.shapes, b.background)
+    assert make_scene(1).image.tobytes() != make_scene(2).image.tobytes()
+
+
+def _check_answers(scene: Scene) -> None:
+    shapes = scene.shapes
+    assert 1 <= len(shapes) <= 3
+    assert len({(s.row, s.col) for s in shapes}) == len(shapes)
+    assert len({s.name for s in shapes}) == len(shapes)
+    assert list(shapes) == sorted(shapes, key=lambda s: (s.row, s.col))
+    if len(shapes) == 2:
+        assert shapes[0].row == shapes[1].row or shapes[0].col == shapes[1].col
+    questions = [q for q, _ in scene.qa]
+    assert len(set(questions)) == len(questions)
+    by_name = {s.name: s for s in shapes}
+    for question, answer in scene.qa:
+        assert question.endswith("?")
+        words = question[:-1].split()
+        if question.startswith("what colour is the ") and words[-1] != "background":
+            matching = [s for s in shapes if s.kind == words[-1]]
+            assert [s.colour for s in matching] == [answer], question
+        elif question == "what colour is the background?":
+            assert answer == scene.background
+        elif question.startswith("what shape is the "):
+            matching = [s for s in shapes if s.colour == words[-2]]
+            assert [s.kind for s in matching] == [answer], question
+        elif question == "how many shapes are there?":
+            assert answer == NUMBERS[len(shapes)]
+        elif question.startswith("how many "):
+            assert answer == NUMBERS[sum(f"{s.kind}s" == words[2] for s in shapes)], question
+        elif question.startswith("is there "):
+            assert answer == ("yes" if " ".join(words[-2:]) in by_name else "no"), question
+        elif question.startswith("where is the "):
+            assert answer == by_name[" ".join(words[-2:])].position
+        elif question.startswith("what is "):
+            first, second = shapes
+            relation = " ".join(words[2:-3])
+            assert relation in ("to the left of", "to the right of", "above", "below"), question
+            assert answer == (first.name if relation in ("to the left of", "above") else second.name), question
+        else:
+            raise AssertionError(f"unknown question kind: {question}")
+
+
+def test_every_question_has_exactly_one_answer() -> None:
+    for seed in range(1500):
+        _check_answers(make_scene(seed, size=12))
+
+
+def test_shapes_are_drawn_in_their_own_cells() -> None:
+    # Positions, counts and relations are read off the grid, so a shape's pixels must never reach another cell.
+    for seed in range(HELD_OUT_SEED_START, HELD_OUT_SEED_START + 60):
+        scene = make_scene(seed)
+        pixels = np.asarray(scene.image, dtype=np.float32)
+        cell = pixels.shape[0] // 3
+        background = np.median(pixels.reshape(-1, 3), axis=0)
+        occupied = {(s.row, s.col) for s in scene.shapes}
+        for row in range(3):
+            for col in range(3):
+                block = pixels[row * cell:(row + 1) * cell, col * cell:(col + 1) * cell]
+                changed = float((np.abs(block - background).max(axis=-1) > 30).mean())
+                assert (changed > 0.05) == ((row, col) in occupied), (seed, row, col, changed)
+
+
+def test_scene_colours_stay_apart() -> None:
+    palette = np.array([*COLOURS.values(), *BACKGROUNDS.values()], dtype=np.float32)
+    gaps = np.abs(palette[:, None] - palette[None]).max(axis=-1) + np.eye(len(palette)) * 1e3
+    # Each colour is jittered by at most 22 per channel, so 2 × 22 plus margin keeps every name decidable.
+    assert gaps.min() > 60
+
+
+@pytest.fixture(scope="module")
+def shipped() -> tuple[Blip2ForConditionalGeneration, Blip2Processor]:
+    path = shipped_model_dir()
+    model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    return model, Blip2Processor.from_pretrained(path)
+
+
+def test_the_shipped_checkpoint_is_a_complete_small_blip2(
+        shipped: tuple[Blip2ForConditionalGeneration, Blip2Processor]) -> None:
+    path = shipped_model_dir()
+    model, processor = shipped
+    assert sum(f.stat().st_size for f in path.iterdir()) < 8 * 2**20
+    config = Blip2Config.from_pretrained(path)
+    assert config.text_config.model_type == "opt"
+    assert processor.num_query_tokens == config.num_query_tokens
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == config.image_token_id
+    assert model.generation_config.eos_token_id == processor.tokenizer.eos_token_id
+    record = json.loads((path / "SCENES_MODEL.json").read_text())
+    assert record["caption_exact"] >= 0.9 and record["vqa_exact"] >= 0.9
+
+
+def test_greedy_generate_captions_and_answers_unseen_scenes(
+        shipped: tuple[Blip2ForConditionalGeneration, Blip2Processor]) -> None:
+    model, processor = shipped
+    eos = model.generation_config.eos_token_id
+    results: dict[bool, list[bool]] = {True: [], False: []}
+    misses = []
+    for seed in range(HELD_OUT_SEED_START + 500, HELD_OUT_SEED_START + 530):
+        scene = make_scene(seed)
+        for prompt, expected in requests(scene)[:4]:
+            inputs = processor(images=scene.image, text=prompt, return_tensors="pt")
+            with torch.no_grad():
+                out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+            start = inputs["input_ids"].shape[1] if prompt else model.config.num_query_tokens + 1
+            new = out[0, start:].tolist()
+            # Stops by itself, well before the token budget.
+            assert new[-1] == eos and len(new) <= MAX_NEW_TOKENS // 2, (seed, prompt, new)
+            text = processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+            results[prompt is None].append(text == expected)
+            if text != expected:
+                misses.append((seed, prompt, text, expected))
+    assert np.mean(results[True]) >= 0.9, misses
+    assert np.mean(results[False]) >= 0.9, misses
+    assert len(results[False]) >= 80
+
+
+def test_vqa_prompt_is_the_blip2_form() -> None:
+    assert vqa_prompt("what colour is the circle?") == "Question: what colour is the circle? Answer:"
