@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-unit test-integration lint audit clean
+.PHONY: setup demo test test-unit test-integration lint audit browser clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,10 @@ test-integration: setup
 
 audit: setup
 	bash scripts/audit.sh
+
+# Debian's chromium and chromedriver for the playground's browser test (root or sudo; a no-op when installed).
+browser:
+	bash scripts/install_browser.sh
 
 test: lint
 	$(BIN)/python -m pytest -q -ra tests

@@ -37,20 +37,14 @@ def make_images(n: int, size: int = 224) -> list[bytes]:
 @contextlib.contextmanager
 def local_server(model_id: str | None, protocol: str | None) -> Iterator[str]:
     # Only this path needs the server package; connecting to --url needs the client alone.
-    from blip2_triton.launcher import TritonServer, free_port
+    from blip2_triton.supervisor import LaunchSettings, TritonServer
 
     with tempfile.TemporaryDirectory() as tmp:
         if model_id is None:
             from blip2_triton.tiny import write_tiny_model
 
             model_id = str(write_tiny_model(Path(tmp) / "tiny-blip2-opt"))
-        server = TritonServer(
-            model_id=model_id,
-            http_port=free_port(),
-            grpc_port=free_port(),
-            metrics_port=free_port(),
-            log_path=Path(tmp) / "tritonserver.log",
-        )
+        server = TritonServer(LaunchSettings.on_free_ports(model_id=model_id), log_path=Path(tmp) / "tritonserver.log")
         print(f"starting tritonserver ({model_id}) ...", file=sys.stderr)
         with server:
             yield server.http_url if protocol == "http" else server.grpc_url

@@ -449,7 +449,7 @@ class Stages:
     """Mode b: the serving code's two stages called directly, a whole batch at a time, no Triton."""
 
     def __init__(self, model_dir: Path, cache_bytes: int = 0) -> None:
-        from blip2_triton.generation import LanguageStage
+        from blip2_triton.llm import LanguageStage
         from blip2_triton.options import ServerOptions
         from blip2_triton.vision import VisionStage
 
@@ -713,12 +713,10 @@ def vision_cache_probe_served(served: Served, workloads: Workloads, k: int) -> d
 
 @contextlib.contextmanager
 def server(model_dir: Path, env: dict[str, str], log_path: Path) -> Iterator[Any]:
-    from blip2_triton.launcher import TritonServer, free_port
+    from blip2_triton.supervisor import LaunchSettings, TritonServer
 
-    srv = TritonServer(
-        model_id=str(model_dir), http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-        startup_timeout_s=600, exit_timeout_s=10, log_path=log_path, env=env,
-    )
+    settings = LaunchSettings.on_free_ports(model_id=str(model_dir), startup_timeout_s=600, exit_timeout_s=10, env=env)
+    srv = TritonServer(settings, log_path=log_path)
     with srv:
         yield srv
 

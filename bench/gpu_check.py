@@ -6,7 +6,8 @@
 Runs the serving code's own stages in-process (`VisionStage` + `LanguageStage`, one shared model) and prints
 one JSON object:
   single_request   latency of one request generating 16 tokens (vision + LLM, and each part), plus HF
-                   `generate` on the same model for comparison (TensorRT-LLM publishes 41.9 ms for this case)
+                   `generate` on the same model for comparison (TensorRT-LLM's published 41.9 ms is a ~3-token
+                   answer: compare it with graphs.*.vqa_3_tokens)
   concurrency_32   requests/s and tokens/s with 32 requests batched through both stages
   llm_mixed_c32    the LLM stage alone on VQA requests of mixed length (alternately 4 and 48 tokens), 32 clients:
                    static batches (each waits for its longest row, as `BLIP2_SCHEDULER=static` does) against
@@ -15,6 +16,13 @@ one JSON object:
 single_request.llm_inflight: the LLM part of one request through the in-flight engine, alone
   decode_step_ms   one decoding step of the in-flight engine's batch (its KV buffers), 1 and 32 rows, with and
                    without padding: on a GPU this shows whether steps are host-bound (same cost for 1 and 32 rows)
+  graphs           the LLM stage with decoding steps on fixed buffers (`BLIP2_CUDA_GRAPHS`: CUDA graphs on a GPU,
+                   the same step eagerly on CPU) against HF's eager forward, in one run: decoding steps at 1/8/32/64
+                   rows with ~40 and ~300 cached positions beside the floor from the measured copy bandwidth, one
+                   16-token request end to end, the TensorRT-LLM case (a VQA request whose answer is 3 tokens, vision
+                   included), captions with 32 and 64 requests in flight through both stages, the mixed workload,
+                   greedy text against HF (first divergent position and its top-2 margin where fp16 flips a token)
+                   and a seeded request alone against the same in a batch of 32
 Generation never stops early (the EOS logit is pinned at zero), so every request does the same work.
 """
 
@@ -53,7 +61,7 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 def build_stages(shapes: random_blip2.Shapes, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any, Any]:
     from blip2_triton.checkpoint import LoadedStage, count_parameters
-    from blip2_triton.generation import LanguageStage
+    from blip2_triton.llm import LanguageStage
     from blip2_triton.options import ServerOptions
     from blip2_triton.vision import VisionStage
 
@@ -79,6 +87,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--batches", type=int, default=3)
     p.add_argument("--mixed-rounds", type=int, default=4, help="requests per client in llm_mixed_c32 (0: skip)")
     p.add_argument("--budget-s", type=float, default=420.0, help="skip remaining phases past this (8 min limit)")
+    p.add_argument("--graphs", choices=("compare", "skip"), default="compare",
+                   help="measure decoding on fixed buffers / CUDA graphs against the eager forward")
+    p.add_argument("--graph-rows", default="1,8,32,64", help="rows of the measured decoding steps")
+    p.add_argument("--graph-cached", default="40,300", help="cached positions of the measured decoding steps")
+    p.add_argument("--graph-clients", default="32,64", help="requests in flight for the captions phases")
     p.add_argument("--output", type=Path, default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
@@ -175,6 +188,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report["decode_step_ms"] = decode_step_costs(llm, embeds, args.concurrency, device)
     if args.mixed_rounds and time.perf_counter() - t0 < args.budget_s:
         report["llm_mixed_c32"] = static_vs_inflight(llm, embeds, args.concurrency, args.mixed_rounds, device)
+    if args.graphs == "compare" and time.perf_counter() - t0 < args.budget_s:
+        report["graphs"] = graphs_comparison(vision, loaded, images, device, args, deadline=t0 + args.budget_s)
     if device.type == "cuda":
         report["max_memory_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     report["total_s"] = round(time.perf_counter() - t0, 1)
@@ -189,20 +204,20 @@ def engine_call(engine: Any, request: Any, timeout_s: float) -> str:
     """Submits one request to an `InflightEngine` and waits for its text; raises what ended the job."""
     import threading
 
-    from blip2_triton.engine import Job
+    from blip2_triton.llm import Job
 
     done = threading.Event()
-    box: list[str | Exception] = []
+    box: list[Any] = []
     engine.submit([Job(request=request, on_piece=None, on_done=lambda r: (box.append(r), done.set()))])
     if not done.wait(timeout_s):
         raise TimeoutError(f"the in-flight engine did not answer in {timeout_s:.0f} s")
     if isinstance(box[0], Exception):
         raise box[0]
-    return box[0]
+    return str(box[0].text)
 
 
 def inflight_latency(llm: Any, embeds: list[Any], tokens: int, runs: int) -> list[float]:
-    from blip2_triton.engine import InflightEngine
+    from blip2_triton.llm import InflightEngine
     from blip2_triton.requests import GenerationRequest
 
     engine = InflightEngine(llm)
@@ -221,23 +236,28 @@ def inflight_latency(llm: Any, embeds: list[Any], tokens: int, runs: int) -> lis
 def decode_step_costs(llm: Any, embeds: list[Any], rows: int, device: torch.device, steps: int = 20
                       ) -> dict[str, float]:
     """Median ms of one decoding step on the engine's KV buffers, for 1 and `rows` rows, unpadded and padded."""
-    from blip2_triton.kv_cache import SlotKVCache
+    from blip2_triton.llm.batch import BatchState
     from blip2_triton.requests import GenerationRequest
 
     def step_ms(prompts: list[str]) -> float:
-        prepared = [llm.prepare(GenerationRequest(query_embeds=embeds[i % len(embeds)], prompt=p, max_tokens=steps))
-                    for i, p in enumerate(prompts)]
-        lengths = [len(r.input_ids) for r in prepared]
+        seqs = [llm.prepare(GenerationRequest(query_embeds=embeds[i % len(embeds)], prompt=p, max_tokens=steps + 1))
+                for i, p in enumerate(prompts)]
         with torch.inference_mode():
-            cache, mask, logits = llm.prefill(prepared)
-            slots = SlotKVCache(cache, max_rows=len(prompts))
-            tokens = logits.argmax(-1).tolist()
+            prefilled = llm.runner.prefill(seqs)
+            batch = BatchState(max_rows=len(prompts))
+            tokens = prefilled.logits.argmax(-1).tolist()
             times = []
-            for _ in range(steps):
-                mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
+            for step in range(steps + 1):
+                for seq, token in zip(seqs, tokens, strict=True):
+                    seq.generated.append(token)
+                    seq.next_token = token
+                if step == 0:
+                    batch.merge(seqs, prefilled)
+                    continue
+                batch.begin_step()
                 _sync(device)
                 t = time.perf_counter()
-                logits = llm.step(slots.cache, mask, tokens, padded=min(lengths) < max(lengths))
+                logits = llm.runner.decode(batch)
                 tokens = logits.argmax(-1).tolist()  # reads the result back, as every scheduler does
                 times.append(time.perf_counter() - t)
         return round(statistics.median(times[2:]) * 1e3, 2)
@@ -259,7 +279,7 @@ def static_vs_inflight(llm: Any, embeds: list[Any], concurrency: int, rounds: in
     engine with `concurrency` closed-loop clients, over the same requests."""
     import threading
 
-    from blip2_triton.engine import InflightEngine
+    from blip2_triton.llm import InflightEngine
     from blip2_triton.requests import GenerationRequest
 
     n = concurrency * rounds
@@ -336,6 +356,203 @@ def static_vs_inflight(llm: Any, embeds: list[Any], concurrency: int, rounds: in
         "inflight_over_static": round(inflight_rps / static_rps, 2),
         "texts_identical": static_text == inflight_text,
     }
+
+
+def copy_bandwidth_gbps(device: torch.device) -> float | None:
+    """Device-to-device copy, bytes read plus written per second: the ceiling a decoding step streams weights at."""
+    if device.type != "cuda":
+        return None
+    src = torch.empty(2**30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize(device)
+    return round(2 * 10 * src.nbytes / (start.elapsed_time(end) / 1e3) / 1e9, 1)
+
+
+def graphs_comparison(vision: Any, loaded: Any, images: Any, device: torch.device, args: Any,
+                      deadline: float) -> dict[str, Any]:
+    """Every LLM figure of the CUDA-graph issue with the eager forward (`off`) and on fixed buffers (`on`)."""
+    import dataclasses
+
+    from blip2_triton.llm import LanguageStage
+    from blip2_triton.requests import ImageRequest
+
+    out: dict[str, Any] = {"copy_gbps": copy_bandwidth_gbps(device)}
+    lm_bytes = sum(p.numel() * p.element_size() for p in loaded.model.language_model.parameters())
+    out["llm_weight_bytes"] = lm_bytes
+    config = loaded.config.text_config
+    kv_per_position = 2 * config.num_hidden_layers * config.hidden_size * torch.finfo(loaded.dtype).bits // 8
+    rows_list = [int(v) for v in args.graph_rows.split(",")]
+    cached_list = [int(v) for v in args.graph_cached.split(",")]
+    if out["copy_gbps"]:
+        bytes_per_s = out["copy_gbps"] * 1e9
+        out["decode_floor_ms"] = {f"rows_{r}_cached_{c}": round((lm_bytes + r * c * kv_per_position) / bytes_per_s
+                                                               * 1e3, 3) for r in rows_list for c in cached_list}
+    embeds = vision.run([ImageRequest(b) for b in images(max([*rows_list, 32]))])
+    base_options = dataclasses.replace(_options(loaded), max_prompt_tokens=512)
+    for mode in ("off", "on"):
+        if time.perf_counter() > deadline:
+            out["skipped"] = f"stopped before mode {mode} (--budget-s)"
+            break
+        llm = LanguageStage(dataclasses.replace(base_options, cuda_graphs=mode), loaded=loaded)
+        result: dict[str, Any] = {"runner": type(llm.runner).__name__}
+        result["decode_step_ms"] = {
+            f"rows_{r}_cached_{c}": step_ms(llm, embeds, r, c, device) for r in rows_list for c in cached_list}
+        result["request_16_tokens"] = _percentiles(served_latency(vision, llm, images, None, 16, args.latency_runs))
+        vqa = "Question: which city is this? Answer:"
+        result["vqa_3_tokens"] = _percentiles(served_latency(vision, llm, images, vqa, 3, args.latency_runs))
+        for clients in (int(v) for v in args.graph_clients.split(",")):
+            if time.perf_counter() < deadline:
+                result[f"captions_c{clients}"] = captions_in_flight(vision, llm, images, clients, 16, rounds=2)
+        if time.perf_counter() < deadline:
+            result["llm_mixed_c32"] = static_vs_inflight(llm, embeds[:32], 32, args.mixed_rounds or 2, device)
+        result["greedy_vs_hf"] = greedy_against_hf(vision, llm, loaded, images(2), args.tokens, device)
+        result["seeded_alone_equals_batch_of_32"] = seeded_alone_vs_batch(llm, embeds[:32])
+        result["graph_bytes"] = llm.runner.graph_bytes
+        out[mode] = result
+    return out
+
+
+def _options(loaded: Any) -> Any:
+    from blip2_triton.options import ServerOptions
+
+    dtype_name = str(loaded.dtype).removeprefix("torch.")
+    return ServerOptions(dtype=dtype_name, device=loaded.device.type, embedding_cache_bytes=0)
+
+
+def step_ms(llm: Any, embeds: list[Any], rows: int, cached: int, device: torch.device, steps: int = 12) -> float:
+    """Median ms of one decoding step of the runner's own batch state, `rows` rows holding ~`cached` positions."""
+    from blip2_triton.requests import GenerationRequest
+
+    words = max(0, cached - llm.num_query_tokens - 8)
+    prompt = "Question: " + "what " * words + "is it? Answer:"
+    seqs = [llm.prepare(GenerationRequest(query_embeds=embeds[i % len(embeds)], prompt=prompt, max_tokens=steps + 1))
+            for i in range(rows)]
+    with torch.inference_mode():
+        prefilled = llm.runner.prefill(seqs)
+        batch = llm.runner.new_batch(max_rows=rows)
+        tokens = prefilled.logits.argmax(-1).tolist()
+        times = []
+        for step in range(steps + 1):
+            for seq, token in zip(seqs, tokens, strict=True):
+                seq.generated.append(token)
+                seq.next_token = token
+            if step == 0:
+                batch.merge(seqs, prefilled)
+                continue
+            batch.begin_step()
+            _sync(device)
+            t = time.perf_counter()
+            tokens = llm.runner.decode(batch).argmax(-1).tolist()  # the one read back every scheduler makes
+            times.append(time.perf_counter() - t)
+    return round(statistics.median(times[2:]) * 1e3, 3)
+
+
+def served_latency(vision: Any, llm: Any, images: Any, prompt: str | None, tokens: int, runs: int) -> list[float]:
+    """One request at a time as served: a new image through the vision stage, then the in-flight engine."""
+    from blip2_triton.llm import InflightEngine
+    from blip2_triton.requests import GenerationRequest, ImageRequest
+
+    engine = InflightEngine(llm)
+    times: list[float] = []
+    try:
+        for i, image in enumerate(images(runs + 2)):
+            t = time.perf_counter()
+            (emb,) = vision.run([ImageRequest(image)])
+            engine_call(engine, GenerationRequest(query_embeds=emb, prompt=prompt, max_tokens=tokens), 300)
+            if i >= 2:  # warm-up: the first requests capture graphs and pick kernels
+                times.append(time.perf_counter() - t)
+    finally:
+        engine.stop()
+    return times
+
+
+def captions_in_flight(vision: Any, llm: Any, images: Any, clients: int, tokens: int, rounds: int) -> dict[str, Any]:
+    """`clients` closed-loop clients, each a new image through the vision stage and then the in-flight engine."""
+    import threading
+
+    from blip2_triton.llm import InflightEngine
+    from blip2_triton.requests import GenerationRequest, ImageRequest
+
+    engine = InflightEngine(llm)
+    latencies: list[float] = []
+    lock = threading.Lock()
+    work = [images(1)[0] for _ in range(clients * rounds)]
+
+    def client(mine: list[bytes]) -> None:
+        for image in mine:
+            t = time.perf_counter()
+            (emb,) = vision.run([ImageRequest(image)])
+            engine_call(engine, GenerationRequest(query_embeds=emb, max_tokens=tokens), 600)
+            with lock:
+                latencies.append(time.perf_counter() - t)
+
+    try:
+        client(work[:2])  # warm-up
+        t = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(work[i::clients],)) for i in range(clients)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        elapsed = time.perf_counter() - t
+    finally:
+        engine.stop()
+    n = len(work)
+    ordered = sorted(latencies[2:])
+    return {"requests_per_s": round(n / elapsed, 2), "tokens_per_s": round(n * tokens / elapsed, 1),
+            "p50_ms": round(ordered[len(ordered) // 2] * 1e3, 1),
+            "p99_ms": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1e3, 1)}
+
+
+@torch.inference_mode()
+def greedy_against_hf(vision: Any, llm: Any, loaded: Any, images: list[bytes], tokens: int,
+                      device: torch.device) -> list[dict[str, Any]]:
+    """The served greedy tokens against HF `generate` on the same weights, dtype and device, per image and prompt;
+    where they differ, the first divergent position and HF's top-2 logit margin there."""
+    from PIL import Image
+
+    from blip2_triton.llm.engine import run_static
+    from blip2_triton.requests import GenerationRequest, ImageRequest
+
+    results = []
+    for image in images:
+        for prompt in (None, "Question: what is in the picture? Answer:"):
+            (emb,) = vision.run([ImageRequest(image)])
+            ((job, _),) = run_static(llm, [GenerationRequest(query_embeds=emb, prompt=prompt, max_tokens=tokens)])
+            served = job.seq.generated
+            inputs = loaded.processor(images=Image.open(io.BytesIO(image)).convert("RGB"), text=prompt,
+                                      return_tensors="pt").to(device)
+            inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
+            out = loaded.model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens,
+                                        output_scores=True, return_dict_in_generate=True)
+            width = inputs["input_ids"].shape[1] if "input_ids" in inputs else len(job.seq.prompt_ids)
+            hf = out.sequences[0, width:].tolist()
+            entry: dict[str, Any] = {"prompt": prompt, "equal": served == hf}
+            if served != hf:
+                at = next((i for i, (a, b) in enumerate(zip(served, hf, strict=False)) if a != b),
+                          min(len(served), len(hf)))
+                top2 = out.scores[min(at, len(out.scores) - 1)][0].float().topk(2).values
+                entry.update(first_divergent_position=at, hf_top2_margin=round(float(top2[0] - top2[1]), 4))
+            results.append(entry)
+    return results
+
+
+def seeded_alone_vs_batch(llm: Any, embeds: list[Any]) -> bool:
+    from blip2_triton.requests import GenerationRequest
+
+    def sampled() -> Any:
+        return GenerationRequest(query_embeds=embeds[0], max_tokens=12, temperature=0.8, top_p=0.9, seed=11)
+
+    alone = llm.run([sampled()])[0]
+    batch = llm.run([GenerationRequest(query_embeds=e, max_tokens=12) for e in embeds[1:32]] + [sampled()])
+    return bool(batch[-1] == alone)
 
 
 @torch.inference_mode()

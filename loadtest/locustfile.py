@@ -3,15 +3,21 @@
     locust -f loadtest/locustfile.py --headless --host http://127.0.0.1:8000
         --step-users 4 --step-duration 60 --max-steps 5 --run-data loadtest/reports/run.json
 
+`Blip2RetrievalUser` (gRPC) loads the retrieval entry points of a server started with `--itm`; it runs only when
+named on the command line.
+
 See docs/LOADTEST.md for every option and for turning the run data into a capacity report.
 """
 
 from __future__ import annotations
 
+import base64
 import faulthandler
 import itertools
+import json
 import os
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -88,7 +94,33 @@ OPTIONS: list[tuple[str, type, Any, str]] = [
         "where to write per-request samples and metric scrapes (default: loadtest/reports/run-<timestamp>.json)",
     ),
     ("seed", int, 0, "seed for the image/prompt choice of each user"),
+    ("openai-model", str, "blip2", "Blip2OpenAIUser: the model id sent to /v1/chat/completions"),
+    ("openai-api-key", str, "", "Blip2OpenAIUser: sent as 'Authorization: Bearer KEY' when set"),
+    (
+        "retrieval-entries",
+        str,
+        "embed_image",
+        "Blip2RetrievalUser: comma-separated entry points picked at random per request, of "
+        "embed_image, embed_text, similarity, match (texts from --prompts-file)",
+    ),
 ]
+
+# Retrieval entry point -> (model, whether it takes the image, whether it takes text, output).
+RETRIEVAL_ENTRIES = {
+    "embed_image": ("blip2_embed_image", True, False, "image_embeds"),
+    "embed_text": ("blip2_embed_text", False, True, "text_embeds"),
+    "similarity": ("blip2_similarity", True, True, "similarity"),
+    "match": ("blip2_match", True, True, "match_probability"),
+}
+
+
+def retrieval_entries(opts: Any) -> list[str]:
+    entries = [e.strip() for e in opts.retrieval_entries.split(",") if e.strip()]
+    unknown = sorted(set(entries) - set(RETRIEVAL_ENTRIES))
+    if unknown or not entries:
+        raise ValueError(f"--retrieval-entries: expected some of {', '.join(RETRIEVAL_ENTRIES)}, "
+                         f"got {unknown or 'none'}")
+    return entries
 
 
 @events.init_command_line_parser.add_listener
@@ -149,7 +181,8 @@ def _user_rng() -> random.Random:
     return random.Random(_options().seed * 1_000_003 + next(_user_ids))
 
 
-class Blip2GrpcUser(User):
+class _GrpcUser(User):
+    abstract = True
     wait_time = constant(0)  # closed loop: users == outstanding requests, i.e. perf_analyzer's concurrency
 
     def on_start(self) -> None:
@@ -160,30 +193,18 @@ class Blip2GrpcUser(User):
     def on_stop(self) -> None:
         self.client.close()
 
-    @task
-    def infer(self) -> None:
-        name, image, prompt = self.work.pick(self.rng)
-        inputs = [_grpc_bytes_input("image", image)]
-        if prompt:
-            inputs.append(_grpc_bytes_input("text_input", prompt.encode("utf-8")))
-        if self.work.max_tokens is not None:
-            tokens = grpcclient.InferInput("max_tokens", [1, 1], "INT32")
-            tokens.set_data_from_numpy(np.array([[self.work.max_tokens]], dtype=np.int32))
-            inputs.append(tokens)
+    def _infer(self, name: str, model: str, inputs: list[grpcclient.InferInput], output: str) -> None:
+        """One timed request, reported to Locust under `name`; a response without one row of `output` fails."""
         exception: Exception | None = None
         length = 0
         start = time.perf_counter()
         try:
-            result = self.client.infer(
-                self.work.model,
-                inputs,
-                outputs=[grpcclient.InferRequestedOutput(OUTPUT)],
-                client_timeout=self.work.request_timeout,
-            )
-            texts = result.as_numpy(OUTPUT)
-            if texts is None or texts.size != 1:
-                raise ValueError(f"expected one {OUTPUT}, got {None if texts is None else texts.shape}")
-            length = len(texts.reshape(-1)[0])
+            result = self.client.infer(model, inputs, outputs=[grpcclient.InferRequestedOutput(output)],
+                                       client_timeout=self.work.request_timeout)
+            values = result.as_numpy(output)
+            if values is None or values.shape[0] != 1:
+                raise ValueError(f"expected one row of {output}, got {None if values is None else values.shape}")
+            length = len(values.reshape(-1)[0]) if values.dtype == np.object_ else values.nbytes
         except Exception as exc:
             # Locust prints repr(); InferenceServerException's is empty, so carry its message in a plain exception.
             exception = GrpcInferError(str(exc))
@@ -199,6 +220,43 @@ class Blip2GrpcUser(User):
             gevent.sleep(FAILURE_BACKOFF_S)
 
 
+class Blip2GrpcUser(_GrpcUser):
+    @task
+    def infer(self) -> None:
+        name, image, prompt = self.work.pick(self.rng)
+        inputs = [_grpc_bytes_input("image", image)]
+        if prompt:
+            inputs.append(_grpc_bytes_input("text_input", prompt.encode("utf-8")))
+        if self.work.max_tokens is not None:
+            tokens = grpcclient.InferInput("max_tokens", [1, 1], "INT32")
+            tokens.set_data_from_numpy(np.array([[self.work.max_tokens]], dtype=np.int32))
+            inputs.append(tokens)
+        self._infer(name, self.work.model, inputs, OUTPUT)
+
+
+class Blip2RetrievalUser(_GrpcUser):
+    """Requests to the retrieval entry points (`--retrieval-entries`), reported by entry point name. Images follow
+    `--repeat-ratio` (unique bytes by default: every image a cache miss)."""
+
+    # Only when named (`locust -f loadtest/locustfile.py ... Blip2RetrievalUser`): a run without class names keeps
+    # loading captioning, which every server serves.
+    weight = 1 if "Blip2RetrievalUser" in sys.argv else 0
+
+    def on_start(self) -> None:
+        super().on_start()
+        self.entries = retrieval_entries(_options())
+
+    @task
+    def infer(self) -> None:
+        entry = self.rng.choice(self.entries)
+        model, takes_image, takes_text, output = RETRIEVAL_ENTRIES[entry]
+        _, image, _ = self.work.pick(self.rng)
+        inputs = [_grpc_bytes_input("image", image)] if takes_image else []
+        if takes_text:
+            inputs.append(_grpc_bytes_input("text_input", self.rng.choice(self.work.prompts).encode("utf-8")))
+        self._infer(entry, model, inputs, output)
+
+
 class GrpcInferError(Exception):
     pass
 
@@ -207,6 +265,15 @@ def _grpc_bytes_input(name: str, value: bytes) -> grpcclient.InferInput:
     tensor = grpcclient.InferInput(name, [1, 1], "BYTES")
     tensor.set_data_from_numpy(np.array([[value]], dtype=np.object_))
     return tensor
+
+
+def _failed_status(response: Any) -> bool:
+    """Marks a non-200 answer failed (with the start of its body) and says so."""
+    if response.status_code == 200:
+        return False
+    detail = (response.text or "")[:200] if response.content else str(getattr(response, "error", ""))
+    response.failure(f"HTTP {response.status_code}: {detail}")
+    return True
 
 
 class Blip2HttpUser(FastHttpUser):
@@ -222,12 +289,7 @@ class Blip2HttpUser(FastHttpUser):
         name, image, prompt = self.work.pick(self.rng)
         body, headers = encode_infer_request(image, prompt, self.work.max_tokens, OUTPUT)
         with self.client.post(self.path, data=body, headers=headers, name=name, catch_response=True) as response:
-            if response.status_code != 200:
-                detail = (response.text or "")[:200] if response.content else str(getattr(response, "error", ""))
-                response.failure(f"HTTP {response.status_code}: {detail}")
-                failed = True
-            else:
-                failed = not self._check(response)
+            failed = _failed_status(response) or not self._check(response)
         if failed:
             gevent.sleep(FAILURE_BACKOFF_S)
 
@@ -243,6 +305,64 @@ class Blip2HttpUser(FastHttpUser):
             response.failure(f"bad response: {exc}")
             return False
         return True
+
+
+# The prompts file holds BLIP-2 prompts; the gateway builds that form itself from the question alone.
+_VQA_FORM = re.compile(r"^\s*Question:\s*(.*?)\s*Answer:\s*$", re.S)
+_MAGIC = ((b"\x89PNG", "png"), (b"\xff\xd8", "jpeg"), (b"GIF8", "gif"), (b"BM", "bmp"), (b"II*\x00", "tiff"),
+          (b"MM\x00*", "tiff"))
+
+
+def question_of(prompt: str | None) -> str | None:
+    if not prompt:
+        return None
+    match = _VQA_FORM.match(prompt)
+    return match.group(1) if match else prompt
+
+
+def image_data_url(image: bytes) -> str:
+    kind = "webp" if image[8:12] == b"WEBP" else next((k for magic, k in _MAGIC if image.startswith(magic)), "png")
+    return f"data:image/{kind};base64,{base64.b64encode(image).decode()}"
+
+
+class Blip2OpenAIUser(FastHttpUser):
+    """OpenAI chat completions through the front's gateway (POST /v1/chat/completions, the image as a data: URL);
+    --host is the front's HTTP URL. Requests are named openai-caption / openai-vqa in the report."""
+
+    wait_time = constant(0)
+
+    def on_start(self) -> None:
+        self.work = workload()
+        self.rng = _user_rng()
+        opts = _options()
+        self.model = opts.openai_model
+        self.headers = {"content-type": "application/json"}
+        if opts.openai_api_key:
+            self.headers["authorization"] = f"Bearer {opts.openai_api_key}"
+
+    @task
+    def chat(self) -> None:
+        name, image, prompt = self.work.pick(self.rng)
+        content: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": image_data_url(image)}}]
+        question = question_of(prompt)
+        if question:
+            content.insert(0, {"type": "text", "text": question})
+        body: dict[str, Any] = {"model": self.model, "messages": [{"role": "user", "content": content}]}
+        if self.work.max_tokens is not None:
+            body["max_tokens"] = self.work.max_tokens
+        with self.client.post("/v1/chat/completions", data=json.dumps(body), headers=self.headers,
+                              name=f"openai-{name}", catch_response=True) as response:
+            failed = _failed_status(response)
+            if not failed:
+                try:
+                    text = json.loads(response.content or b"{}")["choices"][0]["message"]["content"]
+                    if not isinstance(text, str):
+                        raise TypeError(f"expected a string, got {type(text).__name__}")
+                except Exception as exc:
+                    response.failure(f"bad response: {exc}")
+                    failed = True
+        if failed:
+            gevent.sleep(FAILURE_BACKOFF_S)
 
 
 class Blip2LoadShape(LoadTestShape):
@@ -317,11 +437,13 @@ def _on_init(environment: Any, **_: Any) -> None:
     if environment.parsed_options is None:
         return
     opts = environment.parsed_options
-    # Fail at start-up, not mid-run, on a bad image dir, prompt file or schedule.
+    # Fail at start-up, not mid-run, on a bad image dir, prompt file, schedule or entry list.
     build_stages(opts)
     workload()
-    Blip2HttpUser.network_timeout = opts.request_timeout
-    Blip2HttpUser.connection_timeout = min(opts.request_timeout, 30.0)
+    retrieval_entries(opts)
+    for user_class in (Blip2HttpUser, Blip2OpenAIUser):
+        user_class.network_timeout = opts.request_timeout
+        user_class.connection_timeout = min(opts.request_timeout, 30.0)
 
 
 @events.test_start.add_listener

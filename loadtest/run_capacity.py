@@ -14,7 +14,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -106,18 +105,12 @@ def target(args: argparse.Namespace, out_dir: Path) -> Iterator[dict[str, str]]:
         yield {"http": args.host, "grpc": args.grpc_url, "metrics": args.metrics_url}
         return
     # Imported here so a remote capacity test needs only the load-test dependencies, not torch/transformers.
-    from blip2_triton.launcher import TritonServer, free_port
+    from blip2_triton.supervisor import LaunchSettings, TritonServer
 
-    kwargs: dict[str, Any] = {"model_id": args.model_id, "device": args.device}
-    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    settings = LaunchSettings.on_free_ports(model_id=args.model_id,
+                                            options={"device": args.device} if args.device else {})
     print(f"starting tritonserver (log: {out_dir / 'tritonserver.log'})", file=sys.stderr)
-    with TritonServer(
-        http_port=http_port,
-        grpc_port=grpc_port,
-        metrics_port=metrics_port,
-        log_path=out_dir / "tritonserver.log",
-        **{k: v for k, v in kwargs.items() if v is not None},
-    ) as server:
+    with TritonServer(settings, log_path=out_dir / "tritonserver.log") as server:
         yield {"http": server.http_url, "grpc": server.grpc_url, "metrics": server.metrics_url}
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from blip2_client import Blip2Client
 from PIL import Image
 
-from blip2_triton.launcher import TritonServer, free_port
+from blip2_triton.supervisor import LaunchSettings, TritonServer
 
 
 def demo_image() -> bytes:
@@ -23,9 +23,8 @@ def demo_image() -> bytes:
 
 def main() -> None:
     log = Path(tempfile.gettempdir()) / "blip2-demo-tritonserver.log"
-    ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
     print(f"starting tritonserver with the embedded tiny BLIP-2 (log: {log}) ...", flush=True)
-    with TritonServer(**ports, log_path=log) as server:
+    with TritonServer(LaunchSettings.on_free_ports(), log_path=log) as server:
         print(f"tritonserver ready: http={server.http_url} grpc={server.grpc_url}")
         image = demo_image()
         with Blip2Client(server.grpc_url, protocol="grpc") as client:

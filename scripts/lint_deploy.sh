@@ -17,7 +17,8 @@ cd "${root}"
 K8S_VERSIONS=(1.30.0 1.37.0)
 # Kinds from CRDs that kubernetes-validate has no schema for; checked structurally below instead.
 CRD_KINDS="ServiceMonitor"
-OVERLAYS=(deploy/k8s/overlays/gpu deploy/k8s/overlays/t4-8bit deploy/k8s/overlays/cpu-tiny deploy/k8s/monitoring)
+OVERLAYS=(deploy/k8s/overlays/gpu deploy/k8s/overlays/gpu-retrieval deploy/k8s/overlays/t4-8bit
+          deploy/k8s/overlays/cpu-tiny deploy/k8s/monitoring)
 
 tool() {
     if [[ -x "${root}/.venv/bin/$1" ]]; then
@@ -45,7 +46,7 @@ echo "== hadolint docker/Dockerfile"
 "${hadolint}" --failure-threshold warning docker/Dockerfile
 
 echo "== shellcheck"
-"${shellcheck}" docker/entrypoint.sh scripts/lint_deploy.sh
+"${shellcheck}" docker/entrypoint.sh scripts/lint_deploy.sh scripts/install_browser.sh .ci/run
 
 validate_rendered() {
     local name="$1" rendered="$2" out rc=0

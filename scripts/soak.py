@@ -29,7 +29,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from PIL import Image
 
-from blip2_triton.watchdog import stub_processes
+from blip2_triton.supervisor.processes import stub_processes
 
 PROMPTS = (None, "Question: what is in the picture? Answer:", "Question: what color is it? Answer:")
 
@@ -229,13 +229,13 @@ def main(argv: list[str] | None = None) -> int:
 
     server = None
     if args.grpc_url is None:
-        from blip2_triton.launcher import TritonServer, free_port
+        from blip2_triton.supervisor import LaunchSettings, TritonServer
         from blip2_triton.tiny import write_tiny_model
 
         work = Path(tempfile.mkdtemp(prefix="blip2-soak-"))
         model_id = args.model_id or str(write_tiny_model(work / "tiny-blip2-opt"))
-        server = TritonServer(model_id=model_id, http_port=free_port(), grpc_port=free_port(),
-                              metrics_port=free_port(), log_path=work / "tritonserver.log", exit_timeout_s=30)
+        server = TritonServer(LaunchSettings.on_free_ports(model_id=model_id, exit_timeout_s=30),
+                              log_path=work / "tritonserver.log")
         print(f"soak: starting tritonserver (log {work / 'tritonserver.log'})", flush=True)
         server.start()
         assert server.process is not None

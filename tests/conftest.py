@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import importlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -48,3 +50,31 @@ def hf_reference(tiny_model_dir: Path):  # -> HFReference
 @pytest.fixture(scope="session")
 def reference(hf_reference) -> Callable[[bytes, str | None, int], str]:
     return hf_reference
+
+
+@pytest.fixture(scope="session")
+def tiny_itm_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from blip2_triton.tiny_itm import write_tiny_itm_model
+
+    return write_tiny_itm_model(tmp_path_factory.mktemp("tiny-itm") / "tiny-blip2-itm")
+
+
+@pytest.fixture(scope="session")
+def itm_reference(tiny_itm_model_dir: Path):  # -> HFRetrievalReference
+    from reference import HFRetrievalReference
+
+    return HFRetrievalReference(tiny_itm_model_dir)
+
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="session")
+def import_bench() -> Iterator[Callable[[str], ModuleType]]:
+    """Imports a script of `bench/` by name. The scripts are not a package: they import each other by name
+    from their own directory, and dataclasses need their module registered in `sys.modules`."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield importlib.import_module
+    finally:
+        sys.path.remove(str(BENCH))

@@ -42,3 +42,45 @@ class HFReference:
         if not generate_kwargs:
             self._cache[key] = text
         return text
+
+
+# Largest difference allowed from transformers' retrieval values (embeddings, contrastive scores, ITM probabilities,
+# all of order 1), single or batched, in-process or served: several times the float32 noise of batched matmuls,
+# padded attention and packed CPU weights (docs/BENCHMARK.md has the measured differences).
+RETRIEVAL_ATOL = 5e-6
+# Texts the retrieval tests score against every sample image.
+RETRIEVAL_TEXTS = (
+    "a photo of a cat",
+    "Two people standing on the beach at sunset.",
+    "a red car",
+    "What is the man holding?",
+    "zebra",
+    "a plate of food with rice, vegetables and meat on a wooden table",
+)
+
+
+class HFRetrievalReference:
+    """`Blip2ForImageTextRetrieval` called as its documentation shows: processor(images, text), then forward with
+    or without the matching head. Batches go through the processor together (texts padded)."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        from transformers import Blip2ForImageTextRetrieval
+
+        self.processor = Blip2Processor.from_pretrained(model_dir)
+        self.model = Blip2ForImageTextRetrieval.from_pretrained(model_dir).eval()
+
+    def _inputs(self, images: list[bytes], texts: list[str]):  # -> BatchFeature
+        pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
+        return self.processor(images=pil, text=texts, return_tensors="pt", padding=True)
+
+    @torch.inference_mode()
+    def contrastive(self, images: list[bytes], texts: list[str]):  # -> Blip2ImageTextMatchingModelOutput
+        """logits_per_image [images, texts], image_embeds [images, queries, dim], text_embeds [texts, dim] and the
+        ViT's output (vision_model_output.last_hidden_state): every image scored against every text."""
+        return self.model(**self._inputs(images, texts), use_image_text_matching_head=False)
+
+    @torch.inference_mode()
+    def match(self, images: list[bytes], texts: list[str]) -> list[float]:
+        """ITM probability of each (image i, text i) pair."""
+        out = self.model(**self._inputs(images, texts), use_image_text_matching_head=True)
+        return out.logits_per_image.softmax(dim=1)[:, 1].tolist()

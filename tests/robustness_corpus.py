@@ -13,7 +13,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-MAX_IMAGE_PIXELS = 40_000_000
+MAX_IMAGE_PIXELS = 24_000_000
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 
 
@@ -108,9 +108,27 @@ def good_images() -> dict[str, bytes]:
         "one_pixel_gif": _encode(Image.new("P", (1, 1)), "GIF"),
         "wide_2000x3": _encode(Image.fromarray(_pattern(2000, 3, 55)), "PNG"),
         "tall_3x2000": _encode(Image.fromarray(_pattern(3, 2000, 56)), "PNG"),
-        # Large but legal: 20 MP (half the default pixel limit); smooth so the file stays small.
+        # One scan, and a comment full of FF DA bytes (metadata, not scans).
+        "jpeg_comment_with_sos_bytes": jpeg_with_comment(
+            _encode(Image.fromarray(_pattern(80, 60, 57)), "JPEG", quality=90), b"\xff\xda" * 32000),
+        # Large but legal: 20 MP (under the 24 MP default); smooth so the file stays small.
         "large_20mp_jpeg": _encode(Image.fromarray(_smooth(5000, 4000)), "JPEG", quality=80),
     }
+
+
+def jpeg_with_comment(jpeg: bytes, comment: bytes) -> bytes:
+    """`jpeg` with COM segments holding `comment` right after SOI."""
+    segments = b"".join(b"\xff\xfe" + (len(part) + 2).to_bytes(2, "big") + part
+                        for part in (comment[i:i + 65000] for i in range(0, len(comment), 65000)))
+    return jpeg[:2] + segments + jpeg[2:]
+
+
+def scan_flood_jpeg(extra_scans: int) -> bytes:
+    """A progressive JPEG whose last scan is repeated `extra_scans` times: real SOS segments inside the image."""
+    data = _encode(Image.fromarray(_pattern(64, 48, 63)), "JPEG", quality=90, progressive=True)
+    last = data.rindex(b"\xff\xda")
+    end = data.rindex(b"\xff\xd9")
+    return data[:end] + data[last:end] * extra_scans + data[end:]
 
 
 def bad_images() -> dict[str, tuple[bytes, str]]:
@@ -122,7 +140,7 @@ def bad_images() -> dict[str, tuple[bytes, str]]:
         corrupt_png[k] ^= 0x5A
     gif = bytearray(_encode(Image.new("P", (10, 10)), "GIF"))
     struct.pack_into("<HH", gif, 6, 65000, 65000)  # logical screen size
-    too_many_scans = jpeg + b"\xff\xda" * 600
+    too_many_scans = scan_flood_jpeg(600)
     return {
         "empty": (b"", "got 0 bytes"),
         "random_bytes": (np.random.default_rng(7).bytes(3000), "not a supported image file"),

@@ -6,6 +6,7 @@ from typing import Any
 
 from ._errors import Blip2Error, DeadlineExceededError, StreamingUnsupportedError, map_error
 from ._request import DEFAULT_GRPC_URL, Protocol, parse_url
+from ._retrieval import RetrievalModels
 
 NOT_FOUND_STATUS = {"404", "StatusCode.NOT_FOUND"}
 # Exponential backoff stops growing here: with many retries an uncapped doubling would sleep for days.
@@ -26,6 +27,7 @@ class _ClientConfig:
         retries: int = 0,
         retry_backoff_s: float = 0.5,
         max_concurrency: int = 8,
+        retrieval_models: RetrievalModels | None = None,
     ) -> None:
         self._hostport, self._protocol, self._ssl = parse_url(url, protocol)
         if not (isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s) and timeout_s > 0):
@@ -43,6 +45,7 @@ class _ClientConfig:
         self.retries = retries
         self.retry_backoff_s = float(retry_backoff_s)
         self.max_concurrency = max_concurrency
+        self.retrieval_models = retrieval_models or RetrievalModels()
         self._init_state()
 
     def _init_state(self) -> None:
@@ -51,6 +54,10 @@ class _ClientConfig:
     @property
     def protocol(self) -> Protocol:
         return self._protocol
+
+    def _retrieval_model(self, entry: str) -> str:
+        name: str = getattr(self.retrieval_models, entry)
+        return name
 
     def _backoff_s(self, attempt: int) -> float:
         return min(float(self.retry_backoff_s * 2 ** min(attempt, 32)), MAX_BACKOFF_S)
@@ -69,7 +76,12 @@ class _ClientConfig:
         return err
 
     def _is_stream_model_missing(self, exc: Blip2Error) -> bool:
-        return exc.status in NOT_FOUND_STATUS or "unknown model" in exc.message.lower()
+        # A model that exists with no version ready (loading, or unloading while the server drains) is
+        # unavailable for now, not missing: "has no available versions", "is not at ready state".
+        message = exc.message.lower()
+        if "no available versions" in message or "not at ready state" in message:
+            return False
+        return exc.status in NOT_FOUND_STATUS or "unknown model" in message
 
     def _stream_missing_error(self) -> StreamingUnsupportedError:
         return StreamingUnsupportedError(

@@ -107,6 +107,33 @@ def requested_outputs(tc: ModuleType) -> list[Any]:
     return [tc.InferRequestedOutput("text_output")]
 
 
+@dataclass(frozen=True)
+class Generation:
+    """A generated text and what the server reports about it (None where a server does not report it)."""
+
+    text: str
+    # "stop": the model ended the text; "length": it reached max_tokens.
+    finish_reason: str | None
+    output_tokens: int | None
+    # The input's positions: the image's query tokens and the prompt's tokens.
+    input_tokens: int | None
+
+
+def decode_generation(result: Any) -> Generation:
+    def scalar(name: str) -> Any:
+        out = result.as_numpy(name)
+        return None if out is None or out.size == 0 else out.reshape(-1)[0]
+
+    reason = scalar("finish_reason")
+    tokens, prompt = scalar("num_output_tokens"), scalar("num_input_tokens")
+    return Generation(
+        text=decode_text(result),
+        finish_reason=reason.decode("utf-8") if isinstance(reason, (bytes, bytearray)) else reason,
+        output_tokens=int(tokens) if tokens is not None else None,
+        input_tokens=int(prompt) if prompt is not None else None,
+    )
+
+
 def decode_text(result: Any) -> str:
     out = result.as_numpy("text_output")
     if out is None or out.size == 0:

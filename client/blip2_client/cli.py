@@ -1,4 +1,4 @@
-"""`blip2` command line: caption images, ask questions, check health.
+"""`blip2` command line: caption images, ask questions, search a folder of images by text, check health.
 
 Exit codes: 0 ok, 1 other error, 2 usage (bad arguments, unreadable image file),
 3 invalid input (the server rejected the request), 4 server unavailable / not
@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from ._errors import Blip2Error, DeadlineExceededError, InvalidInputError, ServerUnavailableError
@@ -53,7 +55,9 @@ def _add_connection_options(p: argparse.ArgumentParser, *, top_level: bool) -> N
     def default(value: Any) -> Any:
         return value if top_level else argparse.SUPPRESS
 
-    p.add_argument("--url", default=default(DEFAULT_GRPC_URL), help=f"server address (default {DEFAULT_GRPC_URL})")
+    url = os.environ.get("BLIP2_URL") or DEFAULT_GRPC_URL
+    p.add_argument("--url", default=default(url),
+                   help=f"server address (default: $BLIP2_URL, else {DEFAULT_GRPC_URL})")
     p.add_argument(
         "--protocol",
         choices=["grpc", "http"],
@@ -75,11 +79,11 @@ def _add_controls(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="blip2",
-        description="Caption images and answer questions with a BLIP-2 Triton server.",
+        description="Caption images, answer questions and search images by text with a BLIP-2 Triton server.",
         epilog="exit codes: 0 ok, 1 other error, 2 usage, 3 invalid input, 4 unavailable, 5 timeout",
     )
     _add_connection_options(parser, top_level=True)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{caption,ask,health}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{caption,ask,search,health}")
 
     p = sub.add_parser("caption", help="caption one or more images ('-' reads stdin)")
     p.add_argument("images", nargs="+", metavar="IMG")
@@ -92,10 +96,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_controls(p)
     _add_connection_options(p, top_level=False)
 
+    p = sub.add_parser(
+        "search",
+        help="rank the images of a folder by similarity to a text (server with retrieval: `serve --itm`)",
+        description="Embeds every image under DIR (once: embeddings are cached in a local file keyed by each file's "
+        "content and tied to the server's checkpoint), embeds QUERY, and prints the best matches as "
+        "`score<TAB>path`, best first.",
+    )
+    p.add_argument("dir", metavar="DIR", type=Path, help="folder searched recursively (or one image file)")
+    p.add_argument("query", metavar="QUERY")
+    p.add_argument("--top-k", type=_positive_int, default=10, help="hits printed (default 10)")
+    p.add_argument("--rerank", type=_positive_int, default=0, metavar="N",
+                   help="re-score the best N with the image-text matching head and order them by P(match)")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="embedding cache file (default ~/.cache/blip2-client/embeddings/<url>_<model>.npz)")
+    p.add_argument("--no-cache", action="store_true", help="embed every image again; read and write no cache")
+    _add_connection_options(p, top_level=False)
+
     p = sub.add_parser("health", help="exit 0 when the model is ready, 4 otherwise")
     p.add_argument("--wait-s", type=float, default=0.0, help="keep polling up to this many seconds")
     _add_connection_options(p, top_level=False)
     return parser
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {raw}")
+    return value
 
 
 def _read_image(path: str) -> bytes:
@@ -159,6 +187,30 @@ def _ask(client: Blip2Client, args: argparse.Namespace, image: tuple[str, bytes]
     return EXIT_OK
 
 
+def _search(client: Blip2Client, args: argparse.Namespace) -> int:
+    from ._search import EmbeddingStore, default_store_path, search
+
+    store = None
+    if not args.no_cache:
+        store = EmbeddingStore(args.cache or default_store_path(args.url, client.retrieval_models.embed_image))
+    result = search(client, args.dir, args.query, store=store, top_k=args.top_k, rerank=args.rerank)
+    if store is not None and store.dropped_reason:
+        print(f"blip2: embedding cache {store.path}: {store.dropped_reason}; started afresh", file=sys.stderr)
+    for path, err in result.failures:
+        message = err.message if isinstance(err, Blip2Error) else str(err)
+        print(f"blip2: {path}: {message}", file=sys.stderr)
+    if args.json:
+        records = [{"path": h.path, "similarity": h.similarity, **({} if h.match is None else {"match": h.match})}
+                   for h in result.hits]
+        print(json.dumps(records, ensure_ascii=False))
+    else:
+        for h in result.hits:
+            scores = f"{h.similarity:.4f}" if h.match is None else f"{h.match:.4f}\t{h.similarity:.4f}"
+            print(f"{scores}\t{h.path}")
+    codes = [exit_code(err) if isinstance(err, Blip2Error) else EXIT_USAGE for _, err in result.failures]
+    return codes[0] if codes else EXIT_OK
+
+
 def _health(client: Blip2Client, args: argparse.Namespace) -> int:
     if args.wait_s > 0:
         with contextlib.suppress(ServerUnavailableError):
@@ -196,6 +248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         print(f"blip2: error: cannot read image: {e}", file=sys.stderr)
         return EXIT_USAGE
+    if args.command == "search" and not args.dir.exists():
+        print(f"blip2: error: no such file or directory: {args.dir}", file=sys.stderr)
+        return EXIT_USAGE
 
     try:
         with client:
@@ -203,6 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _caption(client, args, images)
             if args.command == "ask":
                 return _ask(client, args, images[0])
+            if args.command == "search":
+                return _search(client, args)
             return _health(client, args)
     except Blip2Error as e:
         print(f"blip2: error: {e.message}", file=sys.stderr)

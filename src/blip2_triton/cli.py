@@ -3,104 +3,45 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
-import signal
+import os
 import sys
-import threading
-import time
 from pathlib import Path
 
 from .options import DEVICES, DTYPES, QUANTIZATIONS
 
+STAGE_FLAGS = ("dtype", "device", "quantization")
 
-def _absolute_if_local(model_id: str | None) -> str | None:
+
+def _absolute_if_local(model_id: str) -> str:
     # Stage processes do not run in the caller's directory: relative checkpoint paths must not reach them.
-    if model_id and Path(model_id).expanduser().exists():
-        return str(Path(model_id).expanduser().resolve())
-    return model_id
+    path = Path(model_id).expanduser()
+    return str(path.resolve()) if model_id and path.exists() else model_id
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .launcher import LauncherError, StartupInterruptedError, TritonServer
-    from .watchdog import FAULT_EXIT_CODE, _exit_status
+    from .supervisor import LaunchSettings, serve
 
-    server = TritonServer(
-        model_repository=args.model_repository,
-        model_id=_absolute_if_local(args.model_id),
-        with_t5=args.t5,
-        t5_model_id=_absolute_if_local(args.t5_model_id),
-        dtype=args.dtype,
-        device=args.device,
-        quantization=args.quantization,
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port,
-        host=args.host,
-        exit_timeout_s=args.exit_timeout_secs,
-        startup_timeout_s=args.startup_timeout_s,
-        extra_args=args.triton_args,
-        watchdog=not args.no_watchdog,
-    )
-    stop = threading.Event()
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
+    base = LaunchSettings.from_env(os.environ)
+    options = {**base.options, **{k: given.pop(k) for k in STAGE_FLAGS if k in given}}
+    extra_args = base.extra_args + tuple(given.pop("triton_args", ()))
+    front = {"openai_port": given.pop("openai_port")} if "openai_port" in given else {}
+    if "log_format" in given:
+        from .logs import configure_logging
 
-    def on_signal(signum: int, _frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-
-    def failure_code() -> int:
-        if server.fault:
-            return FAULT_EXIT_CODE
-        code = server.process.returncode if server.process is not None else None
-        return code if code is not None and code > 0 else 1
-
-    # Supervisor loop: every pass starts tritonserver and waits for a signal (drain and exit) or for the server
-    # to end (the watchdog killed it, or it crashed): restart within the budget, else exit non-zero.
-    restarts: list[float] = []
-    while True:
-        try:
-            server.start(interrupt=stop)
-            print(
-                f"blip2-triton: ready  http={server.http_url}  grpc={server.grpc_url}  metrics={server.metrics_url}",
-                file=sys.stderr,
-                flush=True,
-            )
-        except StartupInterruptedError:
-            print("blip2-triton: stopped during startup", file=sys.stderr, flush=True)
-            return 0
-        except LauncherError as e:
-            print(f"blip2-triton: {e}", file=sys.stderr, flush=True)
-            if server.process is None or (not restarts and not args.max_restarts):
-                # No process at all (no tritonserver or stub found): restarting cannot help.
-                return 1
-        process = server.process
-        while not stop.is_set() and process.poll() is None:
-            stop.wait(0.2)
-        if process.poll() is None:
-            print("blip2-triton: stopping (draining in-flight requests)", file=sys.stderr, flush=True)
-            code = server.stop()
-            return 0 if code in (0, -signal.SIGTERM) else _exit_status(int(code or 1))
-        reason = server.fault or f"tritonserver exited with code {process.returncode}"
-        print(f"blip2-triton: {reason}", file=sys.stderr, flush=True)
-        now = time.monotonic()
-        restarts = [t for t in restarts if now - t < args.restart_window_s]
-        if stop.is_set() or len(restarts) >= args.max_restarts:
-            if args.max_restarts and not stop.is_set():
-                print(f"blip2-triton: {len(restarts)} restarts within {args.restart_window_s:.0f} s; giving up",
-                      file=sys.stderr, flush=True)
-            server.stop()
-            return failure_code()
-        restarts.append(now)
-        print(f"blip2-triton: restarting tritonserver ({len(restarts)}/{args.max_restarts} within "
-              f"{args.restart_window_s:.0f} s)", file=sys.stderr, flush=True)
-        # A server that fails at once would otherwise spin through its restarts in seconds.
-        if stop.wait(min(2.0 ** (len(restarts) - 1), 30.0)):
-            server.stop()
-            return failure_code()
+        options["log_format"] = front["log_format"] = given.pop("log_format")
+        configure_logging(options["log_format"])
+    return serve(dataclasses.replace(base, **given, options=options, extra_args=extra_args), front=front)
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
+    if args.family == "itm":
+        from .tiny_itm import write_tiny_itm_model
+
+        print(write_tiny_itm_model(args.out_dir, seed=args.seed))
+        return 0
     from .tiny import write_tiny_model
 
     print(write_tiny_model(args.out_dir, family=args.family, seed=args.seed))
@@ -110,35 +51,51 @@ def _tiny_model(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blip2-triton", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="start tritonserver on the BLIP-2 model repository")
-    serve.add_argument("--model-id", default=None,
-                       help="HF repo id or local checkpoint dir (default: the embedded tiny model)")
-    serve.add_argument("--t5", action="store_true",
+    # Unset flags stay out of the namespace: defaults come from the environment, else LaunchSettings.
+    serve = sub.add_parser("serve", help="start tritonserver on the BLIP-2 model repository",
+                           argument_default=argparse.SUPPRESS,
+                           epilog="Defaults: the environment variables of README's options table.")
+    serve.add_argument("--model-id", type=_absolute_if_local,
+                       help="HF repo id or local checkpoint dir (default: BLIP2_MODEL_ID, else the tiny model)")
+    serve.add_argument("--t5", dest="with_t5", action="store_true",
                        help="also serve the FlanT5 ensemble `blip2_t5` (default: the embedded tiny FlanT5 model)")
-    serve.add_argument("--t5-model-id", default=None,
+    serve.add_argument("--t5-model-id", type=_absolute_if_local,
                        help="FlanT5 BLIP-2 checkpoint for `blip2_t5` (implies --t5)")
-    serve.add_argument("--dtype", choices=DTYPES, default=None)
-    serve.add_argument("--device", choices=DEVICES, default=None)
-    serve.add_argument("--quantization", choices=QUANTIZATIONS, default=None)
-    serve.add_argument("--http-port", type=int, default=8000)
-    serve.add_argument("--grpc-port", type=int, default=8001)
-    serve.add_argument("--metrics-port", type=int, default=8002)
-    serve.add_argument("--host", default="0.0.0.0", help="address to bind HTTP and gRPC to")  # noqa: S104
-    serve.add_argument("--model-repository", default=None)
-    serve.add_argument("--exit-timeout-secs", type=int, default=30)
-    serve.add_argument("--startup-timeout-s", type=float, default=1800.0)
-    serve.add_argument("--max-restarts", type=int, default=0,
-                       help="restart tritonserver when it dies or a stage's stub process dies, at most this many "
-                            "times within --restart-window-s (default 0: exit with an error and let the "
-                            "orchestrator restart the replica)")
-    serve.add_argument("--restart-window-s", type=float, default=600.0)
-    serve.add_argument("--no-watchdog", action="store_true",
+    serve.add_argument("--itm", dest="with_itm", action="store_true",
+                       help="also serve image-text retrieval and matching (`blip2_embed_image`, `blip2_embed_text`, "
+                            "`blip2_similarity`, `blip2_match`; default: the embedded tiny retrieval checkpoint)")
+    serve.add_argument("--itm-model-id", type=_absolute_if_local,
+                       help="retrieval checkpoint (Blip2ForImageTextRetrieval, e.g. Salesforce/blip2-itm-vit-g) for "
+                            "the retrieval models (implies --itm; default: BLIP2_ITM_MODEL_ID)")
+    serve.add_argument("--dtype", choices=DTYPES)
+    serve.add_argument("--device", help=f"{', '.join(DEVICES)} or cuda:N (KIND_GPU instances use Triton's GPU)")
+    serve.add_argument("--quantization", choices=QUANTIZATIONS)
+    serve.add_argument("--http-port", type=int)
+    serve.add_argument("--grpc-port", type=int)
+    serve.add_argument("--metrics-port", type=int)
+    serve.add_argument("--host", help="address the ports clients reach bind to (default: 127.0.0.1; the container "
+                       "image sets 0.0.0.0)")
+    serve.add_argument("--no-front", dest="front", action="store_false",
+                       help="clients reach Triton directly: no request limits, OpenAI API or honest readiness")
+    serve.add_argument("--log-format", choices=("text", "json"),
+                       help="log lines of the stages, the front and this supervisor (Triton's own stay text)")
+    serve.add_argument("--openai-port", type=int,
+                       help="a second public HTTP port with the same routes, e.g. for OpenAI clients (front)")
+    serve.add_argument("--model-repository", type=Path)
+    serve.add_argument("--exit-timeout-secs", dest="exit_timeout_s", type=int)
+    serve.add_argument("--startup-timeout-s", type=float)
+    serve.add_argument("--max-restarts", type=int,
+                       help="restart tritonserver when it or a stage's stub process dies, at most this many times "
+                            "within --restart-window-s (default 0: exit with an error, the orchestrator restarts)")
+    serve.add_argument("--restart-window-s", type=float)
+    serve.add_argument("--no-watchdog", dest="watchdog", action="store_false",
                        help="do not watch the stage stub processes (a dead stub then fails requests until restart)")
     serve.add_argument("triton_args", nargs="*", help="extra tritonserver arguments, after `--`")
     serve.set_defaults(func=_serve)
-    tiny = sub.add_parser("tiny-model", help="write a tiny random-weight BLIP-2 checkpoint (OPT or FlanT5)")
+    tiny = sub.add_parser("tiny-model", help="write a tiny random-weight BLIP-2 checkpoint (OPT, FlanT5 or "
+                                             "image-text retrieval)")
     tiny.add_argument("out_dir")
-    tiny.add_argument("--family", choices=("opt", "t5"), default="opt")
+    tiny.add_argument("--family", choices=("opt", "t5", "itm"), default="opt")
     tiny.add_argument("--seed", type=int, default=1234)
     tiny.set_defaults(func=_tiny_model)
     return parser

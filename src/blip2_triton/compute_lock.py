@@ -2,17 +2,14 @@
 
 On CPU the vision and LLM stage processes each run torch with a pool of OpenMP threads. With a pool as large as the
 host in each, both computing at once oversubscribe the cores twice over, and OpenMP's spinning threads slow both
-down far more than taking turns would (measured on 2 cores: the vision stage took 127 ms per image served next to
-the LLM engine, 45-53 ms alone). Two ways out:
+down far more than taking turns would. Two ways out (figures: docs/BENCHMARK.md):
 
 * **Split** (`compute_lock=auto` or `off`, the default): each stage process gets its own share of the cores
   (`stage_threads`: half of them, as an ensemble has two computing stages) and the stages overlap. The in-flight
-  engine steps all the time and the vision stage computes whenever images arrive, so this keeps both busy.
-  Measured on 2 cores with packed weights (c=32, mixed 4/48-token VQA): in-flight 14.0-15.1 req/s split against
-  12.0-12.1 taking turns; the static scheduler 9.7-12.5 against 9.9-11.1.
+  engine steps all the time and the vision stage computes whenever images arrive, so this keeps both busy: the
+  better choice under load.
 * **Turns** (`compute_lock=on`): every forward pass takes a host-wide lock and runs on all cores. Better where one
-  stage idles while the other computes, as with one request at a time (captions at c=1: 290-339 ms against
-  396-478 ms split).
+  stage idles while the other computes, as with one request at a time.
 
 The lock is an advisory file lock (`flock`) that every stage process of the host opens. A second "entry" lock
 makes it fair: a waiter holds the entry lock while it waits, so the process that just released the compute lock

@@ -1,14 +1,10 @@
 """CPU linear layers with weights pre-packed for oneDNN, the way PyTorch's own CPU compiler freezes them.
 
 `nn.Linear` on CPU hands the weight to a GEMM that re-packs it into the kernel's blocked layout on every call.
-For the small row counts of decoding that packing dominates: on the benchmark model (2 cores) a 17-row pass over
-OPT's 512 x 50272 output projection took 25.5 ms through `F.linear` and 5.5 ms with the weight packed once at load,
-and a 17-row decoding step fell from 34 to 16 ms. Large-row GEMMs (the vision stage's 197 rows per image) gain
-about 10%.
+For the small row counts of decoding that packing dominates the step (figures: docs/BENCHMARK.md).
 
-The packed kernel rounds differently from `F.linear` (differences of about 1e-6 relative), the same kind of
-float noise as batching itself: on the benchmark host `F.linear` gives a row other bits at 1-5 rows than at 6 or
-more, so a batched server never matched HF's one-request `generate` bit for bit.
+The packed kernel rounds differently from `F.linear` (about 1e-6 relative), the same kind of float noise as
+batching itself: `F.linear` gives a row other bits at different row counts.
 
 Memory: the packed copy comes on top of the dense weight, which stays: HF code reads layers' weights (dtype
 checks, tied embeddings), and a placeholder in its place is not safe (`F.linear` on a CPU input and a `meta` weight

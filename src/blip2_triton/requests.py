@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,8 +18,38 @@ from .options import ServerOptions
 MAX_BYTES_PER_TOKEN = 128
 
 
+# An `image` sent as text (JSON clients): a data URL, or plain base64 of the file.
+_DATA_URL = re.compile(rb"data:image/[\w.+-]+;base64,", re.IGNORECASE)
+_BASE64 = re.compile(rb"[A-Za-z0-9+/\r\n]+={0,2}\s*")
+
+
+def image_file_bytes(data: bytes) -> bytes:
+    """The image file itself: `data` unchanged, or decoded from a base64 data URL or plain base64 text.
+
+    No image format starts with base64 characters only (their magic numbers hold bytes outside that alphabet), so a
+    file is never taken for text.
+    """
+    if data[:5].lower() == b"data:":
+        header = _DATA_URL.match(data)
+        if header is None:
+            raise InvalidRequestError("image: expected a base64 data URL of an image type (data:image...;base64,), "
+                                      "got a data URL of another form")
+        try:
+            return base64.b64decode(data[header.end():])
+        except binascii.Error as e:
+            raise InvalidRequestError(f"image: expected base64 after the data URL header, got malformed base64 "
+                                      f"({e})") from e
+    if not _BASE64.fullmatch(data):
+        return data
+    try:
+        return base64.b64decode(data)
+    except binascii.Error:
+        return data  # not base64 after all: the decoder names it an unsupported file
+
+
 @dataclass
 class ImageRequest:
+    # Encoded image file bytes; `validate` turns base64 text into them.
     data: bytes
 
     def validate(self, options: ServerOptions) -> None:
@@ -24,10 +57,12 @@ class ImageRequest:
             raise InvalidRequestError(f"image: expected encoded image bytes, got {type(self.data).__name__}")
         if len(self.data) == 0:
             raise InvalidRequestError("image: expected encoded image bytes, got 0 bytes")
+        # Base64 carries 3 bytes in 4 characters; a data URL adds a short header.
+        if len(self.data) > options.max_image_bytes * 4 // 3 + 64:
+            raise InvalidRequestError(f"image: expected at most {options.max_image_bytes} bytes, got {len(self.data)}")
+        self.data = image_file_bytes(bytes(self.data))
         if len(self.data) > options.max_image_bytes:
-            raise InvalidRequestError(
-                f"image: expected at most {options.max_image_bytes} bytes, got {len(self.data)}"
-            )
+            raise InvalidRequestError(f"image: expected at most {options.max_image_bytes} bytes, got {len(self.data)}")
 
 
 @dataclass

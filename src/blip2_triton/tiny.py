@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedTokenizerBase
+    from transformers import BlipImageProcessor, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
 # Training text for the toy BPE tokenizer: enough distinct words that prompts used in tests and demos
 # tokenize into several tokens and that decoded outputs read as words.
@@ -109,6 +109,35 @@ def _damp_unreadable_tokens(lm_head: torch.nn.Linear, tokenizer: PreTrainedToken
             lm_head.weight[token_id].mul_(0.02)
 
 
+def clip_image_processor(size: int) -> BlipImageProcessor:
+    """BLIP-2's image preprocessing (CLIP normalisation) at a tiny square size."""
+    from transformers import BlipImageProcessor
+
+    return BlipImageProcessor(
+        size={"height": size, "width": size},
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+        do_convert_rgb=True,
+    )
+
+
+def randomize_weights(model: PreTrainedModel, std: Callable[[str], float]) -> None:
+    """Draws every matrix from N(0, std(name)) and the query tokens from N(0, 1), from torch's global RNG.
+
+    The default initialiser gives the vision tower a std of 1e-10, which would make every image produce the same
+    query embeddings; real-looking spread keeps outputs image-dependent."""
+    for name, param in model.named_parameters():
+        if param.dim() >= 2 and "norm" not in name:
+            param.normal_(0.0, std(name))
+    model.query_tokens.normal_(0.0, 1.0)
+
+
+def save_checkpoint(model: PreTrainedModel, processor: ProcessorMixin, out: Path, stamp: dict[str, object]) -> None:
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    (out / "TINY_MODEL.json").write_text(json.dumps(stamp) + "\n")
+
+
 @dataclass(frozen=True)
 class _Family:
     build_tokenizer: Callable[[], PreTrainedTokenizerBase]
@@ -157,27 +186,17 @@ def write_tiny_model(
     out_dir: str | os.PathLike[str], *, family: str = "opt", seed: int = TINY_SEED
 ) -> Path:
     import torch
-    from transformers import (
-        Blip2Config,
-        Blip2ForConditionalGeneration,
-        Blip2Processor,
-        BlipImageProcessor,
-        GenerationConfig,
-    )
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, GenerationConfig
 
     if family not in _FAMILIES:
         raise ValueError(f"family must be one of {', '.join(_FAMILIES)}, got {family!r}")
     spec = _FAMILIES[family]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    image_processor = BlipImageProcessor(
-        size={"height": 64, "width": 64},
-        image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711],
-        do_convert_rgb=True,
-    )
     processor = Blip2Processor(
-        image_processor=image_processor, tokenizer=spec.build_tokenizer(), num_query_tokens=spec.num_query_tokens
+        image_processor=clip_image_processor(64),
+        tokenizer=spec.build_tokenizer(),
+        num_query_tokens=spec.num_query_tokens,
     )
     config = Blip2Config(
         vision_config={
@@ -195,24 +214,15 @@ def write_tiny_model(
     torch.manual_seed(seed)
     model = Blip2ForConditionalGeneration(config).eval()
     with torch.no_grad():
-        # The default initialiser gives the vision tower a std of 1e-10, which would make every image
-        # produce the same query embeddings; real-looking spread keeps captions image-dependent.
-        for name, param in model.named_parameters():
-            if param.dim() >= 2 and "norm" not in name:
-                param.normal_(0.0, spec.lm_std if name.startswith("language_model") else 0.15)
-        model.query_tokens.normal_(0.0, 1.0)
+        randomize_weights(model, lambda name: spec.lm_std if name.startswith("language_model") else 0.15)
         lm_head = model.language_model.lm_head
         lm_head.weight.mul_(spec.logit_scale)
         _damp_unreadable_tokens(lm_head, processor.tokenizer)
         for token_id in spec.damped:
             lm_head.weight[token_id].mul_(0.02)
     model.generation_config = GenerationConfig(**spec.generation)
-    model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
-    (out / "TINY_MODEL.json").write_text(
-        json.dumps({"seed": seed, "family": family, "version": TINY_VERSION, "generator": "blip2_triton.tiny"})
-        + "\n"
-    )
+    stamp = {"seed": seed, "family": family, "version": TINY_VERSION, "generator": "blip2_triton.tiny"}
+    save_checkpoint(model, processor, out, stamp)
     return out
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from triton_helpers import start_server
 
-from blip2_triton.launcher import TritonServer
+from blip2_triton.supervisor import TritonServer
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ import pytest
 from blip2_client import (
     AsyncBlip2Client,
     Blip2Client,
+    Generation,
     InvalidInputError,
     StreamingUnsupportedError,
     encode_image,
@@ -145,7 +146,8 @@ def test_health_and_metadata(url: str, protocol: str) -> None:
         inputs = {t.name: t.datatype for t in meta.inputs}
         assert inputs["image"] == "BYTES"
         assert inputs["max_tokens"] == "INT32"
-        assert {t.name: t.datatype for t in meta.outputs} == {"text_output": "BYTES"}
+        assert {t.name: t.datatype for t in meta.outputs} == {"text_output": "BYTES", "num_output_tokens": "INT32",
+                                                               "finish_reason": "BYTES", "num_input_tokens": "INT32"}
         # Streaming needs gRPC; over HTTP a clear error, not a hang.
         if protocol == "http":
             with pytest.raises(StreamingUnsupportedError, match="grpc"):
@@ -203,3 +205,24 @@ def test_async_stream_matches_the_reference(triton_server, sample_images, refere
 
     pieces = asyncio.run(run())
     assert "".join(pieces) == reference(data, None, 16)
+
+
+def test_results_carry_the_count_and_the_finish_reason(url: str, protocol: str, few: dict[str, bytes],
+                                                       reference: Reference) -> None:
+    image = few["rgb_jpeg"]
+
+    def check(result: Generation, max_tokens: int, prompt: str | None) -> None:
+        assert result.text == reference(image, prompt, max_tokens)
+        assert result.output_tokens is not None and 0 < result.output_tokens <= max_tokens
+        assert result.finish_reason == ("length" if result.output_tokens == max_tokens else "stop")
+        assert result.input_tokens is not None and result.input_tokens > 1
+
+    with Blip2Client(url, protocol=protocol, timeout_s=120) as client:
+        check(client.generate_result(image, max_tokens=5), 5, None)
+        check(client.generate_result(image, vqa_prompt(QUESTION), max_tokens=3), 3, vqa_prompt(QUESTION))
+
+    async def run() -> Generation:
+        async with AsyncBlip2Client(url, protocol=protocol, timeout_s=120) as client:
+            return await client.generate_result(image, max_tokens=4)
+
+    check(asyncio.run(run()), 4, None)

@@ -1,10 +1,10 @@
-"""The deployment's Triton setup, run for real: docker/entrypoint.sh starts tritonserver with the image's
-flags on the repository's model repository (tiny checkpoint), as the container does.
+"""The deployment's Triton setup, run for real: docker/entrypoint.sh starts `blip2-triton serve` on the
+repository's model repository (tiny checkpoint) with its settings from the environment, as the container does.
 
 A dedicated server rather than the session `triton_server` fixture because what is under test is the
-entrypoint's flag set: latency summaries the dashboard reads, admin APIs closed on HTTP and gRPC, the exit
-timeout. Every metric the dashboard, the Prometheus rules and the HPA adapter rule use must be in its
-output, except the GPU families, which a CPU-only host cannot produce.
+container's path and flag set: latency summaries the dashboard reads, admin APIs closed on HTTP and gRPC. Every
+metric the dashboard, the Prometheus rules and the HPA adapter rule use must be in its output, except the GPU
+families, which a CPU-only host cannot produce.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -29,7 +30,7 @@ import yaml
 from deploy_metrics import GPU_ONLY_METRICS, METRIC_RE, NGC_TRITON_VERSIONS, SELECTOR_RE
 from tritonclient.utils import InferenceServerException
 
-from blip2_triton.launcher import find_tritonserver, free_port
+from blip2_triton.supervisor import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -86,21 +87,17 @@ def http_status(url: str, method: str = "GET", headers: dict[str, str] | None = 
 
 @pytest.fixture(scope="module")
 def deployed(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployed]:
-    install = find_tritonserver()
     work = tmp_path_factory.mktemp("deployed")
     server = Deployed(free_port(), free_port(), free_port())
-    # Loopback only: the container listens on all interfaces, a test must not.
-    extra = ["--http-address=127.0.0.1", "--grpc-address=127.0.0.1"]
-    if install.backend_directory is not None:
-        extra.append(f"--backend-directory={install.backend_directory}")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BLIP2_", "TRITON_"))}
-    env |= install.env
     env |= {
-        "TRITONSERVER": str(install.binary),
+        # `blip2-triton` on PATH, as pip installs it in the image.
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+        # Loopback only: the container listens on all interfaces, a test must not.
+        "TRITON_HOST": "127.0.0.1",
         "BLIP2_MODEL_REPOSITORY": str(ROOT / "model_repository"),
         "BLIP2_MODEL_ID": str(tiny_model_dir),
         "BLIP2_CACHE_DIR": str(work / "cache"),
-        "BLIP2_TRITON_ARGS": " ".join(extra),
         "TRITON_HTTP_PORT": str(server.http_port),
         "TRITON_GRPC_PORT": str(server.grpc_port),
         "TRITON_METRICS_PORT": str(server.metrics_port),
@@ -120,11 +117,11 @@ def deployed(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
             pytest.fail(f"entrypoint.sh did not bring tritonserver up (exit {proc.poll()}):\n{tail}")
         yield server
     finally:
-        # entrypoint.sh execs tritonserver, so this is Triton's own graceful shutdown, as in a pod.
+        # A drain and a graceful stop, as in a pod.
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(timeout=60)
+                assert proc.wait(timeout=60) == 0, log_path.read_text(errors="replace")[-3000:]
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()

@@ -3,6 +3,7 @@ process killed with SIGKILL, and SIGTERM while requests are in flight."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -21,8 +22,9 @@ import pytest
 from blip2_client import Blip2Client, ServerUnavailableError
 from triton_helpers import Clients, start_server, tritonserver_children
 
-from blip2_triton.launcher import free_port
-from blip2_triton.watchdog import StubWatchdog, kill_server, process_state, stub_processes
+from blip2_triton.supervisor import free_port
+from blip2_triton.supervisor.processes import kill_server, running, stub_processes
+from blip2_triton.supervisor.watchdog import StubWatchdog
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +46,7 @@ def http_status(url: str, timeout_s: float = 2.0) -> int:
 
 def gone(pid: int) -> bool:
     # Exited; a zombie waiting for its new parent to reap it counts.
-    return process_state(pid) in (None, "Z", "X")
+    return not running(pid)
 
 
 def stub_of(server_pid: int, model: str) -> Any:
@@ -167,6 +169,76 @@ def test_supervisor_restarts_the_replica_after_a_stub_dies(
     assert code == 0, log.read_text()[-3000:]
 
 
+def test_a_crashed_server_leaves_no_stub_behind_and_restarts_alone(
+    tiny_model_dir: Path, tmp_path: Path, sample_images: dict[str, bytes], reference: Any
+) -> None:
+    # Triton 2.51 can abort (its sync.cc assertion on a mass stream cancel, issue #7368); a stub that is busy or
+    # stopped then outlives it, holding its memory, while a restart would start a second server beside it.
+    log = tmp_path / "serve.log"
+    proc, ports = _serve(["--model-id", str(tiny_model_dir), "--max-restarts", "1"], log)
+    stubs: dict[int, Any] = {}
+    try:
+        _wait_for_log(proc, log, "blip2-triton: ready", 1, 300)
+        triton = _tritonserver_child(proc.pid)
+        stubs = stub_processes(triton)
+        llm = stub_of(triton, "blip2_llm")
+        assert llm.shm_region and (Path("/dev/shm") / llm.shm_region).exists()
+        inode = (Path("/dev/shm") / llm.shm_region).stat().st_ino
+        os.kill(llm.pid, signal.SIGSTOP)  # it cannot notice its parent's death
+        os.kill(triton, signal.SIGKILL)
+        _wait_for_log(proc, log, "blip2-triton: ready", 2, 300)
+        assert all(not stub.alive() for stub in stubs.values()), "a stub of the crashed server still runs"
+        region = Path("/dev/shm") / llm.shm_region
+        assert not region.exists() or region.stat().st_ino != inode
+        data = sample_images["rgb_jpeg"]
+        with Blip2Client(f"127.0.0.1:{ports['grpc']}", protocol="grpc") as client:
+            assert client.caption(data, max_tokens=5) == reference(data, None, 5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+        for stub in stubs.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stub.pid, signal.SIGKILL)
+    assert code == 0, log.read_text()[-3000:]
+
+
+def test_a_paused_stage_makes_the_replica_unready_and_it_recovers_without_a_restart(
+    tiny_model_dir: Path, tmp_path: Path, sample_images: dict[str, bytes], reference: Any
+) -> None:
+    # Triton 2.51 says ready while a stage is stopped, and a request reaching it makes Triton give the stage up for
+    # good. The front answers unready at once and turns inference away (retryable) until the stage resumes.
+    log = tmp_path / "serve.log"
+    proc, ports = _serve(["--model-id", str(tiny_model_dir), "--max-restarts", "1"], log)
+    ready_url = f"http://127.0.0.1:{ports['http']}/v2/health/ready"
+    data = sample_images["rgb_jpeg"]
+    try:
+        _wait_for_log(proc, log, "blip2-triton: ready", 1, 300)
+        vision = stub_of(_tritonserver_child(proc.pid), "blip2_vision")
+        os.kill(vision.pid, signal.SIGSTOP)
+        try:
+            paused = time.monotonic()
+            while http_status(ready_url, timeout_s=0.5) == 200:
+                assert time.monotonic() - paused < DETECTION_BUDGET_S, "the replica still reports ready"
+                time.sleep(0.05)
+            print(f"stage paused -> readiness gone in {time.monotonic() - paused:.2f} s")
+            with (Blip2Client(f"127.0.0.1:{ports['grpc']}", protocol="grpc", timeout_s=10) as client,
+                  pytest.raises(ServerUnavailableError, match="not ready")):
+                client.caption(data, max_tokens=5)
+        finally:
+            os.kill(vision.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while http_status(ready_url, timeout_s=0.5) != 200:
+            assert time.monotonic() < deadline, "the replica did not come back"
+            time.sleep(0.05)
+        with Blip2Client(f"127.0.0.1:{ports['grpc']}", protocol="grpc") as client:
+            assert client.caption(data, max_tokens=5) == reference(data, None, 5)
+        assert vision.alive() and "restarting tritonserver" not in log.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    assert code == 0, log.read_text()[-3000:]
+
+
 # --- SIGTERM under load -----------------------------------------------------------------------------------
 
 BUSY_MODEL = '''
@@ -204,7 +276,7 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(
 ) -> None:
     server = start_server(server_log_dir, "drain", model_repository=busy_repository, model_id=str(tiny_model_dir),
                           env={"ROBUSTNESS_TEST_VISION_BUSY_S": "1.5"})
-    exit_timeout = server.exit_timeout_s
+    exit_timeout = server.settings.exit_timeout_s
     data = sample_images["rgb_jpeg"]
     jobs = [(protocol, prompt) for protocol in ("grpc", "http") for prompt in (None, VQA) for _ in range(2)]
     clients = {p: Clients(p, server) for p in ("grpc", "http")}

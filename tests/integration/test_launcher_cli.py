@@ -11,13 +11,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 import tritonclient.http as httpclient
 from triton_helpers import infer, tritonserver_children
 
 from blip2_triton.checkpoint import tiny_dirname
-from blip2_triton.launcher import free_port
-from blip2_triton.watchdog import SHM_DIR, Stub, _start_ticks, _stat_fields, stub_is_alive, stub_processes
+from blip2_triton.supervisor import free_port
+from blip2_triton.supervisor.processes import SHM_DIR, running, stub_processes
 
 
 def _serve(args: list[str], env: dict[str, str], log: Path) -> tuple[subprocess.Popen, int]:
@@ -67,7 +68,7 @@ def test_serve_model_id_directory_and_sigkill(tmp_path: Path, tiny_model_dir: Pa
                                               reference) -> None:
     env = {**os.environ, "BLIP2_CACHE_DIR": str(tmp_path / "unused-cache")}
     proc, http = _serve(["--model-id", str(tiny_model_dir)], env, tmp_path / "serve.log")
-    watched: list[Stub] = []
+    watched: list[psutil.Process] = []
     try:
         client = httpclient.InferenceServerClient(f"127.0.0.1:{http}")
         data = sample_images["cmyk_jpeg"]
@@ -78,15 +79,13 @@ def test_serve_model_id_directory_and_sigkill(tmp_path: Path, tiny_model_dir: Pa
         stubs = stub_processes(server)
         regions = [SHM_DIR / s.shm_region for s in stubs.values() if s.shm_region]
         assert stubs and regions and all(r.exists() for r in regions)
-        fields = _stat_fields(server)
-        assert fields is not None
-        # Records with start times: a pid reused by another process after ours ended is not ours.
-        watched = [Stub(server, _start_ticks(fields), "tritonserver", None), *stubs.values()]
+        # psutil remembers each one's create time: a pid reused by another process after ours ended is not ours.
+        watched = [psutil.Process(pid) for pid in (server, *stubs)]
         # A launcher killed outright (OOM killer, kill -9) must not leave its server holding ports and memory.
         proc.kill()
         proc.wait(timeout=10)
         killed = time.monotonic()
-        while any(stub_is_alive(p) for p in watched):
+        while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in watched):
             assert time.monotonic() < killed + 60, "tritonserver or a stub outlived the SIGKILLed launcher"
             time.sleep(0.2)
         print(f"tritonserver and {len(stubs)} stubs ended {time.monotonic() - killed:.1f} s after the launcher")
@@ -96,9 +95,8 @@ def test_serve_model_id_directory_and_sigkill(tmp_path: Path, tiny_model_dir: Pa
             _stop(proc)
         for p in watched:
             # Only after a failure: nothing else may be left running for the tests that follow.
-            with contextlib.suppress(ProcessLookupError):
-                if stub_is_alive(p):
-                    os.kill(p.pid, signal.SIGKILL)
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
     text = (tmp_path / "serve.log").read_text()
     assert f"loaded {tiny_model_dir}" in text
     assert not (tmp_path / "unused-cache").exists()
@@ -140,6 +138,4 @@ def test_sigterm_during_startup_stops_at_once(tmp_path: Path, tiny_model_dir: Pa
     text = log.read_text()
     assert "stopped during startup" in text and "blip2-triton: ready" not in text, text[-3000:]
     for pid in (servers[0], *stubs):
-        stat = Path(f"/proc/{pid}/stat")
-        with contextlib.suppress(FileNotFoundError):
-            assert stat.read_text().rpartition(")")[2].split()[0] == "Z", f"process {pid} outlived the launcher"
+        assert not running(pid), f"process {pid} outlived the launcher"

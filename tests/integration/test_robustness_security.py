@@ -14,7 +14,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from blip2_triton.launcher import ADMIN_KEY_HEADER
+from blip2_triton.supervisor import ADMIN_KEY_HEADER
 
 pytestmark = pytest.mark.integration
 
@@ -59,7 +59,8 @@ def test_admin_apis_refused_over_http_without_the_key(triton_server: Any) -> Non
                  "/v2/models/blip2/config", "/v2/models/blip2/stats"):
         assert http_call(base + path, "GET")[0] == 200, path
     # The operator's key opens them (read-only calls: the shared server must keep its models).
-    status, text = http_call(base + "/v2/repository/index", "POST", None, {ADMIN_KEY_HEADER: triton_server.admin_key})
+    key = triton_server.settings.admin_key
+    status, text = http_call(base + "/v2/repository/index", "POST", None, {ADMIN_KEY_HEADER: key})
     assert status == 200 and '"blip2"' in text
 
 
@@ -80,7 +81,7 @@ def test_admin_apis_refused_over_grpc_without_the_key(triton_server: Any) -> Non
             with pytest.raises(InferenceServerException, match=ADMIN_KEY_HEADER):
                 call()
         assert client.is_model_ready("blip2")
-        index = client.get_model_repository_index(headers={GRPC_ADMIN_HEADER: triton_server.admin_key},
+        index = client.get_model_repository_index(headers={GRPC_ADMIN_HEADER: triton_server.settings.admin_key},
                                                   as_json=True)
         assert "blip2" in {m["name"] for m in index["models"]}
     finally:

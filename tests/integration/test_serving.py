@@ -166,3 +166,21 @@ def test_bad_request_fails_alone(triton_server, sample_images, reference, image,
         assert all(f.result() == reference(good, None, 8) for f in goods)
     assert clients.get().is_server_ready()
     clients.close()
+
+
+@pytest.mark.parametrize("model", ["blip2", "blip2_t5"])
+def test_token_count_and_finish_reason_come_with_the_text(clients, sample_images, model) -> None:
+    module = grpcclient if clients.protocol == "grpc" else httpclient
+    from triton_helpers import build_inputs
+
+    for max_tokens in (1, 7):
+        result = clients.get().infer(model, build_inputs(module, sample_images["rgba_png"], None,
+                                                         max_tokens=max_tokens))
+        text = result.as_numpy("text_output")[0, 0].decode()
+        tokens = int(result.as_numpy("num_output_tokens")[0, 0])
+        reason = result.as_numpy("finish_reason")[0, 0].decode()
+        assert text == clients.infer(sample_images["rgba_png"], None, model=model, max_tokens=max_tokens)
+        assert 0 <= tokens <= max_tokens
+        assert reason == "length" if tokens == max_tokens else reason == "stop"
+        # Image tokens (the checkpoint's query tokens) and the caption path's BOS.
+        assert int(result.as_numpy("num_input_tokens")[0, 0]) > 1

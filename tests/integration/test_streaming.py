@@ -186,3 +186,54 @@ def test_stream_reports_bad_input_with_its_message(triton_server, sample_images)
     with pytest.raises(Exception) as e:
         stream(triton_server, sample_images["bmp"], "many words " * 300, max_tokens=5)
     assert "text_input: expected at most 256 tokens" in str(e.value)
+
+
+def test_the_last_streamed_response_carries_the_count_and_reason(triton_server, sample_images) -> None:
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    client.async_stream_infer("blip2_stream", build_inputs(grpcclient, sample_images["bmp"], None, max_tokens=6),
+                              enable_empty_final_response=True)
+    try:
+        while True:
+            result, error = results.get(timeout=120)
+            assert error is None, error
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                break
+    finally:
+        client.stop_stream()
+        client.close()
+    assert int(result.as_numpy("num_output_tokens")[0, 0]) == 6
+    assert result.as_numpy("finish_reason")[0, 0] == b"length"
+
+
+def test_latency_histograms_are_exported(triton_server, sample_images) -> None:
+    Clients("grpc", triton_server).infer(sample_images["bmp"], None, max_tokens=3)
+    with urllib.request.urlopen(triton_server.metrics_url, timeout=10) as r:
+        text = r.read().decode()
+    for name in ("blip2_time_to_first_token_seconds", "blip2_request_duration_seconds"):
+        lines = [line for line in text.splitlines() if line.startswith(name) and 'model="blip2_llm"' in line]
+        assert any(line.startswith(f"{name}_bucket") for line in lines), name
+        infinite = [float(line.rsplit(" ", 1)[1]) for line in lines if 'le="+Inf"' in line]
+        assert infinite and infinite[0] >= 1, name
+        assert any(line.startswith(f"{name}_count") for line in lines)
+        assert any(line.startswith(f"{name}_sum") for line in lines)
+
+
+def test_log_lines_about_a_request_carry_its_id(triton_server, sample_images, hf_reference) -> None:
+    # The stream front end passes the client's id on: the LLM stage's line about the cancellation names it.
+    long_image, _ = _long_case(sample_images, hf_reference)
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    client.async_stream_infer("blip2_stream", build_inputs(grpcclient, long_image, None, max_tokens=256),
+                              request_id="trace-me-7", enable_empty_final_response=True)
+    try:
+        results.get(timeout=120)  # generating
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+    deadline = time.monotonic() + 20
+    while "request trace-me-7: request cancelled after" not in triton_server.log_path.read_text():
+        assert time.monotonic() < deadline, "no log line names the cancelled request"
+        time.sleep(0.2)

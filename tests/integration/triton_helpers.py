@@ -1,14 +1,19 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from blip2_triton.launcher import TritonServer, free_port
+from blip2_triton.options import ServerOptions
+from blip2_triton.supervisor import LaunchSettings, TritonServer
+
+STAGE_OPTIONS = {f.name for f in fields(ServerOptions)} - {"model_id"}
 
 DTYPES = {
     "max_tokens": ("INT32", np.int32),
@@ -84,17 +89,21 @@ def model_stats(http_hostport: str, model: str) -> tuple[int, int]:
     return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
 
 
-def start_server(log_dir: Path, name: str, **kwargs: object) -> TritonServer:
-    server = TritonServer(
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        startup_timeout_s=300,
-        exit_timeout_s=10,
-        log_path=log_dir / f"{name}.log",
-        **kwargs,  # type: ignore[arg-type]
-    )
-    return server.start()
+def front_settings(server: Any, **overrides: Any) -> Any:  # -> FrontSettings
+    """Settings of an in-process front before `server`, on free loopback ports; `overrides` are FrontSettings fields."""
+    from blip2_triton.front import FrontSettings
+
+    values: dict[str, Any] = dict(triton_http=server.http_hostport, triton_grpc=server.grpc_url, host="127.0.0.1",
+                                  http_port=0, grpc_port=0, metrics_port=0)
+    values.update(overrides)
+    return FrontSettings.from_env({}, **values)
+
+
+def start_server(log_dir: Path, name: str, **settings: Any) -> TritonServer:
+    """A started server on free ports with short timeouts; `settings` are LaunchSettings fields or stage options."""
+    options = {key: str(settings.pop(key)) for key in list(settings) if key in STAGE_OPTIONS}
+    launch = LaunchSettings.on_free_ports(startup_timeout_s=300, exit_timeout_s=10, options=options, **settings)
+    return TritonServer(launch, log_path=log_dir / f"{name}.log").start()
 
 
 def engine_counts(server: Any, llm_model: str) -> tuple[float, float]:
@@ -116,13 +125,20 @@ def engine_counts(server: Any, llm_model: str) -> tuple[float, float]:
 def tritonserver_children(pid: int) -> list[int]:
     """Pids of the live (not zombie) tritonserver processes whose parent is `pid`."""
     found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            state, ppid = stat.rpartition(")")[2].split()[:2]
-            if "(tritonserver)" in stat and int(ppid) == pid and state != "Z":
-                found.append(int(entry.name))
+    for child in psutil.Process(pid).children():
+        try:
+            if child.name() == "tritonserver" and child.status() != psutil.STATUS_ZOMBIE:
+                found.append(child.pid)
+        except psutil.NoSuchProcess:
+            continue
     return found
+
+
+def cancelled_requests(server: Any, llm_model: str = "blip2_llm") -> float:
+    """Requests an LLM stage's engine saw cancelled (`blip2_requests_cancelled_total`), from its metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
+        text = r.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("blip2_requests_cancelled_total{") and f'model="{llm_model}"' in line)

@@ -396,6 +396,19 @@ def test_stream_without_streaming_model(fake: FakeClient) -> None:
     assert isinstance(info.value.__cause__, ServerUnavailableError)
 
 
+def test_a_draining_server_makes_streams_unavailable_not_unsupported(fake: FakeClient, monkeypatch) -> None:
+    draining = InferenceServerException(
+        msg="Request for unknown model: 'blip2_stream' has no available versions", status="StatusCode.NOT_FOUND")
+
+    def lookup(model_name: str, as_json: bool = False, **kw: Any) -> Any:
+        raise draining
+
+    monkeypatch.setattr(fake, "get_model_metadata", lookup)
+    with pytest.raises(ServerUnavailableError) as info:
+        next(iter(Blip2Client("localhost:8001").stream(b"img")))
+    assert not isinstance(info.value, StreamingUnsupportedError)
+
+
 def test_stream_over_http_is_unsupported(fake: FakeClient) -> None:
     fake.metadata["blip2_stream"] = {"name": "blip2_stream"}
     with pytest.raises(StreamingUnsupportedError, match="grpc"):

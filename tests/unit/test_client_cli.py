@@ -32,6 +32,14 @@ def test_connection_options_before_or_after_the_subcommand() -> None:
         assert (args.url, args.protocol, args.json) == ("h:1", "http", True)
 
 
+def test_url_defaults_to_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv("BLIP2_URL", "http://h:8000")
+    assert cli.build_parser().parse_args(["caption", "a.jpg"]).url == "http://h:8000"
+    assert cli.build_parser().parse_args(["caption", "a.jpg", "--url", "h:1"]).url == "h:1"
+    monkeypatch.delenv("BLIP2_URL")
+    assert cli.build_parser().parse_args(["caption", "a.jpg"]).url == "localhost:8001"
+
+
 def test_controls_are_parsed() -> None:
     args = cli.build_parser().parse_args(
         ["ask", "a.jpg", "what is it?", "--max-tokens", "12", "--temperature", "0.5", "--seed", "7"]

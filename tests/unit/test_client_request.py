@@ -208,3 +208,24 @@ def test_model_metadata_from_grpc_and_http_json() -> None:
     expected = ModelMetadata("blip2", ("1",), "ensemble", (TensorSpec("image", "BYTES", (-1, 1)),), ())
     assert ModelMetadata.from_dict(grpc_form) == expected
     assert ModelMetadata.from_dict(http_form) == expected
+
+
+def test_a_generation_decodes_what_the_server_reports_and_none_for_the_rest() -> None:
+    from blip2_client._request import decode_generation
+
+    class Result:
+        def __init__(self, outputs: dict[str, np.ndarray]) -> None:
+            self.outputs = outputs
+
+        def as_numpy(self, name: str) -> np.ndarray | None:
+            return self.outputs.get(name)
+
+    full = decode_generation(Result({
+        "text_output": np.array([[b"a red circle"]], dtype=np.object_),
+        "finish_reason": np.array([[b"stop"]], dtype=np.object_),
+        "num_output_tokens": np.array([[4]], dtype=np.int32),
+        "num_input_tokens": np.array([[33]], dtype=np.int32),
+    }))
+    assert (full.text, full.finish_reason, full.output_tokens, full.input_tokens) == ("a red circle", "stop", 4, 33)
+    old = decode_generation(Result({"text_output": np.array([[b"hi"]], dtype=np.object_)}))
+    assert (old.text, old.finish_reason, old.output_tokens, old.input_tokens) == ("hi", None, None, None)

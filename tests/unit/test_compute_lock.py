@@ -177,16 +177,12 @@ def test_cpu_threads_and_stages_options_are_validated() -> None:
         ServerOptions.resolve({"cpu_stages": "0"}, env={})
 
 
-def _server_env(monkeypatch, shell: dict[str, str], *, with_t5: bool, extra: dict[str, str] | None = None
-                ) -> dict[str, str]:
-    from blip2_triton.launcher import TritonInstall, TritonServer
+def _server_env(shell: dict[str, str], *, with_t5: bool, extra: dict[str, str] | None = None,
+                **settings: object) -> dict[str, str]:
+    from blip2_triton.supervisor import LaunchSettings, TritonInstall, stage_environment
 
-    for name in ("BLIP2_CPU_STAGES", "BLIP2_T5_CPU_STAGES"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in shell.items():
-        monkeypatch.setenv(name, value)
-    server = TritonServer(with_t5=with_t5, env=extra)
-    return server.environment(TritonInstall(binary=Path("tritonserver"), backend_directory=None, env={}))
+    install = TritonInstall(binary=Path("tritonserver"), backend_directory=None, env={})
+    return stage_environment(LaunchSettings(with_t5=with_t5, env=extra or {}, **settings), install, shell)
 
 
 @pytest.mark.parametrize(
@@ -201,10 +197,40 @@ def _server_env(monkeypatch, shell: dict[str, str], *, with_t5: bool, extra: dic
     ],
 )
 def test_the_launcher_tells_the_stages_how_many_share_the_cores(
-        monkeypatch, shell: dict[str, str], extra: dict[str, str] | None, with_t5: bool,
+        shell: dict[str, str], extra: dict[str, str] | None, with_t5: bool,
         stages: tuple[str | None, str | None]) -> None:
-    env = _server_env(monkeypatch, shell, with_t5=with_t5, extra=extra)
+    env = _server_env(shell, with_t5=with_t5, extra=extra)
     assert (env.get("BLIP2_CPU_STAGES") or None, env.get("BLIP2_T5_CPU_STAGES") or None) == stages
+
+
+@pytest.mark.parametrize(
+    ("shell", "with_t5", "settings", "stages"),
+    [
+        ({}, False, {"with_itm": True}, "5"),  # OPT (vision, LLM) + retrieval (image, text, match)
+        ({}, True, {"itm_model_id": "/ckpt"}, "7"),
+        ({"BLIP2_ITM_CPU_STAGES": "3"}, False, {"with_itm": True}, "3"),  # one value serves every family
+    ],
+)
+def test_retrieval_stages_share_the_cores_and_read_their_own_options(
+        shell: dict[str, str], with_t5: bool, settings: dict[str, object], stages: str) -> None:
+    env = _server_env(shell, with_t5=with_t5, options={"dtype": "float32"}, **settings)
+    served = ["BLIP2_", *(["BLIP2_T5_"] if with_t5 else []), "BLIP2_ITM_"]
+    assert {prefix: env.get(f"{prefix}CPU_STAGES") for prefix in served} == dict.fromkeys(served, stages)
+    assert env["BLIP2_ITM_DTYPE"] == env["BLIP2_DTYPE"] == "float32"  # the launcher's options reach every family
+    assert env.get("BLIP2_ITM_MODEL_ID") == settings.get("itm_model_id")
+    assert "BLIP2_MODEL_ID" not in env, "the captioning checkpoint stays as the environment says"
+
+
+def test_the_retrieval_repository_is_served_beside_the_captioning_one() -> None:
+    from blip2_triton.supervisor import LaunchSettings
+
+    assert [p.name for p in LaunchSettings().repositories()] == ["model_repository"]
+    assert [p.name for p in LaunchSettings(with_itm=True, with_t5=True).repositories()] == [
+        "model_repository", "model_repository_t5", "model_repository_itm"]
+    # The container enables retrieval with the checkpoint's variable, which its stages read too.
+    assert LaunchSettings.from_env({"BLIP2_ITM_MODEL_ID": "Salesforce/blip2-itm-vit-g"}).serves_itm
+    assert LaunchSettings.from_env({"BLIP2_SERVE_ITM": "1"}).serves_itm
+    assert not LaunchSettings.from_env({"BLIP2_SERVE_ITM": "0", "BLIP2_ITM_MODEL_ID": ""}).serves_itm
 
 
 def test_taking_turns_stays_within_torchs_default_pool() -> None:

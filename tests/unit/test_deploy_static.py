@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from dataclasses import fields
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -16,19 +15,25 @@ from typing import Any
 import pytest
 import yaml
 from deploy_metrics import GPU_ONLY_METRICS, METRIC_RE, NGC_TRITON_VERSIONS, TRITON_METRICS
+from fake_triton import Supervised, fake_install
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
+from blip2_triton.options import ITM_ENV_PREFIX, T5_ENV_PREFIX, ServerOptions, env_var
+from blip2_triton.supervisor import LaunchSettings, TritonInstall, free_port, tritonserver_command
+from blip2_triton.supervisor.settings import REPOSITORY_ROOTS
+
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 K8S = ROOT / "deploy" / "k8s"
-OVERLAYS = ("gpu", "t4-8bit", "cpu-tiny")
-GPU_OVERLAYS = ("gpu", "t4-8bit")
+OVERLAYS = ("gpu", "gpu-retrieval", "t4-8bit", "cpu-tiny")
+GPU_OVERLAYS = ("gpu", "gpu-retrieval", "t4-8bit")
 
 # The server's own custom metrics, read from where they are declared so that a rename breaks this test.
 SERVER_METRICS = set(re.findall(r'"(blip2_[a-z_]+_(?:total|sequences|bytes|parameters))"',
-                                (ROOT / "src" / "blip2_triton" / "triton_model.py").read_text(encoding="utf-8")))
+                                "".join((ROOT / "src" / "blip2_triton" / "serving" / name).read_text(encoding="utf-8")
+                                        for name in ("models.py", "metrics.py"))))
 
 
 def read(path: Path) -> str:
@@ -67,10 +72,8 @@ def dockerfile_env() -> dict[str, str]:
     return env
 
 
-def entrypoint_default(var: str) -> str:
-    match = re.search(r"\$\{" + var + r":-([^}]*)\}", entrypoint())
-    assert match, f"entrypoint.sh has no default for {var}"
-    return match.group(1)
+# What the container's `blip2-triton serve` runs with when the environment sets nothing.
+SERVING = LaunchSettings.from_env({})
 
 
 def contract() -> str:
@@ -78,14 +81,10 @@ def contract() -> str:
 
 
 def server_env_vars() -> set[str]:
-    """BLIP2_* names the server package reads; the contract's list until the package exists."""
-    src = ROOT / "src" / "blip2_triton"
-    text = "\n".join(read(p) for p in src.rglob("*.py")) if src.is_dir() else contract()
-    return set(re.findall(r"\bBLIP2_[A-Z0-9_]+\b", text))
-
-
-def entrypoint_env_vars() -> set[str]:
-    return set(re.findall(r"\$\{(BLIP2_[A-Z0-9_]+)", entrypoint()))
+    """Variables the server reads: the stages' options (every family) and the supervisor's settings."""
+    stages = {env_var(f.name, prefix) for f in fields(ServerOptions)
+              for prefix in ("BLIP2_", T5_ENV_PREFIX, ITM_ENV_PREFIX)}
+    return stages | {f.metadata["env"] for f in fields(LaunchSettings) if "env" in f.metadata}
 
 
 def option_choices() -> dict[str, set[str]]:
@@ -96,16 +95,16 @@ def option_choices() -> dict[str, set[str]]:
         found = dict(re.findall(r"`(BLIP2_\w+)` ([\w|]+)", line))
         return {name: set(values.split("|")) for name, values in found.items()}
     return {
-        "BLIP2_DTYPE": set(options.DTYPES),
-        "BLIP2_DEVICE": set(options.DEVICES),
-        "BLIP2_QUANTIZATION": set(options.QUANTIZATIONS),
+        f"{prefix}{name}": set(allowed) for prefix in ("BLIP2_", ITM_ENV_PREFIX)
+        for name, allowed in (("DTYPE", options.DTYPES), ("DEVICE", options.DEVICES),
+                              ("QUANTIZATION", options.QUANTIZATIONS))
     }
 
 
 def contract_ports() -> dict[str, int]:
-    match = re.search(r"HTTP (\d+), gRPC (\d+), metrics (\d+)", contract())
+    match = re.search(r"HTTP (\d+), gRPC (\d+), metrics (\d+), front metrics (\d+)", contract())
     assert match, "CONTRACT.md no longer states the ports"
-    return dict(zip(("http", "grpc", "metrics"), map(int, match.groups()), strict=True))
+    return dict(zip(("http", "grpc", "metrics", "front-metrics"), map(int, match.groups()), strict=True))
 
 
 def model_configs() -> dict[str, str]:
@@ -195,7 +194,7 @@ def quantity(value: str | int) -> float:
 
 
 def exit_timeout() -> int:
-    return int(entrypoint_default("TRITON_EXIT_TIMEOUT_SECS"))
+    return SERVING.exit_timeout_s
 
 
 # --- image ------------------------------------------------------------------------------------------------
@@ -219,12 +218,10 @@ def test_image_installs_package_from_repo_root_and_model_repository() -> None:
         assert (ROOT / path).exists(), f"the image build copies {path}"
     copy = re.search(r"^COPY model_repository (\S+)$", text, re.M)
     assert copy, "the image must copy the repository's model_repository/"
-    assert copy.group(1) == entrypoint_default("BLIP2_MODEL_REPOSITORY") == "/opt/blip2/model_repository"
+    assert copy.group(1) == "/opt/blip2/model_repository"
     assert Path(copy.group(1)).name == "model_repository" == (ROOT / "model_repository").name
-    launcher = ROOT / "src" / "blip2_triton" / "launcher.py"
-    if launcher.exists():
-        # The launcher's fallback for an installed image is /opt/blip2/<repository folder name>.
-        assert str(Path(copy.group(1)).parent) in read(launcher), "launcher and image disagree on /opt/blip2"
+    # The supervisor's fallback for an installed image is /opt/blip2/<repository folder name>.
+    assert REPOSITORY_ROOTS[-1] == Path(copy.group(1)).parent, "supervisor and image disagree on /opt/blip2"
 
 
 def test_dockerignore_keeps_what_the_build_copies() -> None:
@@ -269,17 +266,21 @@ def test_pip_pins_match_constraints_and_pyproject() -> None:
 
 def test_ports_match_contract_everywhere() -> None:
     ports = contract_ports()
-    assert re.search(r"^EXPOSE 8000 8001 8002$", dockerfile(), re.M)
-    assert [int(entrypoint_default(f"TRITON_{k.upper()}_PORT")) for k in ("http", "grpc", "metrics")] == [
+    assert re.search(r"^EXPOSE 8000 8001 8002 8003$", dockerfile(), re.M)
+    assert [SERVING.http_port, SERVING.grpc_port, SERVING.metrics_port] == [
         ports["http"],
         ports["grpc"],
         ports["metrics"],
     ]
+    from blip2_triton.front import FrontSettings
+
+    assert FrontSettings().metrics_port == ports["front-metrics"]
     for svc in triton_services().values():
         published = {int(str(p).split(":")[-1]) for p in svc["ports"]}
         assert published == set(ports.values())
         # Metrics only on loopback; Prometheus reaches them over the compose network.
-        assert f"127.0.0.1:{ports['metrics']}:{ports['metrics']}" in svc["ports"]
+        for name in ("metrics", "front-metrics"):
+            assert f"127.0.0.1:{ports[name]}:{ports[name]}" in svc["ports"]
     for overlay in OVERLAYS:
         docs = render(overlay)
         container_ports = {p["name"]: p["containerPort"] for p in container(docs)["ports"]}
@@ -320,14 +321,13 @@ def configured_env() -> dict[str, dict[str, str]]:
 
 
 def test_env_var_names_are_read_by_the_server() -> None:
-    known = server_env_vars() | entrypoint_env_vars()
-    assert {"BLIP2_MODEL_ID", "BLIP2_DTYPE", "BLIP2_QUANTIZATION", "BLIP2_DEVICE"} <= server_env_vars()
+    known = server_env_vars()
+    assert {"BLIP2_MODEL_ID", "BLIP2_DTYPE", "BLIP2_QUANTIZATION", "BLIP2_DEVICE", "BLIP2_WATCHDOG"} <= known
     for source, env in configured_env().items():
-        unknown = {k for k in env if k.startswith("BLIP2_")} - known
+        unknown = {k for k in env if k.startswith(("BLIP2_", "TRITON_"))} - known - {"TRITON_CACHE_DIR"}
         assert not unknown, f"{source} sets variables nothing reads: {unknown}"
-    # Everything the entrypoint itself reads under the BLIP2_ prefix is either its own documented knob or
-    # shared with the launcher.
-    assert entrypoint_env_vars() - server_env_vars() <= {"BLIP2_TRITON_ARGS"}
+    # The entrypoint reads nothing of its own but the model id (to swap in baked weights).
+    assert set(re.findall(r"\$\{([A-Z]\w+)", entrypoint())) == {"BLIP2_MODEL_ID"}
 
 
 def test_env_values_are_valid_choices() -> None:
@@ -343,6 +343,11 @@ def test_env_values_are_valid_choices() -> None:
     assert cpu["BLIP2_MODEL_ID"] == "" and cpu["BLIP2_DEVICE"] == "cpu", "cpu-tiny serves the embedded tiny model"
     assert pod_env(render("t4-8bit"))["BLIP2_QUANTIZATION"] == "8bit"
     assert pod_env(render("gpu"))["BLIP2_DTYPE"] == "float16"
+    retrieval = pod_env(render("gpu-retrieval"))
+    assert retrieval["BLIP2_ITM_MODEL_ID"] == "Salesforce/blip2-itm-vit-g" and retrieval["BLIP2_SERVE_ITM"] == "1"
+    assert LaunchSettings.from_env(retrieval).serves_itm
+    assert not LaunchSettings.from_env(pod_env(render("gpu"))).serves_itm
+    assert retrieval["BLIP2_MODEL_ID"] == pod_env(render("gpu"))["BLIP2_MODEL_ID"], "retrieval beside captioning"
 
 
 def test_model_cache_is_a_writable_volume_at_hf_home() -> None:
@@ -413,7 +418,7 @@ def test_latency_quantiles_are_enabled_where_the_dashboard_reads_them() -> None:
     exprs = "\n".join(dashboard_exprs())
     assert {q for q in re.findall(r'quantile="([0-9.]+)"', exprs)} == {"0.5", "0.99"}
     # Triton only exports *_summary_us families with this flag.
-    assert "--metrics-config=summary_latencies=true" in entrypoint()
+    assert "--metrics-config=summary_latencies=true" in tritonserver_command(SERVING, INSTALL)
 
 
 def test_grafana_dashboard_and_provisioning() -> None:
@@ -503,7 +508,7 @@ def test_pod_security() -> None:
 
 def test_graceful_termination_outlasts_triton_exit_timeout() -> None:
     timeout = exit_timeout()
-    assert re.search(r"--exit-timeout-secs=\"\$\{TRITON_EXIT_TIMEOUT_SECS:-\d+\}\"", entrypoint())
+    assert f"--exit-timeout-secs={timeout}" in tritonserver_command(SERVING, INSTALL)
     for overlay in OVERLAYS:
         docs = render(overlay)
         pod = one(docs, "Deployment")["spec"]["template"]["spec"]
@@ -583,64 +588,75 @@ def test_autoscaling_on_queue_time_via_adapter_rule() -> None:
 # --- Triton flags and admin API restrictions -------------------------------------------------------------
 
 
-@pytest.fixture
-def fake_tritonserver(tmp_path: Path) -> Iterator[Path]:
-    # Stands in for tritonserver and prints the argv it was given.
-    script = tmp_path / "tritonserver"
-    script.write_text(f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n")
-    script.chmod(0o755)
-    yield script
+INSTALL = TritonInstall(Path("/opt/tritonserver/bin/tritonserver"), None, {})
 
 
-def run_entrypoint(fake: Path, *args: str, **env: str) -> list[str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("BLIP2_", "TRITON_"))}
-    environ |= {"TRITONSERVER": str(fake), **env}
-    out = subprocess.run(
-        ["bash", str(DOCKER / "entrypoint.sh"), *args], env=environ, check=True, capture_output=True, text=True
-    ).stdout
-    return json.loads(out)
+def container_argv(tmp_path: Path, *args: str, **env: str) -> tuple[list[str], Path]:
+    """The tritonserver argv docker/entrypoint.sh starts, with the environment's settings, and the fake binary."""
+    fake, environ = fake_install(tmp_path)
+    argv_file = tmp_path / f"argv{len(list(tmp_path.glob('argv*')))}.json"
+    # As the image sets it; the front's own ports free, so nothing else on the host is in the way.
+    environ |= {"TRITON_HOST": "0.0.0.0", "TRITON_HTTP_PORT": str(free_port()), "TRITON_GRPC_PORT": str(free_port()),
+                "TRITON_METRICS_PORT": str(free_port()), "BLIP2_FRONT_METRICS_PORT": "0", "FAKE_ARGV": str(argv_file),
+                **env}
+    run = Supervised.entrypoint(environ, tmp_path / f"{argv_file.stem}.log", *args)
+    try:
+        run.wait_for("blip2-triton: ready")
+        assert run.signal() == 0, run.text()
+    finally:
+        run.close()
+    return json.loads(argv_file.read_text()), fake
 
 
 def flag(argv: list[str], name: str) -> list[str]:
     return [a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")]
 
 
-def test_entrypoint_closes_admin_apis(fake_tritonserver: Path) -> None:
-    first = run_entrypoint(fake_tritonserver)
-    second = run_entrypoint(fake_tritonserver)
-    assert flag(first, "model-control-mode") == ["none"]
-    for argv in (first, second):
-        (http,) = flag(argv, "http-restricted-api")
-        assert flag(argv, "grpc-restricted-protocol") == [http]
-        apis, header = http.split(":", 1)
-        assert {"model-repository", "shared-memory"} <= set(apis.split(","))
-        key, value = header.split("=", 1)
-        assert key == "triton-admin-key"
-        assert re.fullmatch(r"[0-9a-f]{64}", value), "an unguessable key when the operator sets none"
-    assert flag(first, "http-restricted-api") != flag(second, "http-restricted-api")
-    chosen = run_entrypoint(fake_tritonserver, TRITON_ADMIN_KEY="s3cret")
-    assert flag(chosen, "http-restricted-api")[0].endswith(":triton-admin-key=s3cret")
-
-
-def test_entrypoint_flags_and_passthrough(fake_tritonserver: Path) -> None:
-    argv = run_entrypoint(
-        fake_tritonserver,
-        "--log-verbose=1",
-        BLIP2_TRITON_ARGS="--buffer-manager-thread-count=2 --http-thread-count=8",
-        BLIP2_MODEL_REPOSITORY="/srv/repo",
-    )
-    assert flag(argv, "model-repository") == ["/srv/repo"]
-    assert flag(argv, "exit-timeout-secs") == [str(exit_timeout())]
+def test_container_runs_the_launchers_command_line(tmp_path: Path) -> None:
+    extra = "--buffer-manager-thread-count=2 --http-thread-count=8"
+    env = {"TRITON_GRPC_PORT": str(free_port()), "TRITON_ADMIN_KEY": "s3cret", "BLIP2_TRITON_ARGS": extra,
+           "TRITON_EXIT_TIMEOUT_SECS": "12", "BLIP2_MODEL_REPOSITORY": str(ROOT / "model_repository")}
+    argv, fake = container_argv(tmp_path, "--log-verbose=1", **env)
+    ports = {name: int(flag(argv, f"{name}-port")[0]) for name in ("http", "grpc", "metrics")}
+    # The same settings given to the launcher in Python: the same command line, flag for flag. Triton listens on
+    # loopback behind the front, which holds the public ports.
+    launcher = LaunchSettings(
+        model_repository=ROOT / "model_repository", host="0.0.0.0", grpc_port=int(env["TRITON_GRPC_PORT"]),
+        metrics_port=ports["metrics"], exit_timeout_s=12, admin_key="s3cret",
+        extra_args=(*extra.split(), "--log-verbose=1"), triton_http_port=ports["http"],
+        triton_grpc_port=ports["grpc"],
+    ).behind_front()
+    assert argv == tritonserver_command(launcher, TritonInstall(fake, None, {}))
+    assert ports["grpc"] != int(env["TRITON_GRPC_PORT"]), "the public gRPC port is the front's"
+    assert flag(argv, "http-address") == flag(argv, "grpc-address") == ["127.0.0.1"]
+    assert flag(argv, "metrics-address") == ["0.0.0.0"]
+    assert flag(argv, "model-control-mode") == ["none"] and flag(argv, "strict-readiness") == ["true"]
+    assert flag(argv, "allow-metrics") == flag(argv, "allow-cpu-metrics") == ["true"]
     assert flag(argv, "metrics-config") == ["summary_latencies=true"]
+    assert flag(argv, "exit-timeout-secs") == ["12"]
+    assert "--backend-config=python,shm-default-byte-size=67108864" in argv
+    (http,) = flag(argv, "http-restricted-api")
+    assert flag(argv, "grpc-restricted-protocol") == [http]
+    apis, header = http.split(":", 1)
+    assert {"model-repository", "shared-memory"} <= set(apis.split(",")) and header == "triton-admin-key=s3cret"
+    # Extra flags last, the variable's before the container's arguments, so either can override ours.
     assert argv[-3:] == ["--buffer-manager-thread-count=2", "--http-thread-count=8", "--log-verbose=1"]
-    default = run_entrypoint(fake_tritonserver)
-    assert flag(default, "model-repository") == ["/opt/blip2/model_repository"]
-    assert flag(default, "http-port") == ["8000"] and flag(default, "metrics-port") == ["8002"]
+
+
+def test_container_defaults_and_unguessable_admin_key(tmp_path: Path) -> None:
+    # Compose passes an unset TRITON_ADMIN_KEY through as empty: that must mean a random key too.
+    argv, _ = container_argv(tmp_path, TRITON_ADMIN_KEY="")
+    assert flag(argv, "model-repository") == [str(ROOT / "model_repository")], "the checkout's, in the image /opt's"
+    assert flag(argv, "http-address") == ["127.0.0.1"], "Triton behind the front, on loopback"
+    key = flag(argv, "http-restricted-api")[0].rpartition("triton-admin-key=")[2]
+    assert re.fullmatch(r"[0-9a-f]{64}", key), "an unguessable key when the operator sets none"
+    assert LaunchSettings().admin_key != LaunchSettings().admin_key
 
 
 def test_no_artefact_reopens_model_control() -> None:
-    # Triton flags are set in docker/entrypoint.sh only; an override elsewhere could reopen the admin APIs.
-    texts = {"compose.yaml": read(DOCKER / "compose.yaml"), "Dockerfile": read(DOCKER / "Dockerfile")}
+    # Triton flags are set in blip2_triton.supervisor.command only; an override elsewhere could reopen the admin
+    # APIs.
+    texts = {name: read(DOCKER / name) for name in ("compose.yaml", "Dockerfile", "entrypoint.sh")}
     texts |= {str(p.relative_to(ROOT)): read(p) for p in K8S.rglob("*.yaml")}
     for name, text in texts.items():
         for triton_flag in (

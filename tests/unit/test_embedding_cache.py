@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from blip2_triton import vision
 from blip2_triton.embedding_cache import ENTRY_OVERHEAD_BYTES, EmbeddingCache, _compact, _restore
 from blip2_triton.errors import ConfigurationError, InvalidRequestError
 from blip2_triton.options import ServerOptions
 from blip2_triton.requests import ImageRequest
 from blip2_triton.vision import VisionStage
+from blip2_triton.vision import stage as vision
 
 
 def _array(seed: int, shape: tuple[int, int] = (4, 8)) -> np.ndarray:

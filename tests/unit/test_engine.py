@@ -9,9 +9,18 @@ from pathlib import Path
 import pytest
 from images import PROMPTS
 
-from blip2_triton.engine import AbandonedError, CancelledError, EngineLimits, EngineObserver, InflightEngine, Job
 from blip2_triton.errors import InvalidRequestError
-from blip2_triton.generation import LanguageStage
+from blip2_triton.llm import (
+    AbandonedError,
+    CancelledError,
+    Completion,
+    EngineLimits,
+    EngineObserver,
+    InflightEngine,
+    Job,
+    LanguageStage,
+)
+from blip2_triton.llm.batch import BatchState
 from blip2_triton.options import ServerOptions
 from blip2_triton.requests import GenerationRequest, ImageRequest
 from blip2_triton.vision import VisionStage
@@ -20,14 +29,16 @@ from blip2_triton.vision import VisionStage
 class Collector:
     def __init__(self, count: int) -> None:
         self.results: dict[int, str | Exception] = {}
+        self.completions: dict[int, Completion | Exception] = {}
         self.pieces: dict[int, list[str]] = {i: [] for i in range(count)}
         self.count = count
         self.all_done = threading.Event()
 
     def job(self, i: int, request: GenerationRequest, *, stream: bool = True, **kwargs) -> Job:
-        def done(result: str | Exception) -> None:
+        def done(result: Completion | Exception) -> None:
             assert i not in self.results, "on_done must be called exactly once"
-            self.results[i] = result
+            self.results[i] = result.text if isinstance(result, Completion) else result
+            self.completions[i] = result
             if len(self.results) == self.count:
                 self.all_done.set()
 
@@ -70,7 +81,7 @@ def test_newcomers_share_the_running_steps_output_projection(setup, sample_image
     # An iteration that both steps the running batch and prefills newcomers projects all their rows onto the
     # vocabulary in one pass (one pass over the largest weight instead of two), with the same texts.
     language, embeds, reference = setup
-    if not language.shares_output_projection:
+    if not language.runner.shares_output_projection:
         pytest.skip("only OPT's forward is split into decoder and output projection")
     head = language.lm.get_output_embeddings()
     projections: list[int] = []
@@ -154,16 +165,16 @@ def test_stopped_engine_takes_no_work(setup) -> None:
     assert not collector.all_done.wait(0.5), "a stopped engine takes no more work"
 
 
-class _FailsOnFirstDeparture(InflightEngine):
+class _FailsOnFirstDeparture(BatchState):
     """Fails the step in which rows first leave the batch: after they completed, before they were removed."""
 
     failed = False
 
-    def _select(self, keep: list[int]) -> None:
-        if not self.failed and len(keep) < len(self._active):
+    def retain(self, keep: list[int]) -> None:
+        if not self.failed and len(keep) < len(self):
             self.failed = True
             raise RuntimeError("injected failure")
-        super()._select(keep)
+        super().retain(keep)
 
 
 def test_a_failed_step_answers_every_job_exactly_once(setup, sample_images) -> None:
@@ -175,15 +186,16 @@ def test_a_failed_step_answers_every_job_exactly_once(setup, sample_images) -> N
     everyone = threading.Event()
 
     def job(i: int, max_tokens: int) -> Job:
-        def done(result: str | Exception) -> None:
-            calls[i].append(result)
+        def done(result: Completion | Exception) -> None:
+            calls[i].append(result.text if isinstance(result, Completion) else result)
             if all(calls.values()):
                 everyone.set()
 
         return Job(request=GenerationRequest(query_embeds=embeds[name], max_tokens=max_tokens), on_piece=None,
                    on_done=done)
 
-    engine = _FailsOnFirstDeparture(language)
+    engine = InflightEngine(language)
+    engine.batch = _FailsOnFirstDeparture()
     try:
         # Jobs 0 and 1 complete on the first decoding step, whose removal of them then fails.
         engine.submit([job(0, 2), job(1, 2), job(2, 6), job(3, 6)])
@@ -231,32 +243,33 @@ def test_padding_trim_from_host_lengths_matches_the_mask(setup, sample_images) -
     cuts: list[int] = []
     failures: list[str] = []  # asserted here: the engine thread would turn an AssertionError into failed jobs
 
-    class Checked(InflightEngine):
-        def _trim_padding(self) -> None:
-            if self._mask is None or not self._active:
-                super()._trim_padding()
+    class Checked(BatchState):
+        def trim(self) -> None:
+            if self.mask is None or not self.seqs:
+                super().trim()
                 return
-            used = self._mask.any(dim=0).nonzero()
+            used = self.mask.any(dim=0).nonzero()
             expected = int(used[0]) if used.numel() else 0
-            before = self._mask.shape[1]
-            super()._trim_padding()
-            if before - self._mask.shape[1] != expected:
-                failures.append(f"cut {before - self._mask.shape[1]} columns, the mask says {expected}")
-            if self._mask.shape[1] != self._cache.width:
-                failures.append(f"mask width {self._mask.shape[1]} != cache width {self._cache.width}")
+            before = self.mask.shape[1]
+            super().trim()
+            if before - self.mask.shape[1] != expected:
+                failures.append(f"cut {before - self.mask.shape[1]} columns, the mask says {expected}")
+            if self.kv is None or self.mask.shape[1] != self.kv.width:
+                failures.append(f"mask width {self.mask.shape[1]} != cache width")
             cuts.append(expected)
 
     names = sorted(embeds)
     prompts = [None, PROMPTS[0], PROMPTS[1] + " and what else is there to see here?"]
     cases = [(names[i % len(names)], prompts[i % 3], 2 + (i * 5) % 17) for i in range(12)]
     collector = Collector(len(cases))
-    engine = Checked(language, limits=EngineLimits(max_active=4, cancel_check_interval_s=0.0))
+    engine = InflightEngine(language, limits=EngineLimits(max_active=4, cancel_check_interval_s=0.0))
+    engine.batch = Checked(max_rows=4)
     try:
         for i, (name, prompt, n) in enumerate(cases):
             job = collector.job(i, GenerationRequest(query_embeds=embeds[name], prompt=prompt, max_tokens=n),
                                 stream=False)
             if i == 5:  # leaves the running batch mid-generation, after its third token
-                job.is_cancelled = lambda job=job: job.row is not None and len(job.row.generated) >= 3
+                job.is_cancelled = lambda job=job: job.seq is not None and len(job.seq.generated) >= 3
             engine.submit([job])
             time.sleep(0.002)
         assert collector.all_done.wait(120)
@@ -270,30 +283,24 @@ def test_padding_trim_from_host_lengths_matches_the_mask(setup, sample_images) -
             assert collector.results[i] == reference(sample_images[name], prompt, n)
 
 
-class _FailsOnFirstAdmission(InflightEngine):
-    """Fails the first iteration that admits jobs, after they left the waiting list and before they ran."""
-
-    failed = False
-
-    def _fail_once(self) -> None:
-        if not self.failed:
-            self.failed = True
-            raise RuntimeError("injected failure")
-
-    def _prefill(self, jobs: list[Job]) -> None:
-        self._fail_once()
-        super()._prefill(jobs)
-
-    def _run_static(self, jobs: list[Job]) -> None:
-        self._fail_once()
-        super()._run_static(jobs)
-
-
-def test_jobs_whose_admission_fails_are_answered(setup, sample_images) -> None:
+def test_jobs_whose_admission_fails_are_answered(setup, sample_images, monkeypatch) -> None:
+    # The first prefill (or whole generation) fails after its jobs left the waiting list, before they ran.
     language, embeds, reference = setup
+    failed: list[str] = []
+
+    def fails_once(method):
+        def run(*args, **kwargs):
+            if not failed:
+                failed.append(method.__name__)
+                raise RuntimeError("injected failure")
+            return method(*args, **kwargs)
+        return run
+
+    for name in ("prefill", "generate"):
+        monkeypatch.setattr(language.runner, name, fails_once(getattr(language.runner, name)))
     name = sorted(embeds)[0]
     first, later = Collector(2), Collector(1)
-    engine = _FailsOnFirstAdmission(language)
+    engine = InflightEngine(language)
     try:
         engine.submit([first.job(i, GenerationRequest(query_embeds=embeds[name], max_tokens=3)) for i in range(2)])
         assert first.all_done.wait(30), "jobs taken into a failed iteration were never answered"
@@ -376,3 +383,54 @@ def test_cancels_for_finished_or_unknown_jobs_are_not_kept(setup) -> None:
         engine.stop()
     assert isinstance(collector.results[0], str)
     assert engine._cancel_flags == {}
+
+
+def test_completions_count_tokens_and_say_why_they_stopped(setup) -> None:
+    language, embeds, _ = setup
+    emb = next(iter(embeds.values()))
+    collector = Collector(2)
+    engine = InflightEngine(language)
+    try:
+        engine.submit([collector.job(0, GenerationRequest(query_embeds=emb, max_tokens=5)),
+                       collector.job(1, GenerationRequest(query_embeds=emb, max_tokens=3, beam_width=2))])
+        assert collector.all_done.wait(60)
+    finally:
+        engine.stop()
+    for i, limit in ((0, 5), (1, 3)):
+        completion = collector.completions[i]
+        assert isinstance(completion, Completion)
+        assert completion.text == collector.results[i]
+        assert (completion.finish_reason, completion.tokens) in (("length", limit), ("stop", completion.tokens))
+        assert completion.tokens <= limit
+        if completion.finish_reason == "stop":
+            assert completion.tokens < limit
+
+
+def test_beam_search_does_not_hold_up_greedy_rows(setup) -> None:
+    # Beam search runs whole, on its own thread: greedy requests submitted after it keep stepping meanwhile.
+    language, embeds, _ = setup
+    if not language.decoder_only:
+        pytest.skip("encoder-decoder requests are all generated whole")
+    emb = next(iter(embeds.values()))
+    order: list[str] = []
+    done = threading.Event()
+
+    def job(name: str, request: GenerationRequest) -> Job:
+        def finished(result: Completion | Exception) -> None:
+            assert isinstance(result, Completion), result
+            order.append(name)
+            if len(order) == 3:
+                done.set()
+
+        return Job(request=request, on_piece=None, on_done=finished)
+
+    engine = InflightEngine(language)
+    try:
+        engine.submit([job(f"beam{i}", GenerationRequest(query_embeds=emb, max_tokens=200, beam_width=8))
+                       for i in range(2)])
+        time.sleep(0.2)  # the beams are running
+        engine.submit([job("greedy", GenerationRequest(query_embeds=emb, max_tokens=4))])
+        assert done.wait(300)
+    finally:
+        engine.stop()
+    assert order[0] == "greedy", order

@@ -17,7 +17,7 @@ def test_cpu_smoke_run_reports_latency_throughput_and_hf_identical_text(gpu_chec
     out = tmp_path / "gpu_check.json"
     report = gpu_check.main([
         "--device", "cpu", "--tiny-shapes", "--latency-runs", "2", "--batches", "1", "--concurrency", "4",
-        "--tokens", "6", "--output", str(out),
+        "--tokens", "6", "--graphs", "skip", "--output", str(out),
     ])
     single = report["single_request"]
     assert single["end_to_end"]["runs"] == 2 and single["end_to_end"]["median_ms"] > 0
@@ -43,3 +43,22 @@ def test_cuda_requested_without_a_gpu_is_a_clear_usage_error(gpu_check, capsys: 
         gpu_check.main([])
     assert exc.value.code == 2
     assert "no CUDA device is visible" in capsys.readouterr().err
+
+
+def test_cpu_smoke_of_the_fixed_buffer_comparison(gpu_check) -> None:
+    report = gpu_check.main([
+        "--device", "cpu", "--tiny-shapes", "--latency-runs", "1", "--batches", "1", "--concurrency", "2",
+        "--tokens", "4", "--mixed-rounds", "1", "--graph-rows", "1,3", "--graph-cached", "40",
+        "--graph-clients", "3",
+    ])
+    graphs = report["graphs"]
+    assert graphs["copy_gbps"] is None and graphs["llm_weight_bytes"] > 0
+    for mode, runner in (("off", "ModelRunner"), ("on", "StaticRunner")):
+        result = graphs[mode]
+        assert result["runner"] == runner
+        assert set(result["decode_step_ms"]) == {"rows_1_cached_40", "rows_3_cached_40"}
+        assert result["request_16_tokens"]["runs"] == 1 and result["vqa_3_tokens"]["median_ms"] > 0
+        assert result["captions_c3"]["requests_per_s"] > 0
+        assert result["llm_mixed_c32"]["texts_identical"] is True
+        assert all(entry["equal"] for entry in result["greedy_vs_hf"]), result["greedy_vs_hf"]
+        assert result["seeded_alone_equals_batch_of_32"] is True

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
-from blip2_triton.kv_cache import SlotKVCache
+from blip2_triton.llm.kv_cache import SlotKVCache
 
 HEADS, DIM, LAYERS = 2, 4, 3
 

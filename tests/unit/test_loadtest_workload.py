@@ -120,7 +120,7 @@ def test_workload_validation() -> None:
         Workload(images=[], prompts=["p"])
 
 
-def test_locustfile_loads_and_lists_both_users() -> None:
+def test_locustfile_loads_and_lists_its_users() -> None:
     # A separate process: importing locust monkey-patches the interpreter with gevent.
     result = subprocess.run(
         [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--list"],
@@ -131,3 +131,5 @@ def test_locustfile_loads_and_lists_both_users() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "Blip2GrpcUser" in result.stdout and "Blip2HttpUser" in result.stdout
+    assert "Blip2OpenAIUser" in result.stdout
+    assert "Blip2RetrievalUser" in result.stdout

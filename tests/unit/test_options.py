@@ -46,7 +46,7 @@ def test_triton_parameters_are_flattened() -> None:
 def test_cudnn_attention_is_switched_off_on_cuda_only_unless_asked_for() -> None:
     import torch
 
-    from blip2_triton.generation import configure_attention
+    from blip2_triton.llm.runner import configure_attention
 
     before = torch.backends.cuda.cudnn_sdp_enabled()
     try:
@@ -64,11 +64,11 @@ def test_cudnn_attention_is_switched_off_on_cuda_only_unless_asked_for() -> None
 
 @pytest.mark.parametrize(("setting", "allowed"), [("off", False), ("on", True)])
 def test_language_stage_applies_the_cudnn_setting(tiny_model_dir, monkeypatch, setting: str, allowed: bool) -> None:
-    from blip2_triton import generation
+    from blip2_triton.llm import stage
 
     calls: list[tuple[str, bool]] = []
-    monkeypatch.setattr(generation, "configure_attention", lambda device, *, cudnn: calls.append((device, cudnn)))
-    generation.LanguageStage(ServerOptions(model_id=str(tiny_model_dir), cudnn_attention=setting))
+    monkeypatch.setattr(stage, "configure_attention", lambda device, *, cudnn: calls.append((device, cudnn)))
+    stage.LanguageStage(ServerOptions(model_id=str(tiny_model_dir), cudnn_attention=setting))
     assert calls == [("cpu", allowed)]
 
 
@@ -89,10 +89,80 @@ def test_quantization_without_bitsandbytes_is_a_configuration_error(monkeypatch)
 
 def test_checkpoint_without_image_token_index_is_a_configuration_error(tiny_model_dir) -> None:
     from blip2_triton.checkpoint import load_stage
-    from blip2_triton.generation import LanguageStage
+    from blip2_triton.llm import LanguageStage
 
     options = ServerOptions(model_id=str(tiny_model_dir))
     loaded = load_stage("llm", options)
     loaded.config.image_token_id = None  # as in configs saved by older transformers releases
     with pytest.raises(ConfigurationError, match="no image_token_index"):
         LanguageStage(options, loaded)
+
+
+def test_boolean_options_and_the_t5_prefix() -> None:
+    assert ServerOptions.resolve({}, env={"BLIP2_ALLOW_PICKLE": "on"}).allow_pickle is True
+    t5 = {"env_prefix": "BLIP2_T5_", "tiny_family": "t5"}
+    options = ServerOptions.resolve(t5, env={"BLIP2_DTYPE": "float16", "BLIP2_T5_DTYPE": "bfloat16"})
+    assert (options.dtype, options.tiny_family) == ("bfloat16", "t5")
+
+
+def test_launch_settings_from_the_environment() -> None:
+    from blip2_triton.supervisor import LauncherError, LaunchSettings
+
+    env = {"TRITON_HTTP_PORT": "9000", "BLIP2_TRITON_ARGS": "--a=1 --b 'c d'", "BLIP2_WATCHDOG": "0",
+           "BLIP2_MODEL_REPOSITORY": "/srv/repo", "TRITON_HOST": "", "TRITON_ADMIN_KEY": "k"}
+    settings = LaunchSettings.from_env(env, max_restarts=2)
+    assert (settings.http_port, settings.grpc_port, settings.watchdog, settings.max_restarts) == (9000, 8001, False, 2)
+    assert settings.extra_args == ("--a=1", "--b", "c d") and str(settings.model_repository) == "/srv/repo"
+    # Loopback unless asked: the image sets TRITON_HOST=0.0.0.0 for its clients (issue: serve bound everything).
+    assert settings.host == LaunchSettings().host == "127.0.0.1"
+    assert LaunchSettings.from_env({"TRITON_HOST": "0.0.0.0"}).host == "0.0.0.0"
+    assert settings.admin_key == "k" and LaunchSettings.from_env({"BLIP2_WATCHDOG": "1"}).watchdog
+    assert LaunchSettings.from_env({"BLIP2_STARTUP_TIMEOUT_S": "90.5"}).startup_timeout_s == 90.5
+    with pytest.raises(LauncherError, match="TRITON_GRPC_PORT: expected int, got 'x'"):
+        LaunchSettings.from_env({"TRITON_GRPC_PORT": "x"})
+    with pytest.raises(LauncherError, match=r"not stage options: \['dtpye', 'model_id'\]"):
+        LaunchSettings(options={"dtpye": "float16", "model_id": "m"})
+
+
+def test_a_gpu_instance_runs_on_the_gpu_triton_assigned_it() -> None:
+    options = ServerOptions(device="cpu")
+    assert options.on_instance("GPU", 3).device == "cuda:3"
+    assert options.on_instance("KIND_GPU".removeprefix("KIND_"), "1").device == "cuda:1"
+    assert options.on_instance("CPU", 0) is options
+    ServerOptions(device="cuda:2").validate()
+    with pytest.raises(ConfigurationError, match="device must be one of auto, cuda, cpu or cuda:N, got 'gpu0'"):
+        ServerOptions(device="gpu0").validate()
+
+
+def test_a_cuda_device_that_is_not_there_is_a_configuration_error(monkeypatch) -> None:
+    import torch
+
+    from blip2_triton.checkpoint import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigurationError, match="device=cuda:1 was requested but no CUDA device is visible"):
+        resolve_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigurationError, match="device=cuda:1: only 1 CUDA devices are visible"):
+        resolve_device("cuda:1")
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+
+
+def test_serve_flags_for_retrieval_are_launch_settings(tmp_path) -> None:
+    import dataclasses
+
+    from blip2_triton import cli
+    from blip2_triton.supervisor import LaunchSettings
+
+    for argv, serves in ((["serve"], False), (["serve", "--itm"], True),
+                         (["serve", "--itm-model-id", "Salesforce/blip2-itm-vit-g"], True)):
+        given = {k: v for k, v in vars(cli.build_parser().parse_args(argv)).items() if k not in ("command", "func")}
+        assert dataclasses.replace(LaunchSettings(), **given).serves_itm is serves, argv
+    assert ServerOptions.resolve({"env_prefix": "BLIP2_ITM_"}, env={"BLIP2_ITM_FEATURES_CACHE_BYTES": "0",
+                                                                     "BLIP2_FEATURES_CACHE_BYTES": "7"}) \
+        .features_cache_bytes == 0
+    with pytest.raises(ConfigurationError, match="features_cache_bytes must be >= -1"):
+        ServerOptions(features_cache_bytes=-2).validate()
+    assert cli.main(["tiny-model", str(tmp_path / "itm"), "--family", "itm"]) == 0
+    assert (tmp_path / "itm" / "TINY_MODEL.json").read_text().count('"itm"') == 1

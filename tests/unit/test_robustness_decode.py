@@ -18,7 +18,7 @@ from robustness_corpus import bad_images, good_images, oversized_image
 from blip2_triton.errors import InvalidRequestError
 from blip2_triton.options import ServerOptions
 from blip2_triton.requests import GenerationRequest, ImageRequest
-from blip2_triton.vision import _client_detail, decode_image
+from blip2_triton.vision.images import _client_detail, decode_image
 
 OPTIONS = ServerOptions()
 GOOD = good_images()

@@ -1,5 +1,5 @@
-"""Security defaults without a server: admin APIs restricted by the launcher (like the container entrypoint),
-safetensors-only weights, no checkpoint code."""
+"""Security defaults without a server: admin APIs restricted by the supervisor's command line (the container runs
+the same, tests/unit/test_deploy_static.py), safetensors-only weights, no checkpoint code."""
 
 from __future__ import annotations
 
@@ -12,28 +12,28 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from blip2_triton.checkpoint import ALLOW_PICKLE_ENV, load_stage, pickle_allowed
+from blip2_triton.checkpoint import load_stage
 from blip2_triton.errors import ConfigurationError
-from blip2_triton.launcher import RESTRICTED_APIS, TritonInstall, TritonServer
 from blip2_triton.options import ServerOptions
+from blip2_triton.supervisor import LaunchSettings, TritonInstall, tritonserver_command
 
 ROOT = Path(__file__).resolve().parents[2]
 INSTALL = TritonInstall(Path("/opt/tritonserver/bin/tritonserver"), None, {})
+REPO = ROOT / "model_repository"
 
 
-def restricted_flags(server: TritonServer) -> dict[str, str]:
+def restricted_flags(settings: LaunchSettings) -> dict[str, str]:
     out = {}
-    for arg in server.command(INSTALL):
+    for arg in tritonserver_command(settings, INSTALL):
         name, _, value = arg.partition("=")
         if name in ("--http-restricted-api", "--grpc-restricted-protocol"):
             out[name] = value
     return out
 
 
-def test_launcher_restricts_admin_apis_with_an_unguessable_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("TRITON_ADMIN_KEY", raising=False)
-    first = restricted_flags(TritonServer(model_repository=ROOT / "model_repository"))
-    second = restricted_flags(TritonServer(model_repository=ROOT / "model_repository"))
+def test_launcher_restricts_admin_apis_with_an_unguessable_key() -> None:
+    first = restricted_flags(LaunchSettings(model_repository=REPO))
+    second = restricted_flags(LaunchSettings.from_env({"TRITON_ADMIN_KEY": ""}, model_repository=REPO))
     assert set(first) == {"--http-restricted-api", "--grpc-restricted-protocol"}
     spec = first["--http-restricted-api"]
     assert first["--grpc-restricted-protocol"] == spec
@@ -44,26 +44,17 @@ def test_launcher_restricts_admin_apis_with_an_unguessable_key(monkeypatch: pyte
     assert first != second
 
 
-def test_operator_key_and_opt_out(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TRITON_ADMIN_KEY", "operator-secret")
-    server = TritonServer(model_repository=ROOT / "model_repository")
-    assert restricted_flags(server)["--http-restricted-api"].endswith(":triton-admin-key=operator-secret")
-    assert server.admin_key == "operator-secret"
-    assert restricted_flags(TritonServer(model_repository=ROOT / "model_repository", admin_key="k"))[
+def test_operator_key_and_opt_out() -> None:
+    settings = LaunchSettings.from_env({"TRITON_ADMIN_KEY": "operator-secret"}, model_repository=REPO)
+    assert restricted_flags(settings)["--http-restricted-api"].endswith(":triton-admin-key=operator-secret")
+    assert "operator-secret" not in repr(settings), "the key stays out of logged settings"
+    assert restricted_flags(LaunchSettings(model_repository=REPO, admin_key="k"))[
         "--grpc-restricted-protocol"].endswith("=k")
-    assert restricted_flags(TritonServer(model_repository=ROOT / "model_repository", restrict_admin_apis=False)) == {}
+    assert restricted_flags(LaunchSettings(model_repository=REPO, restrict_admin_apis=False)) == {}
     # The operator's own flags replace ours instead of clashing with them.
-    own = TritonServer(model_repository=ROOT / "model_repository",
-                       extra_args=["--http-restricted-api=model-repository:k=v"])
-    assert [a for a in own.command(INSTALL) if "restricted" in a] == ["--http-restricted-api=model-repository:k=v"]
-
-
-def test_launcher_and_entrypoint_restrict_the_same_apis() -> None:
-    entrypoint = (ROOT / "docker" / "entrypoint.sh").read_text()
-    match = re.search(r'^restricted="([^:]+):triton-admin-key=\$\{admin_key\}"$', entrypoint, re.M)
-    assert match, "docker/entrypoint.sh changed how it restricts the admin APIs"
-    assert set(match.group(1).split(",")) == set(RESTRICTED_APIS)
-    assert "TRITON_ADMIN_KEY" in entrypoint
+    own = LaunchSettings(model_repository=REPO, extra_args=("--http-restricted-api=model-repository:k=v",))
+    assert [a for a in tritonserver_command(own, INSTALL) if "restricted" in a] == [
+        "--http-restricted-api=model-repository:k=v"]
 
 
 def test_no_code_enables_trust_remote_code() -> None:
@@ -77,24 +68,27 @@ def test_no_code_enables_trust_remote_code() -> None:
 
 
 def test_pickle_opt_in_parsing() -> None:
-    assert not pickle_allowed({})
-    assert not pickle_allowed({ALLOW_PICKLE_ENV: "0"})
-    assert pickle_allowed({ALLOW_PICKLE_ENV: "1"}) and pickle_allowed({ALLOW_PICKLE_ENV: " true "})
+    def allowed(env: dict[str, str], parameters: dict[str, str] | None = None) -> bool:
+        return ServerOptions.resolve(parameters, env=env).allow_pickle
+
+    assert not allowed({}) and not allowed({"BLIP2_ALLOW_PICKLE": "0"})
+    assert allowed({"BLIP2_ALLOW_PICKLE": "1"}) and allowed({"BLIP2_ALLOW_PICKLE": " true "})
+    # Trust is per checkpoint: the FlanT5 models read their own variable.
+    assert not allowed({"BLIP2_ALLOW_PICKLE": "1"}, {"env_prefix": "BLIP2_T5_"})
+    assert allowed({"BLIP2_T5_ALLOW_PICKLE": "1"}, {"env_prefix": "BLIP2_T5_"})
+    with pytest.raises(ConfigurationError, match="allow_pickle must be 1 or 0, got 'maybe'"):
+        allowed({"BLIP2_ALLOW_PICKLE": "maybe"})
 
 
-def test_pickle_only_checkpoint_is_refused_unless_allowed(
-    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_pickle_only_checkpoint_is_refused_unless_allowed(tiny_model_dir: Path, tmp_path: Path) -> None:
     pickled = tmp_path / "pickled"
     shutil.copytree(tiny_model_dir, pickled)
     weights = load_file(pickled / "model.safetensors")
     (pickled / "model.safetensors").unlink()
     torch.save(weights, pickled / "pytorch_model.bin")
-    monkeypatch.delenv(ALLOW_PICKLE_ENV, raising=False)
-    with pytest.raises(ConfigurationError, match=r"only pickle \(\.bin\) weights.*BLIP2_ALLOW_PICKLE=1 \(unsafe\)"):
+    with pytest.raises(ConfigurationError, match=r"only pickle \(\.bin\) weights.*BLIP2_ALLOW_PICKLE=1 \(unsafe"):
         load_stage("vision", ServerOptions(model_id=str(pickled), device="cpu"))
-    monkeypatch.setenv(ALLOW_PICKLE_ENV, "1")
-    loaded = load_stage("vision", ServerOptions(model_id=str(pickled), device="cpu"))
+    loaded = load_stage("vision", ServerOptions(model_id=str(pickled), device="cpu", allow_pickle=True))
     reference = load_stage("vision", ServerOptions(model_id=str(tiny_model_dir), device="cpu"))
     assert loaded.parameter_count == reference.parameter_count
 

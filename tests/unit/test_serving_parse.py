@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from blip2_triton.errors import InvalidRequestError
-from blip2_triton.serving import generation_requests, image_requests, run_grouped, text_output
+from blip2_triton.serving.tensors import generation_requests, image_requests, text_output
 
 EMB = np.zeros((2, 8, 64), dtype=np.float32)
 
@@ -53,19 +53,6 @@ def test_bad_generation_inputs(extra, message) -> None:
     with pytest.raises(InvalidRequestError) as e:
         generation_requests({"_query_embeds": EMB, **extra})
     assert message in str(e.value)
-
-
-def test_errors_fail_only_their_own_request() -> None:
-    bad_input = InvalidRequestError("bad input")
-
-    def run(rows):
-        return [InvalidRequestError(f"row {r}") if r == "x" else r.upper() for r in rows]
-
-    out = run_grouped([["a", "b"], bad_input, ["x", "c"], ["d"]], run)
-    assert out[0] == ["A", "B"]
-    assert out[1] is bad_input
-    assert isinstance(out[2], InvalidRequestError) and str(out[2]) == "row x"
-    assert out[3] == ["D"]
 
 
 def test_text_output_is_utf8_bytes() -> None:

@@ -8,15 +8,15 @@ import time
 import pytest
 
 from blip2_triton.errors import InvalidRequestError
-from blip2_triton.streams import StreamHub, UnknownStreamError
+from blip2_triton.serving.streams import StreamHub, UnknownStreamError
 
 
 class Replies:
     def __init__(self) -> None:
         self.calls: list[tuple[str, bool, Exception | None]] = []
 
-    def __call__(self, text: str, done: bool, error: Exception | None) -> None:
-        self.calls.append((text, done, error))
+    def __call__(self, text: str, end: object | None) -> None:
+        self.calls.append((text, end is not None, end if isinstance(end, Exception) else None))
 
 
 def test_pieces_written_before_a_poll_are_delivered_together() -> None:
@@ -112,16 +112,16 @@ def test_concurrent_writer_and_poller_see_every_character_once() -> None:
     got: list[str] = []
     done = threading.Event()
 
-    def reply(text: str, finished: bool, error: Exception | None) -> None:
+    def reply(text: str, end: object | None) -> None:
         got.append(text)
-        if finished:
+        if end is not None:
             done.set()
 
     writer = threading.Thread(target=write)
     writer.start()
     while not done.is_set():
         arrived = threading.Event()
-        hub.poll("a", lambda t, f, e, arrived=arrived: (reply(t, f, e), arrived.set()))
+        hub.poll("a", lambda t, end, arrived=arrived: (reply(t, end), arrived.set()))
         while not arrived.wait(0.001):
             hub.expire_polls()
     writer.join()

@@ -1,3 +1,3 @@
-from blip2_triton.triton_model import LanguageModel, python_model
+from blip2_triton.serving.models import LanguageModel, python_model
 
 TritonPythonModel = python_model(LanguageModel)

@@ -1,3 +1,3 @@
-from blip2_triton.triton_model import VisionModel, python_model
+from blip2_triton.serving.models import VisionModel, python_model
 
 TritonPythonModel = python_model(VisionModel)

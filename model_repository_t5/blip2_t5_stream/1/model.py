@@ -1,3 +1,3 @@
-from blip2_triton.triton_model import StreamModel, python_model
+from blip2_triton.serving.models import StreamModel, python_model
 
 TritonPythonModel = python_model(StreamModel)

@@ -1,0 +1,243 @@
+"""The served pipeline on one GPU: tritonserver with both stages on CUDA, measured through gRPC, beside the same
+stages in-process in the same run (so served / in-process is a ratio from one machine).
+
+    python bench/gpu_served.py --output gpu_served.json             # on the GPU machine: blip2-opt-2.7b shapes
+    python bench/gpu_served.py --device cpu --tiny-shapes            # smoke test anywhere
+
+Random weights with the exact shapes of `Salesforce/blip2-opt-2.7b` (`random_blip2.OPT_2_7B`, written once as a
+checkpoint directory), float16 on CUDA. Figures:
+  single_caption      one 16-token caption, end to end: served (gRPC, Triton direct) and in-process (vision stage,
+                      then the in-flight engine), median of --runs; their ratio
+  captions_cN         N closed-loop clients (1, 8, 32, 64, 128 by default), 16-token captions of new images:
+                      req/s, tokens/s, p50, p99, served and in-process at the same concurrency, and their ratio
+  vqa_mixed_c32       mixed 4/48-token VQA at 32 clients through two servers, BLIP2_SCHEDULER=inflight and static:
+                      req/s, p50, p99, and in-flight / static
+  vision              the vision stage in-process: ms per image at batch 1 and 32, and decode + preprocess of a
+                      224 px and a 4000x3000 JPEG (which the decoder pool overlaps with the forward pass)
+  gpu_memory_mib      GPU memory per stage process (nvidia-smi), per server
+Needs a CUDA build of torch, transformers, tritonclient[grpc] and the nvidia-pytriton wheel (its tritonserver).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import random_blip2
+from bench_throughput import Request, Served, closed_loop, pattern_jpeg, tagged
+
+VQA = "Question: what is in the picture? Answer:"
+
+
+def _ms(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3, 2)
+
+
+def _point(latencies: list[float], elapsed: float, tokens: int) -> dict[str, float]:
+    n = len(latencies)
+    return {"requests": n, "requests_per_s": round(n / elapsed, 2), "tokens_per_s": round(n * tokens / elapsed, 1),
+            "p50_ms": _ms(latencies, 0.5), "p99_ms": _ms(latencies, 0.99)}
+
+
+class Images:
+    """New bytes on every call (a JPEG comment), as distinct user images are: no cache answers them."""
+
+    def __init__(self) -> None:
+        self.base = [pattern_jpeg(seed, 640, 480) for seed in range(8)]
+        self.counter = 0
+        self.lock = threading.Lock()
+
+    def next(self) -> bytes:
+        with self.lock:
+            self.counter += 1
+            k = self.counter
+        return tagged(self.base[k % len(self.base)], f"served-{k}")
+
+    def requests(self, n: int, prompt: str | None, tokens: Callable[[int], int]) -> list[Request]:
+        return [Request(self.next(), f"img{i}", prompt, tokens(i)) for i in range(n)]
+
+
+class InProcess:
+    """The same stages as the server's, called directly: the vision stage, then the in-flight engine."""
+
+    def __init__(self, model_dir: Path, device: str, dtype: str) -> None:
+        from blip2_triton.llm import InflightEngine, LanguageStage
+        from blip2_triton.options import ServerOptions
+        from blip2_triton.vision import VisionStage
+
+        options = ServerOptions(model_id=str(model_dir), device=device, dtype=dtype, embedding_cache_bytes=0)
+        self.vision = VisionStage(options)
+        self.llm = LanguageStage(options)
+        self.engine = InflightEngine(self.llm)
+        self.lock = threading.Lock()
+
+    def __call__(self, req: Request) -> str:
+        from blip2_triton.llm import Job
+        from blip2_triton.requests import GenerationRequest, ImageRequest
+
+        with self.lock:  # one vision batch at a time, as the served stage computes
+            (emb,) = self.vision.run([ImageRequest(req.image)])
+        done = threading.Event()
+        box: list[Any] = []
+        self.engine.submit([Job(GenerationRequest(query_embeds=emb, prompt=req.prompt, max_tokens=req.max_tokens),
+                                on_piece=None, on_done=lambda r: (box.append(r), done.set()))])
+        if not done.wait(600):
+            raise TimeoutError("the in-process engine did not answer")
+        if isinstance(box[0], Exception):
+            raise box[0]
+        return str(box[0].text)
+
+    def close(self) -> None:
+        self.engine.stop()
+
+
+@contextlib.contextmanager
+def served(model_dir: Path, device: str, dtype: str, log: Path, env: dict[str, str]) -> Iterator[Any]:
+    from blip2_triton.supervisor import LaunchSettings, TritonServer
+
+    settings = LaunchSettings.on_free_ports(model_id=str(model_dir), startup_timeout_s=1200, exit_timeout_s=20,
+                                            options={"device": device, "dtype": dtype, "embedding_cache_bytes": "0"},
+                                            env=env, front=False)
+    with TritonServer(settings, log_path=log) as server:
+        yield server
+
+
+def gpu_memory_mib(server: Any) -> dict[str, int]:
+    """GPU memory of each stage process of `server`, from nvidia-smi (empty without a GPU)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    used = {int(pid): int(mib) for pid, mib in (line.split(",") for line in out.strip().splitlines() if line)}
+    return {name: used[pid] for name, pid in server.stub_pids().items() if pid in used}
+
+
+def median_ms(call: Callable[[Request], str], requests: list[Request]) -> float:
+    times = []
+    for req in requests:
+        start = time.perf_counter()
+        call(req)
+        times.append(time.perf_counter() - start)
+    return round(statistics.median(times[1:] or times) * 1e3, 2)
+
+
+def vision_figures(inproc: InProcess, images: Images, device: torch.device) -> dict[str, float]:
+    from blip2_triton.requests import ImageRequest
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def per_image_ms(batch: int, runs: int = 5) -> float:
+        pixels = torch.stack([inproc.vision.prepare(ImageRequest(images.next())) for _ in range(batch)])
+        inproc.vision.embed_pixels(pixels)  # warm-up at this batch size
+        sync()
+        start = time.perf_counter()
+        for _ in range(runs):
+            inproc.vision.embed_pixels(pixels)
+        sync()
+        return round((time.perf_counter() - start) / runs / batch * 1e3, 3)
+
+    def decode_ms(width: int, height: int) -> float:
+        pixels = np.random.default_rng(0).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+        data = buffer.getvalue()
+        start = time.perf_counter()
+        for _ in range(3):
+            inproc.vision.prepare(ImageRequest(data))
+        return round((time.perf_counter() - start) / 3 * 1e3, 2)
+
+    return {"forward_ms_per_image_batch_1": per_image_ms(1), "forward_ms_per_image_batch_32": per_image_ms(32),
+            "decode_preprocess_ms_224": decode_ms(224, 224), "decode_preprocess_ms_4000x3000": decode_ms(4000, 3000)}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny-shapes", action="store_true", help="a tiny model, for a smoke test")
+    p.add_argument("--clients", default="1,8,32,64,128")
+    p.add_argument("--rounds", type=int, default=3, help="requests per client at each concurrency")
+    p.add_argument("--runs", type=int, default=10, help="single-caption latency runs")
+    p.add_argument("--tokens", type=int, default=16)
+    p.add_argument("--mixed-requests", type=int, default=128, help="requests of the mixed VQA workload (0: skip)")
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/blip2-gpu-served"))
+    p.add_argument("--output", type=Path, default=None)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("no CUDA device is visible; use --device cpu --tiny-shapes for a smoke test")
+    dtype = "float16" if device.type == "cuda" else "float32"
+    shapes = random_blip2.TINY if args.tiny_shapes else random_blip2.OPT_2_7B
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    model_dir = random_blip2.ensure_model(shapes, args.workdir / "models")
+    clients = [int(c) for c in args.clients.split(",")]
+    report: dict[str, Any] = {"shapes": shapes.name, "device": str(device), "dtype": dtype, "tokens": args.tokens,
+                              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+    images = Images()
+    inproc = InProcess(model_dir, args.device, dtype)
+    try:
+        report["vision"] = vision_figures(inproc, images, device)
+        with served(model_dir, args.device, dtype, args.workdir / "inflight.log", {}) as server:
+            client = Served(server.grpc_url)
+            captions = images.requests(args.runs + 1, None, lambda _: args.tokens)
+            served_ms = median_ms(client, captions)
+            inproc_ms = median_ms(inproc, images.requests(args.runs + 1, None, lambda _: args.tokens))
+            report["single_caption"] = {"served_ms": served_ms, "in_process_ms": inproc_ms,
+                                        "served_over_in_process": round(served_ms / inproc_ms, 3)}
+            for n in clients:
+                requests = images.requests(n * args.rounds, None, lambda _: args.tokens)
+                latencies, elapsed, _, _ = closed_loop(client, requests, n)
+                point = {"served": _point(latencies, elapsed, args.tokens)}
+                requests = images.requests(n * args.rounds, None, lambda _: args.tokens)
+                latencies, elapsed, _, _ = closed_loop(inproc, requests, n)
+                point["in_process"] = _point(latencies, elapsed, args.tokens)
+                point["served_over_in_process"] = round(
+                    point["served"]["requests_per_s"] / point["in_process"]["requests_per_s"], 3)
+                report[f"captions_c{n}"] = point
+            mixed = images.requests(args.mixed_requests, VQA, lambda i: (4, 48)[i % 2]) if args.mixed_requests else []
+            if mixed:
+                latencies, elapsed, _, _ = closed_loop(client, mixed, 32)
+                report["vqa_mixed_c32"] = {"inflight": _point(latencies, elapsed, 26)}
+            report["gpu_memory_mib"] = {"inflight": gpu_memory_mib(server)}
+            client.close()
+        if mixed:
+            with served(model_dir, args.device, dtype, args.workdir / "static.log",
+                        {"BLIP2_SCHEDULER": "static"}) as server:
+                client = Served(server.grpc_url)
+                closed_loop(client, images.requests(32, VQA, lambda i: (4, 48)[i % 2]), 32)  # warm-up
+                latencies, elapsed, _, _ = closed_loop(client, mixed, 32)
+                mixed_report = report["vqa_mixed_c32"]
+                mixed_report["static"] = _point(latencies, elapsed, 26)
+                mixed_report["inflight_over_static"] = round(
+                    mixed_report["inflight"]["requests_per_s"] / mixed_report["static"]["requests_per_s"], 3)
+                report["gpu_memory_mib"]["static"] = gpu_memory_mib(server)
+                client.close()
+    finally:
+        inproc.close()
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.output:
+        args.output.write_text(text + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""The served GPU benchmark (`bench/gpu_served.py`) is meant for a GPU machine this project rarely gets; its CPU
+smoke mode runs the same code path against real tritonservers here, so the script cannot rot unnoticed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def test_cpu_smoke_run_reports_every_figure(import_bench, tmp_path: Path) -> None:
+    gpu_served = import_bench("gpu_served")
+    out = tmp_path / "served.json"
+    report = gpu_served.main(["--device", "cpu", "--tiny-shapes", "--clients", "2", "--rounds", "1", "--runs", "1",
+                              "--tokens", "4", "--mixed-requests", "4", "--workdir", str(tmp_path),
+                              "--output", str(out)])
+    assert report["single_caption"]["served_ms"] > 0 and report["single_caption"]["served_over_in_process"] > 0
+    point = report["captions_c2"]
+    assert point["served"]["requests"] == 2 and point["in_process"]["requests_per_s"] > 0
+    assert report["vqa_mixed_c32"]["inflight_over_static"] > 0
+    assert report["vision"]["forward_ms_per_image_batch_32"] > 0
+    assert report["vision"]["decode_preprocess_ms_4000x3000"] > report["vision"]["decode_preprocess_ms_224"]
+    assert report["gpu_memory_mib"] == {"inflight": {}, "static": {}}
+    assert out.read_text().startswith("{")

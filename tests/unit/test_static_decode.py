@@ -1,0 +1,100 @@
+"""Decoding on fixed buffers (BLIP2_CUDA_GRAPHS=on), run eagerly on CPU: the same text as HF and as the eager
+path, with sequences joining and leaving, and seeds that keep their meaning."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from images import PROMPTS
+
+from blip2_triton.errors import ConfigurationError
+from blip2_triton.llm import Completion, EngineLimits, InflightEngine, Job, LanguageStage
+from blip2_triton.llm.static import StaticBatchState, StaticRunner
+from blip2_triton.options import ServerOptions
+from blip2_triton.requests import GenerationRequest, ImageRequest
+from blip2_triton.vision import VisionStage
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir: Path, sample_images):
+    vision = VisionStage(ServerOptions(model_id=str(tiny_model_dir)))
+    static = LanguageStage(ServerOptions(model_id=str(tiny_model_dir), cuda_graphs="on"))
+    names = sorted(sample_images)
+    embeds = dict(zip(names, vision.run([ImageRequest(sample_images[n]) for n in names]), strict=True))
+    return static, embeds
+
+
+def test_the_fixed_buffer_runner_is_chosen_and_sized_for_the_longest_request(setup) -> None:
+    static, _ = setup
+    assert isinstance(static.runner, StaticRunner)
+    batch = static.runner.new_batch(max_rows=5)
+    assert isinstance(batch, StaticBatchState)
+    assert batch.max_rows == 8 and batch.capacity % 64 == 0
+    longest = static.num_query_tokens + static.options.max_prompt_tokens + 1 + static.options.max_max_tokens
+    assert batch.capacity >= min(static.max_positions, longest)
+
+
+def test_static_batches_match_hf(setup, sample_images, reference) -> None:
+    static, embeds = setup
+    requests, expected = [], []
+    for i, name in enumerate(sorted(embeds)):
+        for prompt in PROMPTS:
+            n = 3 + (i * 5) % 17
+            requests.append(GenerationRequest(query_embeds=embeds[name], prompt=prompt, max_tokens=n))
+            expected.append(reference(sample_images[name], prompt, n))
+    assert static.run(requests) == expected
+
+
+def test_joins_and_departures_in_flight_match_hf(setup, sample_images, reference) -> None:
+    static, embeds = setup
+    names = sorted(embeds)
+    prompts = [None, PROMPTS[0], PROMPTS[1] + " and what else is there to see here?"]
+    cases = [(names[i % len(names)], prompts[i % 3], 2 + (i * 7) % 23) for i in range(14)]
+    results: dict[int, Completion | Exception] = {}
+    done = threading.Event()
+
+    def job(i: int, request: GenerationRequest) -> Job:
+        def finished(result: Completion | Exception) -> None:
+            results[i] = result
+            if len(results) == len(cases):
+                done.set()
+
+        return Job(request=request, on_piece=None, on_done=finished)
+
+    engine = InflightEngine(static, limits=EngineLimits(max_active=5))
+    try:
+        for i, (name, prompt, n) in enumerate(cases):
+            engine.submit([job(i, GenerationRequest(query_embeds=embeds[name], prompt=prompt, max_tokens=n))])
+            time.sleep(0.003)
+        assert done.wait(120)
+    finally:
+        engine.stop()
+    for i, (name, prompt, n) in enumerate(cases):
+        result = results[i]
+        assert isinstance(result, Completion), result
+        assert result.text == reference(sample_images[name], prompt, n)
+
+
+def test_a_seeded_sample_is_the_same_alone_and_in_a_batch(setup) -> None:
+    static, embeds = setup
+    emb = next(iter(embeds.values()))
+
+    def sampled() -> GenerationRequest:
+        return GenerationRequest(query_embeds=emb, max_tokens=12, temperature=0.9, top_p=0.9, seed=7)
+
+    alone = static.run([sampled()])[0]
+    batched = static.run([GenerationRequest(query_embeds=e, max_tokens=9) for e in embeds.values()] + [sampled()])
+    assert batched[-1] == alone
+
+
+def test_on_refuses_checkpoints_it_cannot_serve(tiny_t5_model_dir: Path) -> None:
+    with pytest.raises(ConfigurationError, match="cuda_graphs=on: encoder-decoder"):
+        LanguageStage(ServerOptions(model_id=str(tiny_t5_model_dir), cuda_graphs="on"))
+
+
+def test_auto_stays_eager_without_a_gpu(tiny_model_dir: Path) -> None:
+    stage = LanguageStage(ServerOptions(model_id=str(tiny_model_dir), cuda_graphs="auto"))
+    assert not isinstance(stage.runner, StaticRunner)
