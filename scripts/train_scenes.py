@@ -17,6 +17,7 @@ import json
 import math
 import random
 import re
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,16 +41,19 @@ from blip2_triton.scenes import (
     HELD_OUT_SEED_START,
     IMAGE_SIZE,
     NUMBERS,
+    PATCH_SIZE,
     POSITIONS,
     SHAPES,
+    SLOTS,
     Scene,
     make_scene,
     requests,
+    training_seeds,
     vqa_prompt,
 )
 
 # Bumped whenever training changes what the script produces; recorded in the checkpoint's SCENES_MODEL.json.
-SCRIPT_VERSION = 1
+SCRIPT_VERSION = 2
 OPT_IDS = {"bos": 2, "eos": 2, "pad": 1}
 T5_IDS = {"eos": 1, "pad": 0, "decoder_start": 0}
 MAX_NEW_TOKENS = 24
@@ -59,11 +63,11 @@ def _corpus() -> Iterator[str]:
     # Everything the grammar can say, in the forms training feeds (questions also capitalised and spelt "color"),
     # so that every word of it is one token.
     words = [*SHAPES, *(f"{s}s" for s in SHAPES), *COLOURS, *BACKGROUNDS, *NUMBERS,
-             *(p for row in POSITIONS for p in row), "yes", "no", "a", "an", "and", "to", "the", "left", "right",
-             "of", "above", "below", "what", "colour", "color", "shape", "object", "is", "there", "how", "many",
+             *POSITIONS, "yes", "no", "a", "an", "and", "to", "the", "left", "right",
+             "of", "what", "colour", "color", "shape", "object", "is", "there", "how", "many",
              "shapes", "are", "where", "background", "What", "How", "Where", "Is"]
-    for seed in range(3000):
-        scene = make_scene(seed, size=8)
+    for seed in range(1000):
+        scene = make_scene(seed)
         yield scene.caption
         for question, answer in scene.qa:
             for q in _variants(question):
@@ -150,7 +154,7 @@ def build_config(processor: Blip2Processor, args: argparse.Namespace) -> Blip2Co
     return Blip2Config(
         vision_config={
             "hidden_size": width, "intermediate_size": 4 * width, "num_hidden_layers": args.vision_layers,
-            "num_attention_heads": heads, "image_size": IMAGE_SIZE, "patch_size": args.patch_size,
+            "num_attention_heads": heads, "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE,
             "attention_dropout": 0.0, "initializer_range": 0.02,
         },
         qformer_config={
@@ -247,7 +251,7 @@ def check_layout(processor: Blip2Processor, encoder: Encoder, model: Blip2ForCon
             # The answer is what follows the prompt when the whole text is tokenized.
             joined = processor(images=scene.image, text=f"{prompt} {answer}").input_ids[0]
             assert ex.context + ex.target[:-1] == joined, (ex, joined)
-    for word in (*SHAPES, *COLOURS, *BACKGROUNDS, *NUMBERS, "above", "below"):
+    for word in (*SHAPES, *COLOURS, *BACKGROUNDS, *NUMBERS, *POSITIONS):
         assert len(processor.tokenizer(" " + word, add_special_tokens=False).input_ids) == 1, word
 
 
@@ -304,51 +308,53 @@ def forward(model: Blip2ForConditionalGeneration, pixel_values: torch.Tensor, pe
 
 
 class SceneProbe(torch.nn.Module):
-    """Training-only head (not saved): query token i of the Q-Former's output must tell what grid cell i holds (shape
-    and colour, or empty) and the background. Its direct gradient teaches the vision tower and Q-Former what a scene
-    holds far sooner than the gradient that reaches them through the language model alone (as BLIP-2's own first
-    stage trains the Q-Former before a language model is attached), and one query per cell, in reading order, hands
-    the language model the scene already sorted the way captions list it."""
+    """Training-only head (not saved): query token i of the Q-Former's output must tell what slot i holds (shape and
+    colour, or empty), and the next query the background. Its direct gradient teaches the vision tower and Q-Former
+    what a scene holds far sooner than the gradient that reaches them through the language model alone (as BLIP-2's
+    own first stage trains the Q-Former before a language model is attached), and one query per slot, left to right,
+    hands the language model the scene already sorted the way captions list it."""
 
     def __init__(self, config: Blip2Config) -> None:
         super().__init__()
-        if config.num_query_tokens < 9:
-            raise ValueError("the scene probe needs a query token per grid cell (9)")
-        self.sizes = [len(SHAPES) + 1, len(COLOURS) + 1, len(BACKGROUNDS)]
-        self.linear = torch.nn.Linear(config.qformer_config.hidden_size, sum(self.sizes))
+        if config.num_query_tokens < SLOTS + 1:
+            raise ValueError(f"the scene probe needs a query token per slot and one for the background ({SLOTS + 1})")
+        self.sizes = [len(SHAPES) + 1, len(COLOURS) + 1]
+        width = config.qformer_config.hidden_size
+        self.slot = torch.nn.Linear(width, sum(self.sizes))
+        self.background = torch.nn.Linear(width, len(BACKGROUNDS))
 
     @staticmethod
-    def targets(scenes: list[Scene]) -> torch.Tensor:
-        """[scenes, 9 cells, (shape + 1 or 0, colour + 1 or 0, background)]."""
-        cells = torch.zeros(len(scenes), 9, 3, dtype=torch.long)
+    def targets(scenes: list[Scene]) -> tuple[torch.Tensor, torch.Tensor]:
+        """[scenes, slots, (shape + 1 or 0, colour + 1 or 0)] and [scenes] background."""
+        slots = torch.zeros(len(scenes), SLOTS, 2, dtype=torch.long)
         for i, scene in enumerate(scenes):
-            cells[i, :, 2] = list(BACKGROUNDS).index(scene.background)
             for shape in scene.shapes:
-                cell = shape.row * 3 + shape.col
-                cells[i, cell, 0] = SHAPES.index(shape.kind) + 1
-                cells[i, cell, 1] = list(COLOURS).index(shape.colour) + 1
-        return cells
+                slots[i, shape.slot, 0] = SHAPES.index(shape.kind) + 1
+                slots[i, shape.slot, 1] = list(COLOURS).index(shape.colour) + 1
+        background = torch.tensor([list(BACKGROUNDS).index(s.background) for s in scenes])
+        return slots, background
 
-    def loss(self, query_output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        parts = self.linear(query_output[:, :9]).split(self.sizes, dim=-1)
-        return sum((F.cross_entropy(part.reshape(-1, size), targets[..., k].reshape(-1))
-                    for k, (part, size) in enumerate(zip(parts, self.sizes, strict=True))), torch.tensor(0.0))
+    def loss(self, query_output: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        slots, background = targets
+        parts = self.slot(query_output[:, :SLOTS]).split(self.sizes, dim=-1)
+        loss = F.cross_entropy(self.background(query_output[:, SLOTS]), background)
+        for k, (part, size) in enumerate(zip(parts, self.sizes, strict=True)):
+            loss = loss + F.cross_entropy(part.reshape(-1, size), slots[..., k].reshape(-1))
+        return loss
 
 
 class SceneStream:
-    """Training scenes from consecutive seeds (all below `HELD_OUT_SEED_START`), optionally only the simpler ones."""
+    """Training scenes from consecutive seeds of the run's training range, optionally only the simpler ones."""
 
-    def __init__(self, first_seed: int) -> None:
-        self.next_seed = first_seed
+    def __init__(self, run_seed: int) -> None:
+        self.seeds = iter(training_seeds(run_seed))
 
     def take(self, count: int, max_shapes: int) -> list[Scene]:
         out: list[Scene] = []
         while len(out) < count:
-            scene = make_scene(self.next_seed)
-            self.next_seed += 1
+            scene = make_scene(next(self.seeds))
             if len(scene.shapes) <= max_shapes:
                 out.append(scene)
-        assert self.next_seed <= HELD_OUT_SEED_START
         return out
 
 
@@ -395,16 +401,20 @@ def forced_accuracy(model: Blip2ForConditionalGeneration, processor: Blip2Proces
         right.setdefault(kind, []).append(not bad)
         if kind != "caption":
             right.setdefault("vqa", []).append(not bad)
-    return {kind: sum(r) / len(r) for kind, r in right.items()}
+    return _rates(right)
+
+
+def _rates(right: dict[str, list[bool]]) -> dict[str, float]:
+    return {kind: round(sum(r) / len(r), 4) for kind, r in sorted(right.items())}
 
 
 def evaluate_generate(out_dir: Path, seeds: range) -> dict[str, Any]:
-    """Greedy `generate` with the checkpoint as saved, loaded the way users load it."""
+    """Greedy `generate` with the checkpoint as saved, loaded and fed the way users load and feed it."""
     model = Blip2ForConditionalGeneration.from_pretrained(out_dir, dtype=torch.float32).eval()
     processor = Blip2Processor.from_pretrained(out_dir)
     decoder_only = model.config.use_decoder_only_language_model
     eos = model.generation_config.eos_token_id
-    exact: dict[bool, list[bool]] = {True: [], False: []}
+    right: dict[str, list[bool]] = {}
     longest = 0
     misses: list[str] = []
     for seed in seeds:
@@ -425,12 +435,16 @@ def evaluate_generate(out_dir: Path, seeds: range) -> dict[str, Any]:
             text = processor.tokenizer.decode(new, skip_special_tokens=True).strip()
             ended = int(new[-1]) == eos and len(new) < MAX_NEW_TOKENS
             longest = max(longest, len(new))
-            exact[prompt is None].append(text == expected and ended)
-            if not exact[prompt is None][-1] and len(misses) < 20:
+            ok = text == expected and ended
+            right.setdefault(question_kind(prompt), []).append(ok)
+            if prompt is not None:
+                right.setdefault("vqa", []).append(ok)
+            if not ok and len(misses) < 20:
                 misses.append(f"seed {seed}: {prompt or '<caption>'} -> {text!r}, expected {expected!r}")
-    return {"scenes": len(seeds), "caption_exact": sum(exact[True]) / len(exact[True]),
-            "vqa_exact": sum(exact[False]) / len(exact[False]), "questions": len(exact[False]),
-            "longest_output_tokens": longest, "misses": misses}
+    rates = _rates(right)
+    return {"scenes": len(seeds), "caption_exact": rates.pop("caption"), "vqa_exact": rates.pop("vqa"),
+            "questions": len(right["vqa"]), "vqa_exact_by_kind": rates, "longest_output_tokens": longest,
+            "misses": misses}
 
 
 def param_groups(model: Blip2ForConditionalGeneration, patch_lr_scale: float) -> list[dict[str, Any]]:
@@ -457,23 +471,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--family", choices=("opt", "t5"), default="opt")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=6000)
-    parser.add_argument("--images", type=int, default=16, help="scenes per step")
+    parser.add_argument("--steps", type=int, default=3000, help="at most; training stops early at --stop-at")
+    parser.add_argument("--images", type=int, default=32, help="scenes per step")
     parser.add_argument("--questions", type=int, default=3, help="questions per scene and step, besides the caption")
-    parser.add_argument("--lr", type=float, default=7e-4)
-    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--probe-weight", type=float, default=1.0, help="weight of the training-only scene probe")
-    parser.add_argument("--curriculum", default="1000:1,2500:2",
+    parser.add_argument("--curriculum", default="",
                         help="STEP:N,...: until STEP, train on scenes of at most N shapes")
     parser.add_argument("--position-std", type=float, default=0.5, help="initial std of the ViT position embedding")
-    parser.add_argument("--patch-lr-scale", type=float, default=0.1, help="learning-rate factor of the patch embedding")
+    parser.add_argument("--patch-lr-scale", type=float, default=0.25,
+                        help="learning-rate factor of the patch embedding")
     parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--vision-layers", type=int, default=3)
+    parser.add_argument("--vision-layers", type=int, default=2)
     parser.add_argument("--qformer-layers", type=int, default=2)
-    parser.add_argument("--lm-layers", type=int, default=3)
-    parser.add_argument("--patch-size", type=int, default=16)
-    parser.add_argument("--query-tokens", type=int, default=9)
+    parser.add_argument("--lm-layers", type=int, default=2)
+    parser.add_argument("--query-tokens", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--check-every", type=int, default=100, help="steps between exact-match checks")
+    parser.add_argument("--check-scenes", type=int, default=200, help="unseen scenes each check measures")
+    parser.add_argument("--stop-at", type=float, default=0.97,
+                        help="stop once captions and answers of the check scenes are both this exact")
     parser.add_argument("--eval-scenes", type=int, default=200)
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored weights")
     args = parser.parse_args(argv)
@@ -496,16 +514,18 @@ def main(argv: list[str] | None = None) -> None:
                                                      "weight_decay": 0.0}],
         lr=args.lr, betas=(0.9, 0.98))
     rng = random.Random(args.seed)
-    stream = SceneStream(args.seed * 100_000_000)
+    stream = SceneStream(args.seed)
     curriculum = [(int(until), int(limit)) for until, limit in
                   (phase.split(":") for phase in args.curriculum.split(",") if phase)]
-    # Unseen scenes apart from the final evaluation's.
-    probe_seeds = list(range(HELD_OUT_SEED_START + 100_000, HELD_OUT_SEED_START + 100_064))
+    # Unseen scenes, apart from the final evaluation's.
+    check_seeds = list(range(HELD_OUT_SEED_START + 100_000, HELD_OUT_SEED_START + 100_000 + args.check_scenes))
     running = [0.0, 0.0]
-    for step in range(args.steps):
+    checks: list[dict[str, Any]] = []
+    step = 0
+    for step in range(1, args.steps + 1):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args) * group["lr_scale"]
-        scenes = stream.take(args.images, max_shapes_at(step, curriculum))
+            group["lr"] = lr_at(step - 1, args) * group["lr_scale"]
+        scenes = stream.take(args.images, max_shapes_at(step - 1, curriculum))
         pixel_values, per_image = batch(processor, encoder, scenes, rng, args.questions)
         logits, targets, _, query_output = forward(model, pixel_values, per_image)
         lm_loss = F.cross_entropy(logits, targets)
@@ -515,15 +535,16 @@ def main(argv: list[str] | None = None) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        running = [0.98 * r + 0.02 * x.item() if step else x.item()
+        running = [0.95 * r + 0.05 * x.item() if step > 1 else x.item()
                    for r, x in zip(running, (lm_loss, probe_loss), strict=True)]
-        if (step + 1) % 100 == 0 or step + 1 == args.steps:
-            line = (f"step {step + 1}/{args.steps} loss {running[0]:.4f} scene probe loss {running[1]:.4f} "
-                    f"lr {lr_at(step, args):.2e} {time.monotonic() - started:.0f}s")
-            if (step + 1) % 500 == 0 or step + 1 == args.steps:
-                exact = forced_accuracy(model, processor, encoder, probe_seeds)
-                line += "  probe exact: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(exact.items()))
-            print(line, flush=True)
+        if step % args.check_every == 0 or step == args.steps:
+            exact = forced_accuracy(model, processor, encoder, check_seeds)
+            checks.append({"step": step, **exact})
+            print(f"step {step}/{args.steps} loss {running[0]:.4f} scene probe loss {running[1]:.4f} "
+                  f"lr {lr_at(step - 1, args):.2e} {time.monotonic() - started:.0f}s  exact: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in exact.items()), flush=True)
+            if min(exact["caption"], exact["vqa"]) >= args.stop_at:
+                break
     train_s = time.monotonic() - started
 
     model.eval()
@@ -535,8 +556,9 @@ def main(argv: list[str] | None = None) -> None:
     for miss in result.pop("misses"):
         print("  miss", miss)
     record = {
-        "generator": "scripts/train_scenes.py", "script_version": SCRIPT_VERSION, "family": args.family,
-        "seed": args.seed, "steps": args.steps, "images_per_step": args.images,
+        "generator": "scripts/train_scenes.py", "script_version": SCRIPT_VERSION,
+        "command": "scripts/train_scenes.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "family": args.family, "seed": args.seed, "steps": step, "images_per_step": args.images,
         "questions_per_image": args.questions, "lr": args.lr, "parameters": params, "dtype": args.dtype,
         "train_seconds": round(train_s), "torch_threads": args.threads,
         "held_out_seeds": [HELD_OUT_SEED_START, HELD_OUT_SEED_START + args.eval_scenes], **result,

@@ -1,3 +1,4 @@
+import itertools
 import json
 
 import numpy as np
@@ -10,10 +11,14 @@ from blip2_triton.scenes import (
     COLOURS,
     HELD_OUT_SEED_START,
     NUMBERS,
+    PATCH_SIZE,
+    POSITIONS,
+    SLOTS,
     Scene,
     make_scene,
     requests,
     shipped_model_dir,
+    training_seeds,
     vqa_prompt,
 )
 
@@ -28,14 +33,19 @@ def test_a_seed_always_gives_the_same_scene() -> None:
     assert make_scene(1).image.tobytes() != make_scene(2).image.tobytes()
 
 
+def test_training_seeds_never_reach_the_held_out_range() -> None:
+    runs = [training_seeds(run) for run in range(10)]
+    assert all(r.stop <= HELD_OUT_SEED_START for r in runs)
+    assert all(a.stop <= b.start for a, b in itertools.pairwise(runs))
+    with pytest.raises(ValueError, match="run seed"):
+        training_seeds(10)
+
+
 def _check_answers(scene: Scene) -> None:
     shapes = scene.shapes
     assert 1 <= len(shapes) <= 3
-    assert len({(s.row, s.col) for s in shapes}) == len(shapes)
+    assert [s.slot for s in shapes] == sorted({s.slot for s in shapes})
     assert len({s.name for s in shapes}) == len(shapes)
-    assert list(shapes) == sorted(shapes, key=lambda s: (s.row, s.col))
-    if len(shapes) == 2:
-        assert shapes[0].row == shapes[1].row or shapes[0].col == shapes[1].col
     questions = [q for q, _ in scene.qa]
     assert len(set(questions)) == len(questions)
     by_name = {s.name: s for s in shapes}
@@ -57,40 +67,65 @@ def _check_answers(scene: Scene) -> None:
         elif question.startswith("is there "):
             assert answer == ("yes" if " ".join(words[-2:]) in by_name else "no"), question
         elif question.startswith("where is the "):
-            assert answer == by_name[" ".join(words[-2:])].position
-        elif question.startswith("what is "):
-            first, second = shapes
-            relation = " ".join(words[2:-3])
-            assert relation in ("to the left of", "to the right of", "above", "below"), question
-            assert answer == (first.name if relation in ("to the left of", "above") else second.name), question
+            assert answer == POSITIONS[by_name[" ".join(words[-2:])].slot]
+        elif question.startswith("what is to the "):
+            left, right = shapes
+            assert answer == (left.name if words[4] == "left" else right.name), question
+            assert " ".join(words[-2:]) == (right.name if words[4] == "left" else left.name), question
         else:
             raise AssertionError(f"unknown question kind: {question}")
 
 
 def test_every_question_has_exactly_one_answer() -> None:
     for seed in range(1500):
-        _check_answers(make_scene(seed, size=12))
+        _check_answers(make_scene(seed))
 
 
-def test_shapes_are_drawn_in_their_own_cells() -> None:
-    # Positions, counts and relations are read off the grid, so a shape's pixels must never reach another cell.
-    for seed in range(HELD_OUT_SEED_START, HELD_OUT_SEED_START + 60):
+def test_captions_list_the_shapes_left_to_right() -> None:
+    assert make_scene(2).caption == "a green triangle"
+    assert make_scene(0).caption == "a blue circle, a green square and a blue square"
+    for seed in range(300):
         scene = make_scene(seed)
-        pixels = np.asarray(scene.image, dtype=np.float32)
-        cell = pixels.shape[0] // 3
-        background = np.median(pixels.reshape(-1, 3), axis=0)
-        occupied = {(s.row, s.col) for s in scene.shapes}
-        for row in range(3):
-            for col in range(3):
-                block = pixels[row * cell:(row + 1) * cell, col * cell:(col + 1) * cell]
-                changed = float((np.abs(block - background).max(axis=-1) > 30).mean())
-                assert (changed > 0.05) == ((row, col) in occupied), (seed, row, col, changed)
+        names = [s.name for s in scene.shapes]
+        if len(names) == 2:
+            assert scene.caption == f"a {names[0]} to the left of a {names[1]}"
+        else:
+            assert scene.caption.replace(" and ", ", ").split(", ") == [f"a {n}" for n in names]
+
+
+def _patch_colours(scene: Scene) -> np.ndarray:
+    """The pixels of each ViT patch of the image: [rows, columns, pixels, rgb]."""
+    pixels = np.asarray(scene.image, dtype=np.float32)
+    return pixels.reshape(SLOTS, PATCH_SIZE, SLOTS, PATCH_SIZE, 3).transpose(0, 2, 1, 3, 4).reshape(SLOTS, SLOTS, -1, 3)
+
+
+def test_each_shape_is_drawn_in_its_own_patch_in_its_colour() -> None:
+    # Slots, counts and relations are read off whole patches, so a shape's pixels must never reach another patch.
+    palette = {name: np.array(rgb, dtype=np.float32) for name, rgb in COLOURS.items()}
+    for seed in range(HELD_OUT_SEED_START, HELD_OUT_SEED_START + 100):
+        scene = make_scene(seed)
+        patches = _patch_colours(scene)
+        background = np.median(patches[0].reshape(-1, 3), axis=0)
+        assert np.abs(background - np.array(BACKGROUNDS[scene.background])).max() < 30, seed
+        changed = (np.abs(patches - background).max(axis=-1) > 40).mean(axis=-1)
+        occupied = {s.slot for s in scene.shapes}
+        for row in range(SLOTS):
+            for col in range(SLOTS):
+                if row == SLOTS // 2 and col in occupied:
+                    assert changed[row, col] > 0.08, (seed, row, col)
+                else:
+                    assert changed[row, col] < 0.01, (seed, row, col)
+        for shape in scene.shapes:
+            patch = patches[SLOTS // 2, shape.slot]
+            inside = patch[np.abs(patch - background).max(axis=-1) > 40]
+            nearest = min(palette, key=lambda c: float(np.abs(np.median(inside, axis=0) - palette[c]).max()))
+            assert nearest == shape.colour, (seed, shape)
 
 
 def test_scene_colours_stay_apart() -> None:
     palette = np.array([*COLOURS.values(), *BACKGROUNDS.values()], dtype=np.float32)
     gaps = np.abs(palette[:, None] - palette[None]).max(axis=-1) + np.eye(len(palette)) * 1e3
-    # Each colour is jittered by at most 22 per channel, so 2 × 22 plus margin keeps every name decidable.
+    # Each colour is jittered by at most 15 per channel, so 2 × 15 plus margin keeps every name decidable.
     assert gaps.min() > 60
 
 
