@@ -93,7 +93,7 @@ def test_captions_list_the_shapes_left_to_right() -> None:
             assert scene.caption.replace(" and ", ", ").split(", ") == [f"a {n}" for n in names]
 
 
-def _patch_colours(scene: Scene) -> np.ndarray:
+def _patch_pixels(scene: Scene) -> np.ndarray:
     """The pixels of each ViT patch of the image: [rows, columns, pixels, rgb]."""
     pixels = np.asarray(scene.image, dtype=np.float32)
     return pixels.reshape(SLOTS, PATCH_SIZE, SLOTS, PATCH_SIZE, 3).transpose(0, 2, 1, 3, 4).reshape(SLOTS, SLOTS, -1, 3)
@@ -104,7 +104,7 @@ def test_each_shape_is_drawn_in_its_own_patch_in_its_colour() -> None:
     palette = {name: np.array(rgb, dtype=np.float32) for name, rgb in COLOURS.items()}
     for seed in range(HELD_OUT_SEED_START, HELD_OUT_SEED_START + 100):
         scene = make_scene(seed)
-        patches = _patch_colours(scene)
+        patches = _patch_pixels(scene)
         background = np.median(patches[0].reshape(-1, 3), axis=0)
         assert np.abs(background - np.array(BACKGROUNDS[scene.background])).max() < 30, seed
         changed = (np.abs(patches - background).max(axis=-1) > 40).mean(axis=-1)
@@ -120,6 +120,14 @@ def test_each_shape_is_drawn_in_its_own_patch_in_its_colour() -> None:
             inside = patch[np.abs(patch - background).max(axis=-1) > 40]
             nearest = min(palette, key=lambda c: float(np.abs(np.median(inside, axis=0) - palette[c]).max()))
             assert nearest == shape.colour, (seed, shape)
+            # How much of its bounding box a shape covers tells the kinds apart (square 1, circle π/4, triangle 1/2;
+            # less where anti-aliased edges widen the box).
+            diff = np.abs(patch - background).max(axis=-1).reshape(PATCH_SIZE, PATCH_SIZE)
+            mask = diff > diff.max() / 2
+            ys, xs = np.nonzero(mask)
+            fill = mask.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
+            low, high = {"square": (0.78, 1.0), "circle": (0.66, 0.9), "triangle": (0.4, 0.67)}[shape.kind]
+            assert low < fill <= high, (seed, shape, fill)
 
 
 def test_scene_colours_stay_apart() -> None:
