@@ -28,6 +28,7 @@ from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2V
 from .errors import ConfigurationError
 from .options import ServerOptions
 from .packed_linear import PACKABLE_DTYPES, pack_linears
+from .scenes import shipped_model_dir
 from .tiny import TINY_SEED, TINY_VERSION, write_tiny_model
 from .tiny_itm import TINY_ITM_VERSION, write_tiny_itm_model
 
@@ -91,9 +92,13 @@ def ensure_tiny_model(cache_dir: Path, family: str = "opt") -> Path:
 
 
 def resolve_model_source(options: ServerOptions, *, tiny_family: str | None = None) -> str:
-    """`tiny_family` names the embedded default served when no model_id is set (default: options.tiny_family)."""
+    """`tiny_family` names the embedded default served when no model_id is set (default: options.tiny_family):
+    OPT's is the trained scenes model shipped in the package, the others are generated tiny checkpoints."""
     if not options.model_id:
-        return str(ensure_tiny_model(options.cache_path, tiny_family or options.tiny_family))
+        family = tiny_family or options.tiny_family
+        if family == "opt":
+            return str(shipped_model_dir("opt"))
+        return str(ensure_tiny_model(options.cache_path, family))
     path = Path(options.model_id).expanduser()
     if path.exists():
         if not (path / "config.json").exists():

@@ -44,6 +44,21 @@ def _tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scene(args: argparse.Namespace) -> int:
+    import secrets
+
+    from .scenes import HELD_OUT_SEED_START, make_scene, save_scene
+
+    seed = args.seed if args.seed is not None else HELD_OUT_SEED_START + secrets.randbelow(10**9)
+    scene = make_scene(seed)
+    save_scene(scene, args.out, scale=args.scale)
+    print(f"{args.out}: seed {seed}")
+    print(f"caption: {scene.caption}")
+    for question, answer in scene.qa:
+        print(f"{question} {answer}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blip2-triton", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--family", choices=("opt", "t5", "itm"), default="opt")
     tiny.add_argument("--seed", type=int, default=1234)
     tiny.set_defaults(func=_tiny_model)
+    scene = sub.add_parser("scene", help="draw a scene the embedded default model knows (shapes, colours, positions "
+                                         "on a plain background) and print its caption, questions and answers")
+    scene.add_argument("out", help="image file to write (PNG, JPEG, ...)")
+    scene.add_argument("--seed", type=int, default=None, help="scene seed (default: a random one the model never "
+                                                              "saw in training)")
+    scene.add_argument("--scale", type=int, default=8, help="pixels per pixel of the 48 px scene, for viewing "
+                                                           "(the server resizes it back)")
+    scene.set_defaults(func=_scene)
     return parser
 
 

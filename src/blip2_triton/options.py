@@ -45,7 +45,7 @@ def option(default: Any, help: str, *, shown: str | None = None) -> Any:
 @dataclass(frozen=True)
 class ServerOptions:
     model_id: str = option("", "HF repo id (through `HF_HOME`; `HF_HUB_OFFLINE=1` on air-gapped nodes) or local "
-                           "checkpoint directory", shown="empty: the embedded tiny model")
+                           "checkpoint directory", shown="empty: the embedded default (`tiny_family`)")
     dtype: str = option("auto", "`auto` (float16 on GPU, float32 on CPU), `float16`, `bfloat16`, `float32`")
     device: str = option("auto", "`auto` (CUDA when visible), `cuda`, `cuda:N`, `cpu`; an instance group of kind "
                          "`KIND_GPU` runs each instance on the GPU Triton assigns it instead")
@@ -65,7 +65,9 @@ class ServerOptions:
                                  "2 to 8", shown="`0` (automatic)")
     max_prompt_tokens: int = option(256, "longest accepted prompt, in text tokens")
     max_beam_width: int = option(8, "largest accepted `beam_width`")
-    tiny_family: str = option("opt", "embedded tiny checkpoint served when `model_id` is empty: `opt`, `t5`")
+    tiny_family: str = option("opt", "embedded default served when `model_id` is empty: `opt`, the trained scenes "
+                              "BLIP-2 shipped in the package (`blip2_triton.scenes`); `t5`, a generated random-weight "
+                              "tiny FlanT5")
     scheduler: str = option("inflight", "`inflight`: sequences join and leave the running batch at every decoding "
                             f"step; `static`: each Triton batch generates to completion ([comparison]({BENCHMARK}"
                             "#run-at-99b4a2d-and-where-the-compute-goes-latest))")

@@ -176,6 +176,14 @@ def make_scene(seed: int) -> Scene:
                  qa=tuple(qa))
 
 
+def save_scene(scene: Scene, path: str | Path, *, scale: int = 1) -> None:
+    """The scene's image, enlarged `scale` times without smoothing (for viewing; the server resizes it back)."""
+    if scale < 1:
+        raise ValueError(f"scale must be at least 1, got {scale}")
+    size = (scene.image.width * scale, scene.image.height * scale)
+    scene.image.resize(size, Image.Resampling.NEAREST).save(path)
+
+
 def requests(scene: Scene) -> list[tuple[str | None, str]]:
     """(prompt, expected text) for the caption (prompt None: BLIP-2's no-text path) and every question. The expected
     text is what a server returns: the generated continuation without special tokens, stripped."""

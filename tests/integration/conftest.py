@@ -1,5 +1,6 @@
 """One real tritonserver per test session, on free ports, serving the tiny OPT checkpoint as `blip2` and the
-tiny FlanT5 checkpoint as `blip2_t5` at the same time."""
+tiny FlanT5 checkpoint as `blip2_t5` at the same time; a second one, started when a test needs it, serves the
+embedded default (the trained scenes model) as `blip2-triton serve` does without a model id."""
 
 from __future__ import annotations
 
@@ -23,6 +24,15 @@ def triton_server(tiny_model_dir: Path, tiny_t5_model_dir: Path, server_log_dir:
     server = start_server(
         server_log_dir, "main", model_id=str(tiny_model_dir), t5_model_id=str(tiny_t5_model_dir)
     )
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def default_server(server_log_dir: Path) -> Iterator[TritonServer]:
+    server = start_server(server_log_dir, "default")
     try:
         yield server
     finally:

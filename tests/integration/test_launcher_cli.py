@@ -1,8 +1,10 @@
-"""`blip2-triton serve` as users run it: no arguments (embedded tiny model) and --model-id DIR."""
+"""`blip2-triton serve` as users run it: no arguments (the embedded default, the trained scenes model; with `--t5`
+also the generated tiny FlanT5) and --model-id DIR."""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -17,6 +19,7 @@ import tritonclient.http as httpclient
 from triton_helpers import infer, tritonserver_children
 
 from blip2_triton.checkpoint import tiny_dirname
+from blip2_triton.scenes import HELD_OUT_SEED_START, make_scene, vqa_prompt
 from blip2_triton.supervisor import free_port
 from blip2_triton.supervisor.processes import SHM_DIR, running, stub_processes
 
@@ -44,20 +47,26 @@ def _stop(proc: subprocess.Popen) -> int:
     return proc.wait(timeout=60)
 
 
-def test_serve_without_arguments_serves_the_tiny_model(tmp_path: Path, sample_images, reference) -> None:
-    # A fresh cache: the launcher must generate the tiny checkpoint itself, identical to the test fixture's.
-    env = {**os.environ, "BLIP2_CACHE_DIR": str(tmp_path / "cache")}
+def test_serve_without_arguments_serves_the_embedded_default(tmp_path: Path) -> None:
+    # A fresh cache: the launcher must generate the tiny FlanT5 itself; the OPT default ships in the package.
+    env = {**os.environ, "BLIP2_CACHE_DIR": str(tmp_path / "cache"), "BLIP2_T5_CACHE_DIR": str(tmp_path / "cache")}
     env.pop("BLIP2_MODEL_ID", None)
-    proc, http = _serve([], env, tmp_path / "serve.log")
+    proc, http = _serve(["--t5"], env, tmp_path / "serve.log")
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=5) as r:
             assert r.status == 200
         client = httpclient.InferenceServerClient(f"127.0.0.1:{http}")
-        data = sample_images["rgb_jpeg"]
-        assert infer(client, data, None, max_tokens=9) == reference(data, None, 9)
+        scene = make_scene(HELD_OUT_SEED_START + 39)
+        image = io.BytesIO()
+        scene.image.save(image, "PNG")
+        assert infer(client, image.getvalue(), None, max_tokens=30) == scene.caption
+        assert infer(client, image.getvalue(), vqa_prompt(scene.qa[0][0]), max_tokens=5) == scene.qa[0][1]
+        assert client.is_model_ready("blip2_t5")
+        infer(client, image.getvalue(), None, max_tokens=4, model="blip2_t5")  # answers (gibberish: random weights)
         # An open keep-alive connection would hold Triton's shutdown for the whole exit timeout.
         client.close()
-        assert (tmp_path / "cache" / tiny_dirname("opt") / "model.safetensors").exists()
+        assert (tmp_path / "cache" / tiny_dirname("t5") / "model.safetensors").exists()
+        assert not (tmp_path / "cache" / tiny_dirname("opt")).exists()
     finally:
         code = _stop(proc)
     assert code == 0, (tmp_path / "serve.log").read_text()[-2000:]

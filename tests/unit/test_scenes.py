@@ -185,3 +185,30 @@ def test_greedy_generate_captions_and_answers_unseen_scenes(
 
 def test_vqa_prompt_is_the_blip2_form() -> None:
     assert vqa_prompt("what colour is the circle?") == "Question: what colour is the circle? Answer:"
+
+
+def test_the_embedded_default_is_the_shipped_model_and_t5_stays_generated(tmp_path) -> None:
+    from blip2_triton.checkpoint import resolve_model_source, tiny_dirname
+    from blip2_triton.options import ServerOptions
+
+    assert resolve_model_source(ServerOptions(cache_dir=str(tmp_path))) == str(shipped_model_dir("opt"))
+    t5 = resolve_model_source(ServerOptions(cache_dir=str(tmp_path), tiny_family="t5"))
+    assert t5 == str(tmp_path / tiny_dirname("t5"))
+
+
+def test_the_scene_command_draws_a_scene_and_prints_its_answers(tmp_path, capsys) -> None:
+    from PIL import Image
+
+    from blip2_triton.cli import main
+
+    out = tmp_path / "scene.png"
+    assert main(["scene", str(out), "--seed", str(HELD_OUT_SEED_START + 39), "--scale", "4"]) == 0
+    scene = make_scene(HELD_OUT_SEED_START + 39)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1] == f"caption: {scene.caption}"
+    assert printed[2:] == [f"{q} {a}" for q, a in scene.qa]
+    with Image.open(out) as image:
+        assert image.size == (scene.image.width * 4, scene.image.height * 4)
+        # Enlarged without smoothing: every 4 x 4 block is one pixel of the scene.
+        assert image.convert("RGB").resize(scene.image.size, Image.Resampling.NEAREST).tobytes() == \
+            scene.image.tobytes()
