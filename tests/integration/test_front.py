@@ -27,7 +27,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from blip2_client import Blip2Client
-from triton_helpers import build_inputs, cancelled_requests, front_settings, infer
+from triton_helpers import build_inputs, cancelled_requests, front_settings, infer, run_locust
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
@@ -590,19 +590,10 @@ def test_grpc_stream_infer_through_the_front(front: Front, triton_server: Any, i
 
 
 def test_locust_gateway_user_runs_without_failures(front: Front, triton_server: Any, tmp_path: Path) -> None:
-    run_data = tmp_path / "run.json"
-    cmd = [
-        sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"),
-        "--headless", "--only-summary", "--loglevel", "WARNING",
+    run = run_locust(tmp_path, [
         "--host", front.http_url, "--grpc-url", triton_server.grpc_url, "--metrics-url", triton_server.metrics_url,
         "--load-mode", "fixed", "--fixed-users", "8", "--fixed-duration", "10", "--fixed-interval", "10",
-        "--warmup", "2", "--max-tokens", "6", "--vqa-ratio", "0.5", "--request-timeout", "30",
-        "--run-data", str(run_data), "Blip2OpenAIUser",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90, cwd=ROOT)
-    run = json.loads(run_data.read_text())
-    failed = [row for row in run["samples"] if not row[2]]
-    assert not failed and not run["errors"], run["errors"]
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        "--warmup", "2", "--max-tokens", "6", "--vqa-ratio", "0.5", "--request-timeout", "30", "Blip2OpenAIUser",
+    ], timeout_s=90)  # fmt: skip
     assert {row[4] for row in run["samples"]} == {"openai-caption", "openai-vqa"}
     assert len(run["samples"]) > 20

@@ -6,9 +6,6 @@ Locust load, answers that end at EOS long before `max_tokens`, with no failures.
 from __future__ import annotations
 
 import io
-import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +14,12 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from reference import HFReference
+from triton_helpers import run_locust
 
 from blip2_triton.scenes import HELD_OUT_SEED_START, make_scene, requests, shipped_model_dir
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 SCENES = 200
 FIRST_SEED = HELD_OUT_SEED_START + 10_000  # past the training range and the training script's own evaluation
 MAX_TOKENS = 30
@@ -116,22 +113,13 @@ def test_locust_load_gets_answers_of_realistic_length(default_server: Any, tmp_p
     prompts.write_text("\n".join(f"Question: {q} Answer:" for q in (
         "how many shapes are there?", "what colour is the background?", "how many circles are there?")) + "\n")
     before = engine_counters(default_server.metrics_url)
-    run_data = tmp_path / "run.json"
-    cmd = [
-        sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"),
-        "--headless", "--only-summary", "--loglevel", "WARNING",
+    run = run_locust(tmp_path, [
         "--host", default_server.http_url, "--grpc-url", default_server.grpc_url,
         "--metrics-url", default_server.metrics_url,
         "--load-mode", "fixed", "--fixed-users", "16", "--fixed-duration", "30", "--fixed-interval", "10",
         "--warmup", "2", "--max-tokens", str(MAX_TOKENS), "--vqa-ratio", "0.5", "--request-timeout", "60",
-        "--image-dir", str(images), "--prompts-file", str(prompts),
-        "--run-data", str(run_data), "Blip2GrpcUser", "Blip2HttpUser",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150, cwd=ROOT)
-    run = json.loads(run_data.read_text())
-    failed = [row for row in run["samples"] if not row[2]]
-    assert not failed and not run["errors"], run["errors"]
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        "--image-dir", str(images), "--prompts-file", str(prompts), "Blip2GrpcUser", "Blip2HttpUser",
+    ], timeout_s=150)  # fmt: skip
     after = engine_counters(default_server.metrics_url)
     answered = after["blip2_first_tokens_total"] - before["blip2_first_tokens_total"]
     tokens_each = (after["blip2_generated_tokens_total"] - before["blip2_generated_tokens_total"]) / answered

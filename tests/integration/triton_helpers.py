@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 from dataclasses import fields
 from pathlib import Path
@@ -14,6 +17,7 @@ from blip2_triton.options import ServerOptions
 from blip2_triton.supervisor import LaunchSettings, TritonServer
 
 STAGE_OPTIONS = {f.name for f in fields(ServerOptions)} - {"model_id"}
+ROOT = Path(__file__).resolve().parents[2]
 
 DTYPES = {
     "max_tokens": ("INT32", np.int32),
@@ -142,3 +146,17 @@ def cancelled_requests(server: Any, llm_model: str = "blip2_llm") -> float:
         text = r.read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith("blip2_requests_cancelled_total{") and f'model="{llm_model}"' in line)
+
+
+def run_locust(out_dir: Path, args: list[str], *, timeout_s: float) -> dict[str, Any]:
+    """A headless Locust run of the project's locustfile with `args` (host, load shape, user classes); its run data
+    (per-request samples, errors) after checking that no request failed and Locust exited 0."""
+    run_data = out_dir / "run.json"
+    cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
+           "--only-summary", "--loglevel", "WARNING", "--run-data", str(run_data), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
+    run = json.loads(run_data.read_text())
+    failed = [row for row in run["samples"] if not row[2]]
+    assert not failed and not run["errors"], run["errors"]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run
