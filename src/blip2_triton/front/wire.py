@@ -3,6 +3,8 @@ parsing (and copying) megabytes of tensor bytes: the gRPC proxy forwards the mes
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 
 
@@ -23,10 +25,9 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def string_fields(data: bytes, numbers: frozenset[int]) -> dict[int, str]:
-    """The top-level length-delimited fields `numbers` of a message, decoded as UTF-8. For a field sent twice
-    the last one wins, as in every protobuf parser."""
-    found: dict[int, str] = {}
+def _length_delimited(data: bytes) -> Iterator[tuple[int, int, int]]:
+    """(field number, start, end) of every top-level length-delimited field's payload, in order; other fields are
+    skipped. Positions, not slices: the callers copy only the few small fields they read, never the tensors."""
     pos = 0
     while pos < len(data):
         key, pos = _varint(data, pos)
@@ -39,42 +40,33 @@ def string_fields(data: bytes, numbers: frozenset[int]) -> dict[int, str]:
             pos += 4
         elif wire_type == _LEN:
             length, pos = _varint(data, pos)
-            if number in numbers:
-                if pos + length > len(data):
-                    raise WireError("truncated field")
-                try:
-                    found[number] = data[pos:pos + length].decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise WireError(f"field {number} is not UTF-8") from e
+            if pos + length > len(data):
+                raise WireError("truncated field")
+            yield number, pos, pos + length
             pos += length
         else:
             raise WireError(f"unsupported wire type {wire_type}")
         if pos > len(data):
             raise WireError("truncated field")
+
+
+def string_fields(data: bytes, numbers: frozenset[int]) -> dict[int, str]:
+    """The top-level length-delimited fields `numbers` of a message, decoded as UTF-8. For a field sent twice
+    the last one wins, as in every protobuf parser."""
+    found: dict[int, str] = {}
+    for number, start, end in _length_delimited(data):
+        if number in numbers:
+            try:
+                found[number] = data[start:end].decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise WireError(f"field {number} is not UTF-8") from e
     return found
 
 
 def submessage_strings(data: bytes, number: int, inner: int) -> list[str]:
     """Field `inner` (a string) of every embedded message in the repeated top-level field `number`."""
-    names: list[str] = []
-    pos = 0
-    while pos < len(data):
-        key, pos = _varint(data, pos)
-        field_number, wire_type = key >> 3, key & 7
-        if wire_type == _VARINT:
-            _, pos = _varint(data, pos)
-        elif wire_type in (_I64, _I32):
-            pos += 8 if wire_type == _I64 else 4
-        elif wire_type == _LEN:
-            length, pos = _varint(data, pos)
-            if field_number == number:
-                names.append(string_fields(data[pos:pos + length], frozenset({inner})).get(inner, ""))
-            pos += length
-        else:
-            raise WireError(f"unsupported wire type {wire_type}")
-        if pos > len(data):
-            raise WireError("truncated field")
-    return names
+    return [string_fields(data[start:end], frozenset({inner})).get(inner, "")
+            for field_number, start, end in _length_delimited(data) if field_number == number]
 
 
 def _encode_varint(value: int) -> bytes:
