@@ -6,6 +6,7 @@ Locust load, answers that end at EOS long before `max_tokens`, with no failures.
 from __future__ import annotations
 
 import io
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,12 @@ from reference import HFReference
 from triton_helpers import run_locust
 
 from blip2_triton.scenes import HELD_OUT_SEED_START, make_scene, requests, shipped_model_dir
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # `loadtest` is a plain directory of the checkout, not an installed package
+
+from loadtest import prom  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -94,14 +101,9 @@ def test_served_texts_are_exact_and_equal_hf(default_server: Any, cases: list[tu
 
 
 def engine_counters(metrics_url: str) -> dict[str, float]:
-    import httpx
-
-    totals = {"blip2_generated_tokens_total": 0.0, "blip2_first_tokens_total": 0.0}
-    for line in httpx.get(metrics_url, timeout=10).text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in totals and 'model="blip2_llm"' in line:
-            totals[name] += float(line.rsplit(" ", 1)[1])
-    return totals
+    samples = prom.scrape(metrics_url, timeout=10)
+    return {name: prom.by_model(samples, name).get("blip2_llm", 0.0)
+            for name in ("blip2_generated_tokens_total", "blip2_first_tokens_total")}
 
 
 def test_locust_load_gets_answers_of_realistic_length(default_server: Any, tmp_path: Path) -> None:
