@@ -4,13 +4,12 @@ the caption and answers the server gives, each checked against what was drawn.""
 from __future__ import annotations
 
 import argparse
-import secrets
 import tempfile
 from pathlib import Path
 
 from blip2_client import Blip2Client
 
-from blip2_triton.scenes import HELD_OUT_SEED_START, make_scene, save_scene
+from blip2_triton.scenes import make_scene, random_held_out_seed, save_scene
 from blip2_triton.supervisor import LaunchSettings, TritonServer
 
 QUESTIONS = 3
@@ -21,7 +20,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=None, help="scene seed (default: a random held-out one)")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "blip2-demo-scene.png")
     args = parser.parse_args()
-    seed = args.seed if args.seed is not None else HELD_OUT_SEED_START + secrets.randbelow(10**9)
+    seed = args.seed if args.seed is not None else random_held_out_seed()
     scene = make_scene(seed)
     save_scene(scene, args.out, scale=8)
     log = Path(tempfile.gettempdir()) / "blip2-demo-tritonserver.log"

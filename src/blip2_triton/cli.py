@@ -45,11 +45,9 @@ def _tiny_model(args: argparse.Namespace) -> int:
 
 
 def _scene(args: argparse.Namespace) -> int:
-    import secrets
+    from .scenes import make_scene, random_held_out_seed, save_scene
 
-    from .scenes import HELD_OUT_SEED_START, make_scene, save_scene
-
-    seed = args.seed if args.seed is not None else HELD_OUT_SEED_START + secrets.randbelow(10**9)
+    seed = args.seed if args.seed is not None else random_held_out_seed()
     scene = make_scene(seed)
     save_scene(scene, args.out, scale=args.scale)
     print(f"{args.out}: seed {seed}")

@@ -11,6 +11,7 @@ twice. Captions list the shapes left to right.
 from __future__ import annotations
 
 import random
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +84,11 @@ class Scene:
 def shipped_model_dir(family: str = "opt") -> Path:
     """The trained checkpoint carried as package data (written by `scripts/train_scenes.py`)."""
     return Path(__file__).parent / "data" / f"scenes-blip2-{family}"
+
+
+def random_held_out_seed() -> int:
+    """A seed of a scene no training run draws (for demos: each call a new scene)."""
+    return HELD_OUT_SEED_START + secrets.randbelow(10**9)
 
 
 def training_seeds(run_seed: int) -> range:
