@@ -23,14 +23,16 @@ def one_bit_png(width: int, height: int) -> bytes:
 
 
 def test_a_request_of_huge_images_does_not_hold_up_a_small_one(triton_server, sample_images, reference) -> None:
-    heavy = one_bit_png(4000, 4000)
+    # Six different images: the same one six times is decoded once, in about the 0.3 s this test waits below, so on
+    # an idle host the heavy request could finish first without holding anything up.
+    heavy = [one_bit_png(4000, 4000 - i) for i in range(6)]
     order: list[str] = []
     started = threading.Event()
 
     def send_heavy() -> None:
         client = grpcclient.InferenceServerClient(triton_server.grpc_url)
         image = grpcclient.InferInput("image", [6, 1], "BYTES")
-        image.set_data_from_numpy(np.array([[heavy]] * 6, dtype=np.object_))
+        image.set_data_from_numpy(np.array([[data] for data in heavy], dtype=np.object_))
         tokens = grpcclient.InferInput("max_tokens", [6, 1], "INT32")
         tokens.set_data_from_numpy(np.full((6, 1), 3, dtype=np.int32))
         started.set()
