@@ -137,6 +137,14 @@ def pattern_jpeg(seed: int, width: int = 320, height: int = 240) -> bytes:
     return buf.getvalue()
 
 
+def print_report(report: dict[str, Any], output: Path | None) -> None:
+    """Prints a benchmark's JSON and writes it to `output` as well, where given."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if output is not None:
+        output.write_text(text + "\n")
+
+
 def tagged(jpeg: bytes, tag: str) -> bytes:
     """The same picture as new bytes: a JPEG comment segment (COM) right after the start-of-image marker."""
     payload = tag.encode()

@@ -12,8 +12,9 @@ checkpoint directory), float16 on CUDA. Figures:
                       req/s, tokens/s, p50, p99, served and in-process at the same concurrency, and their ratio
   vqa_mixed_c32       mixed 4/48-token VQA at 32 clients through two servers, BLIP2_SCHEDULER=inflight and static:
                       req/s, p50, p99, and in-flight / static
-  vision              the vision stage in-process: ms per image at batch 1 and 32, and decode + preprocess of a
-                      224 px and a 4000x3000 JPEG (which the decoder pool overlaps with the forward pass)
+  vision              the vision stage in-process: ms per image at batch 1 and 32; decode + preprocess of a 224 px
+                      and a 4000x3000 JPEG (bench_preprocess.per_image), and the decoder pool's images/s on 1-16
+                      threads (it runs beside the forward pass)
   gpu_memory_mib      GPU memory per stage process (nvidia-smi), per server
 Needs a CUDA build of torch, transformers, tritonclient[grpc] and the nvidia-pytriton wheel (its tritonserver).
 """
@@ -22,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
-import json
 import statistics
 import subprocess
 import sys
@@ -33,13 +32,12 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_preprocess
 import random_blip2
-from bench_throughput import Request, Served, closed_loop, pattern_jpeg, tagged
+from bench_throughput import Request, Served, closed_loop, pattern_jpeg, print_report, tagged
 
 VQA = "Question: what is in the picture? Answer:"
 
@@ -138,7 +136,7 @@ def median_ms(call: Callable[[Request], str], requests: list[Request]) -> float:
     return round(statistics.median(times[1:] or times) * 1e3, 2)
 
 
-def vision_figures(inproc: InProcess, images: Images, device: torch.device) -> dict[str, float]:
+def vision_figures(inproc: InProcess, images: Images, device: torch.device, *, quick: bool) -> dict[str, Any]:
     from blip2_triton.requests import ImageRequest
 
     def sync() -> None:
@@ -155,18 +153,18 @@ def vision_figures(inproc: InProcess, images: Images, device: torch.device) -> d
         sync()
         return round((time.perf_counter() - start) / runs / batch * 1e3, 3)
 
-    def decode_ms(width: int, height: int) -> float:
-        pixels = np.random.default_rng(0).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
-        data = buffer.getvalue()
-        start = time.perf_counter()
-        for _ in range(3):
-            inproc.vision.prepare(ImageRequest(data))
-        return round((time.perf_counter() - start) / 3 * 1e3, 2)
-
-    return {"forward_ms_per_image_batch_1": per_image_ms(1), "forward_ms_per_image_batch_32": per_image_ms(32),
-            "decode_preprocess_ms_224": decode_ms(224, 224), "decode_preprocess_ms_4000x3000": decode_ms(4000, 3000)}
+    figures: dict[str, Any] = {"forward_ms_per_image_batch_1": per_image_ms(1),
+                               "forward_ms_per_image_batch_32": per_image_ms(32)}
+    processor = inproc.vision.preprocess.processor
+    sizes = ((224, 224), (640, 480)) if quick else bench_preprocess.SIZES
+    for width, height in sizes:
+        figures[f"preprocess_{width}x{height}"] = bench_preprocess.per_image(
+            processor, bench_preprocess.photo_jpeg(width, height), runs=2 if quick else 5)
+    largest = bench_preprocess.photo_jpeg(*sizes[-1])
+    figures[f"decoder_pool_{sizes[-1][0]}x{sizes[-1][1]}_images_per_s"] = {
+        threads: bench_preprocess.decoder_pool(processor, largest, threads, 1 if quick else 4)
+        for threads in ((1, 2) if quick else (1, 4, 8, 16))}
+    return figures
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -194,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     images = Images()
     inproc = InProcess(model_dir, args.device, dtype)
     try:
-        report["vision"] = vision_figures(inproc, images, device)
+        report["vision"] = vision_figures(inproc, images, device, quick=args.tiny_shapes)
         with served(model_dir, args.device, dtype, args.workdir / "inflight.log", {}) as server:
             client = Served(server.grpc_url)
             captions = images.requests(args.runs + 1, None, lambda _: args.tokens)
@@ -232,10 +230,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 client.close()
     finally:
         inproc.close()
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        args.output.write_text(text + "\n")
+    print_report(report, args.output)
     return report
 
 

@@ -36,6 +36,7 @@ from .errors import ConfigurationError, InvalidRequestError
 from .options import ServerOptions
 from .requests import MAX_BYTES_PER_TOKEN, ImageRequest
 from .vision import decode_image
+from .vision.preprocess import ImagePreprocessor
 
 log = logging.getLogger(__name__)
 
@@ -351,7 +352,7 @@ class RetrievalImageStage(_Stage):
 
     def __init__(self, options: ServerOptions, loaded: LoadedStage | None = None) -> None:
         super().__init__(options, loaded)
-        self.image_processor = self.loaded.processor.image_processor
+        self.preprocess = ImagePreprocessor(self.loaded.processor.image_processor)
         self.num_query_tokens = int(self.config.num_query_tokens)
         identity = model_identity(self.loaded, options)
         self.cache = EmbeddingCache(options.embedding_cache_bytes, identity)
@@ -373,8 +374,7 @@ class RetrievalImageStage(_Stage):
 
     def pixels(self, data: bytes) -> torch.Tensor:
         """Decodes and preprocesses one image into the model's pixel values [3, H, W]; safe on any thread."""
-        image = decode_image(ImageRequest(data), self.options)
-        return self.image_processor([image], return_tensors="pt")["pixel_values"][0]
+        return self.preprocess(decode_image(ImageRequest(data), self.options))
 
     @torch.inference_mode()
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:

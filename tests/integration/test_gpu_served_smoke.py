@@ -21,6 +21,10 @@ def test_cpu_smoke_run_reports_every_figure(import_bench, tmp_path: Path) -> Non
     assert point["served"]["requests"] == 2 and point["in_process"]["requests_per_s"] > 0
     assert report["vqa_mixed_c32"]["inflight_over_static"] > 0
     assert report["vision"]["forward_ms_per_image_batch_32"] > 0
-    assert report["vision"]["decode_preprocess_ms_4000x3000"] > report["vision"]["decode_preprocess_ms_224"]
+    vision = report["vision"]
+    small, large = vision["preprocess_224x224"], vision["preprocess_640x480"]
+    assert small["direct_resize"] and large["direct_resize"]
+    assert large["decode_and_served_ms"] > small["decode_and_served_ms"] > 0
+    assert set(vision["decoder_pool_640x480_images_per_s"]) == {1, 2}
     assert report["gpu_memory_mib"] == {"inflight": {}, "static": {}}
     assert out.read_text().startswith("{")

@@ -17,6 +17,7 @@ from ..options import ServerOptions
 from ..requests import ImageRequest
 from .graphs import BucketedForward
 from .images import decode_image
+from .preprocess import ImagePreprocessor
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class VisionStage:
             raise ConfigurationError(f"cuda_graphs=on: {QUANTIZED}")
         self.loaded = loaded or load_stage("vision", options)
         self.model = self.loaded.model
-        self.image_processor = self.loaded.processor.image_processor
+        self.preprocess = ImagePreprocessor(self.loaded.processor.image_processor)
         config = self.loaded.config
         self.num_query_tokens = int(config.num_query_tokens)
         self.output_width = int(config.text_config.hidden_size)
@@ -78,8 +79,7 @@ class VisionStage:
 
     def prepare(self, request: ImageRequest) -> torch.Tensor:
         """Decodes and preprocesses one image into the model's pixel values [3, H, W]; safe on any thread."""
-        image = decode_image(request, self.options)
-        return self.image_processor([image], return_tensors="pt")["pixel_values"][0]
+        return self.preprocess(decode_image(request, self.options))
 
     # The served form (`vision.pipeline.PipelineStage`): lookup on the request thread, prepare on the decoders, compute
     # on the compute thread.
