@@ -16,6 +16,9 @@ one JSON object:
 single_request.llm_inflight: the LLM part of one request through the in-flight engine, alone
   decode_step_ms   one decoding step of the in-flight engine's batch (its KV buffers), 1 and 32 rows, with and
                    without padding: on a GPU this shows whether steps are host-bound (same cost for 1 and 32 rows)
+  engine_iteration the in-flight engine's loop at --concurrency rows: ms per iteration with the real step, and with
+                   the step replaced by fixed logits (the engine's own host work), plain and streaming rows; on
+                   CUDA, device-to-host syncs per iteration (also per mode under graphs)
   graphs           the LLM stage with decoding steps on fixed buffers (`BLIP2_CUDA_GRAPHS`: CUDA graphs on a GPU,
                    the same step eagerly on CPU) against HF's eager forward, in one run: decoding steps at 1/8/32/64
                    rows with ~40 and ~300 cached positions beside the floor from the measured copy bandwidth, one
@@ -34,7 +37,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
+import itertools
 import statistics
 import sys
 import time
@@ -45,7 +48,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import random_blip2
-from bench_throughput import pattern_jpeg, tagged
+from bench_throughput import pattern_jpeg, print_report, tagged
 
 
 def _sync(device: torch.device) -> None:
@@ -193,6 +196,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     embeds = vision.run([ImageRequest(b) for b in images(args.concurrency)])
     if time.perf_counter() - t0 < args.budget_s:
         report["decode_step_ms"] = decode_step_costs(llm, embeds, args.concurrency, device)
+    if time.perf_counter() - t0 < args.budget_s:
+        report["engine_iteration"] = engine_iterations(llm, embeds, device)
     if args.mixed_rounds and time.perf_counter() - t0 < args.budget_s:
         report["llm_mixed_c32"] = static_vs_inflight(llm, embeds, args.concurrency, args.mixed_rounds, device)
     if args.vision_graphs == "compare" and time.perf_counter() - t0 < args.budget_s:
@@ -203,10 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if device.type == "cuda":
         report["max_memory_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     report["total_s"] = round(time.perf_counter() - t0, 1)
-    text_out = json.dumps(report, indent=2)
-    print(text_out)
-    if args.output:
-        args.output.write_text(text_out + "\n")
+    print_report(report, args.output)
     return report
 
 
@@ -366,6 +368,66 @@ def copy_bandwidth_gbps(device: torch.device) -> float | None:
     return round(2 * 10 * src.nbytes / (start.elapsed_time(end) / 1e3) / 1e9, 1)
 
 
+def engine_iterations(llm: Any, embeds: list[Any], device: torch.device, tokens: int = 24) -> dict[str, Any]:
+    """The in-flight engine's loop at len(embeds) rows: ms per iteration with the real decoding step and with the
+    step replaced by fixed logits (what is left is the engine's own host work: admission, bookkeeping, sampling's
+    read-back, token acceptance, detokenising and emitting for streams), and, on CUDA, device-to-host syncs per
+    iteration (torch's sync debug mode counts each)."""
+    import threading
+    import warnings
+
+    from blip2_triton.llm import InflightEngine, Job
+    from blip2_triton.requests import GenerationRequest
+
+    runner = llm.runner
+    token = next(t for t in range(10, 10**6) if t not in llm.eos_token_ids)
+
+    def run(*, fake: bool, streaming: bool, count_syncs: bool) -> dict[str, Any]:
+        stamps: list[float] = []
+        engine = InflightEngine(llm, on_iteration=lambda: stamps.append(time.perf_counter()))
+        if fake:
+            # Only as wide as the token: the arg-max over a real vocabulary is device work, not the engine's.
+            logits = torch.zeros(len(embeds), token + 1, device=device, dtype=torch.float32)
+            logits[:, token] = 1.0
+            runner.decode = lambda batch: logits[: len(batch)]  # type: ignore[method-assign]
+        left = threading.Semaphore(0)
+        jobs = [Job(request=GenerationRequest(query_embeds=e, max_tokens=tokens),
+                    on_piece=(lambda _: None) if streaming else None, on_done=lambda _: left.release())
+                for e in embeds]
+        syncs = 0
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if count_syncs:
+                    torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    engine.submit(jobs)
+                    for _ in jobs:
+                        if not left.acquire(timeout=300):
+                            raise TimeoutError("the in-flight engine did not finish its rows in 300 s")
+                finally:
+                    if count_syncs:
+                        torch.cuda.set_sync_debug_mode("default")
+                syncs = sum("synchroniz" in str(w.message) for w in caught)
+        finally:
+            engine.stop()
+            if fake:
+                del runner.decode  # the instance attribute hid the method
+        # The first gap holds the prefill of every row; the rest are decoding iterations (idle ticks come after).
+        gaps = sorted(b - a for a, b in itertools.pairwise(stamps))[: tokens - 2]
+        out = {"iterations": tokens - 1, "ms_median": round(statistics.median(gaps) * 1e3, 3),
+               "ms_p90": round(gaps[int(0.9 * (len(gaps) - 1))] * 1e3, 3)}
+        if count_syncs:
+            out["syncs_per_iteration"] = round(syncs / tokens, 2)
+        return out
+
+    run(fake=False, streaming=False, count_syncs=False)  # warm-up at this batch size
+    cuda = device.type == "cuda"
+    return {"rows": len(embeds), "real_step": run(fake=False, streaming=False, count_syncs=cuda),
+            "host_only": run(fake=True, streaming=False, count_syncs=cuda),
+            "host_only_streaming": run(fake=True, streaming=True, count_syncs=False)}
+
+
 def graphs_comparison(vision: Any, loaded: Any, images: Any, device: torch.device, args: Any,
                       deadline: float) -> dict[str, Any]:
     """Every LLM figure of the CUDA-graph issue with the eager forward (`off`) and on fixed buffers (`on`)."""
@@ -405,6 +467,7 @@ def graphs_comparison(vision: Any, loaded: Any, images: Any, device: torch.devic
             result["llm_mixed_c32"] = static_vs_inflight(llm, embeds[:32], 32, args.mixed_rounds or 2, device)
         result["greedy_vs_hf"] = greedy_against_hf(vision, llm, loaded, images(2), args.tokens, device)
         result["seeded_alone_equals_batch_of_32"] = seeded_alone_vs_batch(llm, embeds[:32])
+        result["engine_iteration"] = engine_iterations(llm, embeds[:32], device)
         result["graph_bytes"] = llm.runner.graph_bytes
         out[mode] = result
     return out

@@ -20,6 +20,7 @@ import torch
 from ..errors import InvalidRequestError
 from ..requests import GenerationRequest
 from .batch import Prefilled
+from .detokenizer import StreamText
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Completion, Sequence
 from .stage import LanguageStage
@@ -51,6 +52,8 @@ class Job:
     request_id: str = ""
     submitted_at: float = field(default_factory=time.monotonic)
     seq: Sequence | None = None
+    # A stream's text so far, decoded a few tokens per step, and the part of it already sent.
+    stream: StreamText = field(default_factory=StreamText)
     sent: str = ""
     first_token_at: float | None = None
     cancel_checked_at: float = 0.0
@@ -234,7 +237,7 @@ class InflightEngine:
                 self._complete(job)
                 continue
             if job.on_piece is not None:  # detokenising costs per step; only streams need text before the end
-                self._emit(job, self.stage.text(seq), final=False)
+                self._emit(job, self.stage.detokenizer.advance(job.stream, seq.generated).strip(), final=False)
             keep.append(pos)
         return keep
 

@@ -15,6 +15,7 @@ from ..errors import ConfigurationError, InvalidRequestError
 from ..options import ServerOptions
 from ..requests import GenerationRequest
 from . import static
+from .detokenizer import Detokenizer
 from .runner import ModelRunner, configure_attention
 from .sampler import Sampler
 from .sequence import Completion, Sequence
@@ -31,6 +32,7 @@ class LanguageStage:
         self.decoder_only = bool(config.use_decoder_only_language_model)
         self.lm = self.loaded.model.language_model
         self.tokenizer = self.loaded.processor.tokenizer
+        self.detokenizer = Detokenizer(self.tokenizer)
         self.num_query_tokens = int(config.num_query_tokens)
         self.hidden_size = int(config.text_config.hidden_size)
         if config.image_token_id is None:
@@ -113,7 +115,7 @@ class LanguageStage:
         return Sequence(request=request, prompt_ids=ids, whole=whole, generator=generator)
 
     def text(self, seq: Sequence) -> str:
-        return self.tokenizer.decode(seq.generated, skip_special_tokens=True).strip()
+        return self.detokenizer.text(seq.generated)
 
     def run(self, requests: list[GenerationRequest]) -> list[str | InvalidRequestError]:
         """Generates `requests` as one static batch on the calling thread (warm-up, benchmarks, tests)."""
