@@ -16,9 +16,10 @@ one JSON object:
 single_request.llm_inflight: the LLM part of one request through the in-flight engine, alone
   decode_step_ms   one decoding step of the in-flight engine's batch (its KV buffers), 1 and 32 rows, with and
                    without padding: on a GPU this shows whether steps are host-bound (same cost for 1 and 32 rows)
-  engine_iteration the in-flight engine's loop at --concurrency rows: ms per iteration with the real step, and with
-                   the step replaced by fixed logits (the engine's own host work), plain and streaming rows; on
-                   CUDA, device-to-host syncs per iteration (also per mode under graphs)
+  engine_iteration the in-flight engine's loop at --concurrency rows generating --iteration-tokens each: ms per
+                   iteration with the real step, and with the step replaced by fixed logits (the engine's own host
+                   work), plain and streaming rows; on CUDA, device-to-host syncs per iteration (24 tokens, also
+                   per mode under graphs)
   graphs           the LLM stage with decoding steps on fixed buffers (`BLIP2_CUDA_GRAPHS`: CUDA graphs on a GPU,
                    the same step eagerly on CPU) against HF's eager forward, in one run: decoding steps at 1/8/32/64
                    rows with ~40 and ~300 cached positions beside the floor from the measured copy bandwidth, one
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--vision-graphs", choices=("compare", "skip"), default="compare",
                    help="measure the vision forward on fixed buffers / CUDA graphs against the eager forward")
     p.add_argument("--vision-batches", default="1,32", help="batch sizes of the vision_graphs timings")
+    p.add_argument("--iteration-tokens", default="24", help="tokens per row of the engine_iteration runs")
     p.add_argument("--output", type=Path, default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
@@ -197,7 +199,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if time.perf_counter() - t0 < args.budget_s:
         report["decode_step_ms"] = decode_step_costs(llm, embeds, args.concurrency, device)
     if time.perf_counter() - t0 < args.budget_s:
-        report["engine_iteration"] = engine_iterations(llm, embeds, device)
+        report["engine_iteration"] = {f"tokens_{n}": engine_iterations(llm, embeds, device, tokens=int(n))
+                                      for n in args.iteration_tokens.split(",")}
     if args.mixed_rounds and time.perf_counter() - t0 < args.budget_s:
         report["llm_mixed_c32"] = static_vs_inflight(llm, embeds, args.concurrency, args.mixed_rounds, device)
     if args.vision_graphs == "compare" and time.perf_counter() - t0 < args.budget_s:

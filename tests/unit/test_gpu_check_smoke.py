@@ -26,7 +26,7 @@ def test_cpu_smoke_run_reports_latency_throughput_and_hf_identical_text(gpu_chec
     assert single["llm_inflight"]["runs"] == 2 and single["llm_inflight"]["median_ms"] > 0
     assert report["concurrency_32"]["requests_per_s"] > 0
     assert set(report["decode_step_ms"]) == {"rows_1", "rows_4", "rows_4_padded"}
-    iteration = report["engine_iteration"]
+    iteration = report["engine_iteration"]["tokens_24"]
     assert iteration["rows"] == 4
     for kind in ("real_step", "host_only", "host_only_streaming"):
         assert iteration[kind]["iterations"] == 23 and 0 < iteration[kind]["ms_median"] <= iteration[kind]["ms_p90"]
