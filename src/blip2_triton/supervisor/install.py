@@ -4,6 +4,7 @@ directory, never in site-packages)."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -43,6 +44,7 @@ def _bundled_install(cache_dir: Path) -> TritonInstall | None:
     binary = root / "bin" / "tritonserver"
     if not binary.exists():
         return None
+    _require_numpy_1()
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not stub.exists():
@@ -64,6 +66,19 @@ def _bundled_install(cache_dir: Path) -> TritonInstall | None:
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
     }
     return TritonInstall(binary, backends, env)
+
+
+def _require_numpy_1() -> None:
+    # The wheel's Triton 2.51 stub embeds pybind11 2.10, which reads numpy 2 arrays wrongly: the stub dies on the
+    # first request (python_backend#384 fixed it in later releases). Refuse at start rather than at that request.
+    try:
+        found = importlib.metadata.version("numpy")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    if int(found.split(".")[0]) >= 2:
+        raise LauncherError(f"nvidia-pytriton's tritonserver 2.51 needs numpy 1.x in this environment, found numpy "
+                            f"{found}: its Python backend stub dies on the first request with numpy 2. "
+                            "Install numpy<2 (pip install 'numpy<2'), or use the NGC container")
 
 
 def _copy_if_changed(src: Path, dst: Path) -> None:
