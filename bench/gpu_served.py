@@ -16,6 +16,8 @@ checkpoint directory), float16 on CUDA. Figures:
                       and a 4000x3000 JPEG (bench_preprocess.per_image), and the decoder pool's images/s on 1-16
                       threads (it runs beside the forward pass)
   gpu_memory_mib      GPU memory per stage process (nvidia-smi), per server
+  quantized_MODE      the same captions at --quantized-clients through a server loading bitsandbytes 8-bit or 4-bit
+                      weights: req/s, p50, p99 and GPU memory per stage (or the error where bitsandbytes cannot run)
 Needs a CUDA build of torch, transformers, tritonclient[grpc] and the nvidia-pytriton wheel (its tritonserver).
 """
 
@@ -106,12 +108,13 @@ class InProcess:
 
 
 @contextlib.contextmanager
-def served(model_dir: Path, device: str, dtype: str, log: Path, env: dict[str, str]) -> Iterator[Any]:
+def served(model_dir: Path, device: str, dtype: str, log: Path, env: dict[str, str],
+           quantization: str = "none") -> Iterator[Any]:
     from blip2_triton.supervisor import LaunchSettings, TritonServer
 
+    options = {"device": device, "dtype": dtype, "embedding_cache_bytes": "0", "quantization": quantization}
     settings = LaunchSettings.on_free_ports(model_id=str(model_dir), startup_timeout_s=1200, exit_timeout_s=20,
-                                            options={"device": device, "dtype": dtype, "embedding_cache_bytes": "0"},
-                                            env=env, front=False)
+                                            options=options, env=env, front=False)
     with TritonServer(settings, log_path=log) as server:
         yield server
 
@@ -167,6 +170,24 @@ def vision_figures(inproc: InProcess, images: Images, device: torch.device, *, q
     return figures
 
 
+def quantized_point(model_dir: Path, args: Any, dtype: str, mode: str, images: Images) -> dict[str, Any]:
+    """16-token captions at --quantized-clients through a server whose stages load `mode` (bitsandbytes), and the
+    GPU memory of each stage process; the error where bitsandbytes cannot run here."""
+    try:
+        with served(model_dir, args.device, dtype, args.workdir / f"{mode}.log", {}, quantization=mode) as server:
+            client = Served(server.grpc_url)
+            n = args.quantized_clients
+            closed_loop(client, images.requests(n, None, lambda _: args.tokens), n)  # warm-up
+            latencies, elapsed, _, _ = closed_loop(client, images.requests(n * args.rounds, None,
+                                                                           lambda _: args.tokens), n)
+            point: dict[str, Any] = {"clients": n, **_point(latencies, elapsed, args.tokens),
+                                     "gpu_memory_mib": gpu_memory_mib(server)}
+            client.close()
+            return point
+    except Exception as e:  # reported, not fatal: the float16 figures above stand on their own
+        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
@@ -176,6 +197,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--runs", type=int, default=10, help="single-caption latency runs")
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--mixed-requests", type=int, default=128, help="requests of the mixed VQA workload (0: skip)")
+    p.add_argument("--quantization", default="8bit,4bit", help="bitsandbytes modes served beside float16 ('': none)")
+    p.add_argument("--quantized-clients", type=int, default=32, help="closed-loop clients of the quantized runs")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/blip2-gpu-served"))
     p.add_argument("--output", type=Path, default=None)
     args = p.parse_args(argv)
@@ -228,6 +251,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     mixed_report["inflight"]["requests_per_s"] / mixed_report["static"]["requests_per_s"], 3)
                 report["gpu_memory_mib"]["static"] = gpu_memory_mib(server)
                 client.close()
+        for mode in filter(None, args.quantization.split(",")):
+            report[f"quantized_{mode}"] = quantized_point(model_dir, args, dtype, mode, images)
     finally:
         inproc.close()
     print_report(report, args.output)

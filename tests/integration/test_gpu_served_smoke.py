@@ -14,7 +14,8 @@ def test_cpu_smoke_run_reports_every_figure(import_bench, tmp_path: Path) -> Non
     gpu_served = import_bench("gpu_served")
     out = tmp_path / "served.json"
     report = gpu_served.main(["--device", "cpu", "--tiny-shapes", "--clients", "2", "--rounds", "1", "--runs", "1",
-                              "--tokens", "4", "--mixed-requests", "4", "--workdir", str(tmp_path),
+                              "--tokens", "4", "--mixed-requests", "4",
+                              "--quantization", "8bit", "--quantized-clients", "2", "--workdir", str(tmp_path),
                               "--output", str(out)])
     assert report["single_caption"]["served_ms"] > 0 and report["single_caption"]["served_over_in_process"] > 0
     point = report["captions_c2"]
@@ -27,4 +28,7 @@ def test_cpu_smoke_run_reports_every_figure(import_bench, tmp_path: Path) -> Non
     assert large["decode_and_served_ms"] > small["decode_and_served_ms"] > 0
     assert set(vision["decoder_pool_640x480_images_per_s"]) == {1, 2}
     assert report["gpu_memory_mib"] == {"inflight": {}, "static": {}}
+    quantized = report["quantized_8bit"]  # bitsandbytes runs 8-bit on CPU here
+    assert "error" not in quantized, quantized
+    assert quantized["requests"] == 2 and quantized["requests_per_s"] > 0 and quantized["gpu_memory_mib"] == {}
     assert out.read_text().startswith("{")

@@ -1,0 +1,145 @@
+"""One call on the lent GPU machine: unpack the kit, check the machine, run the GPU benchmarks, keep their JSON.
+
+    .venv/bin/python scripts/gpu_kit.py                    # here, once: builds .gpu-kit/ (ignored by git)
+    python3 bench/gpu_session.py check served              # there: run(carry=[".gpu-kit"]), JSON under $OUT
+    .venv/bin/python bench/gpu_session.py --smoke check served   # here: the same steps on CPU, tiny shapes
+
+Phases, each in its own process under its own time limit, in the order given:
+  check    bench/gpu_check.py (issue 21 and the vision graphs of issue 22)
+  served   bench/gpu_served.py (issue 22: tritonserver with both stages on CUDA, 8-bit and 4-bit beside float16)
+Writes preflight.json first (Python, torch, CUDA, GPU, numpy as the stages will see it, the stub's missing shared
+libraries, bitsandbytes), then PHASE.json and the tail of PHASE.log per phase: at most 8 files come back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+LOG_TAIL_BYTES = 200_000
+
+PHASES = {
+    "check": (["bench/gpu_check.py"], ["--device", "cpu", "--tiny-shapes", "--latency-runs", "2", "--batches",
+                                       "1", "--concurrency", "4", "--tokens", "6", "--graph-rows", "1,4",
+                                       "--graph-cached", "40", "--graph-clients", "4", "--mixed-rounds", "1",
+                                       "--vision-batches", "1,4"]),
+    "served": (["bench/gpu_served.py"], ["--device", "cpu", "--tiny-shapes", "--clients", "2", "--rounds", "1",
+                                         "--runs", "1", "--tokens", "4", "--mixed-requests", "4",
+                                         "--quantization", "", "--workdir", "/tmp/blip2-gpu-session-smoke"]),
+}
+
+
+def unpack(kit: Path, site: Path) -> list[str]:
+    site.mkdir(parents=True, exist_ok=True)
+    names = []
+    for archive in sorted(kit.glob("*.tar.xz")):
+        with tarfile.open(archive) as tar:
+            tar.extractall(site, filter="tar")
+        names.append(archive.name)
+    return names
+
+
+def environment(site: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    # The kit's numpy 1.26 and tritonserver come first; the stage processes inherit this path from tritonserver.
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(site), str(ROOT / "src"), str(ROOT / "bench"), str(ROOT / "client"), env.get("PYTHONPATH", "")]).rstrip(
+        os.pathsep)
+    return env
+
+
+PREFLIGHT = r"""
+import json, importlib.metadata as md, platform, subprocess, sys
+out = {"python": platform.python_version()}
+for name in ("torch", "transformers", "numpy", "tokenizers", "grpcio", "protobuf", "bitsandbytes", "tritonclient"):
+    try:
+        out[name] = md.version(name)
+    except md.PackageNotFoundError:
+        out[name] = None
+import numpy, torch
+out["numpy_imported"] = numpy.__version__
+out["cuda"] = torch.cuda.is_available()
+if out["cuda"]:
+    out["gpu"] = torch.cuda.get_device_name(0)
+    out["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+try:
+    from blip2_triton.supervisor.install import find_tritonserver
+    install = find_tritonserver()
+    out["tritonserver"] = str(install.binary)
+    stub = install.backend_directory / "python" / "triton_python_backend_stub" if install.backend_directory else None
+    if stub is not None:
+        ldd = subprocess.run(["ldd", str(stub)], capture_output=True, text=True, env={**__import__("os").environ,
+                             **install.env}).stdout
+        out["stub_missing_libraries"] = [line.split()[0] for line in ldd.splitlines() if "not found" in line]
+except Exception as e:
+    out["tritonserver_error"] = f"{type(e).__name__}: {e}"
+try:
+    import bitsandbytes  # noqa: F401
+    out["bitsandbytes_imported"] = True
+except Exception as e:
+    out["bitsandbytes_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+print(json.dumps(out, indent=2))
+"""
+
+
+def run_phase(name: str, args: list[str], env: dict[str, str], out: Path, timeout_s: float) -> dict[str, Any]:
+    log = out / f"{name}.log"
+    start = time.monotonic()
+    with open(log, "wb") as sink:
+        try:
+            rc = subprocess.run([sys.executable, *args, "--output", str(out / f"{name}.json")], cwd=ROOT, env=env,
+                                stdout=sink, stderr=subprocess.STDOUT, timeout=timeout_s).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    data = log.read_bytes()
+    if len(data) > LOG_TAIL_BYTES:
+        log.write_bytes(data[-LOG_TAIL_BYTES:])
+    return {"phase": name, "rc": rc, "seconds": round(time.monotonic() - start, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("phases", nargs="*", default=["check", "served"], choices=sorted(PHASES))
+    p.add_argument("--smoke", action="store_true", help="CPU and tiny shapes: the same steps, here")
+    p.add_argument("--kit", type=Path, default=ROOT / ".gpu-kit")
+    p.add_argument("--site", type=Path, default=Path("/tmp/blip2-gpu-site"))
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/blip2-gpu-out")))
+    p.add_argument("--timeouts", default="check=330,served=420", help="seconds per phase")
+    p.add_argument("--check-args", default="", help="more arguments for gpu_check.py (one string)")
+    p.add_argument("--served-args", default="", help="more arguments for gpu_served.py (one string)")
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    timeouts = {k: float(v) for k, v in (item.split("=") for item in args.timeouts.split(","))}
+    unpacked = unpack(args.kit, args.site) if args.kit.exists() else []
+    env = environment(args.site)
+    preflight = subprocess.run([sys.executable, "-c", PREFLIGHT], cwd=ROOT, env=env, capture_output=True, text=True,
+                               timeout=300)
+    report: dict[str, Any] = {"kit": unpacked, "preflight_rc": preflight.returncode}
+    try:
+        report.update(json.loads(preflight.stdout))
+    except json.JSONDecodeError:
+        report["preflight_error"] = (preflight.stdout + preflight.stderr)[-2000:]
+    (args.out / "preflight.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2), flush=True)
+    for name in args.phases:
+        script, smoke_args = PHASES[name]
+        timeout_s = timeouts.get(name, 600)
+        extra = shlex.split(getattr(args, f"{name}_args"))
+        if name == "check":  # gpu_check skips what would overrun its budget; leave it a minute to print its JSON
+            extra = ["--budget-s", str(max(30.0, timeout_s - 60)), *extra]
+        result = run_phase(name, script + (smoke_args if args.smoke else []) + extra, env, args.out, timeout_s)
+        print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
