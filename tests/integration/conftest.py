@@ -4,6 +4,7 @@ embedded default (the trained scenes model) as `blip2-triton serve` does without
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,10 @@ import pytest
 from triton_helpers import start_server
 
 from blip2_triton.supervisor import TritonServer
+
+# Every `serve` a test starts binds its front's metrics to a free port, not the default 8003 that another
+# process on the machine may hold.
+os.environ.setdefault("BLIP2_FRONT_METRICS_PORT", "0")
 
 
 @pytest.fixture(scope="session")

@@ -140,12 +140,12 @@ def tritonserver_children(pid: int) -> list[int]:
 
 def cancelled_requests(server: Any, llm_model: str = "blip2_llm") -> float:
     """Requests an LLM stage's engine saw cancelled (`blip2_requests_cancelled_total`), from its metrics."""
-    import urllib.request
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))  # `loadtest` is a plain directory of the checkout, not an installed package
+    from loadtest import prom
 
-    with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
-        text = r.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("blip2_requests_cancelled_total{") and f'model="{llm_model}"' in line)
+    samples = prom.scrape(server.metrics_url, timeout=10)
+    return prom.by_model(samples, "blip2_requests_cancelled_total").get(llm_model, 0.0)
 
 
 def run_locust(out_dir: Path, args: list[str], *, timeout_s: float) -> dict[str, Any]:
