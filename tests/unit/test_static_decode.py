@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from graph_replay import ReplayPool
 from images import PROMPTS
 
 from blip2_triton.errors import ConfigurationError
@@ -98,3 +99,56 @@ def test_on_refuses_checkpoints_it_cannot_serve(tiny_t5_model_dir: Path) -> None
 def test_auto_stays_eager_without_a_gpu(tiny_model_dir: Path) -> None:
     stage = LanguageStage(ServerOptions(model_id=str(tiny_model_dir), cuda_graphs="auto"))
     assert not isinstance(stage.runner, StaticRunner)
+
+
+@pytest.fixture
+def replayed(tiny_model_dir: Path):
+    stage = LanguageStage(ServerOptions(model_id=str(tiny_model_dir), cuda_graphs="on"))
+    decoder = stage.runner.decoder  # type: ignore[attr-defined]
+    decoder.graphs, decoder.pool = True, ReplayPool()
+    return stage
+
+
+def test_graphs_replayed_for_a_second_batch_read_that_batchs_buffers(replayed, setup, sample_images,
+                                                                     reference) -> None:
+    _, embeds = setup
+    names = sorted(embeds)
+    # Each `run` holds its own batch state; graphs captured for the first must not be replayed on the second's.
+    for name, prompt in ((names[0], PROMPTS[0]), (names[1], None), (names[2 % len(names)], PROMPTS[1])):
+        (text,) = replayed.run([GenerationRequest(query_embeds=embeds[name], prompt=prompt, max_tokens=9)])
+        assert text == reference(sample_images[name], prompt, 9)
+    assert replayed.runner.decoder.pool.captured  # type: ignore[attr-defined]
+
+
+def test_graphs_captured_before_the_first_request_serve_joining_rows(replayed, setup, sample_images,
+                                                                     reference) -> None:
+    _, embeds = setup
+    engine = InflightEngine(replayed, limits=EngineLimits(max_active=5))
+    try:
+        captured = engine.capture_graphs()
+        batch = engine.batch
+        columns = batch.capacity // 64  # type: ignore[attr-defined]
+        assert captured == 4 * columns  # row buckets 1, 2, 4 and 8 (5 rows round up to 8), every column bucket
+        assert set(batch.graphs) == {(r, c * 64) for r in (1, 2, 4, 8) for c in range(1, columns + 1)}  # type: ignore[attr-defined]
+        assert engine.capture_graphs() == 0
+        names = sorted(embeds)
+        cases = [(names[i % len(names)], (None, *PROMPTS)[i % 3], 3 + (i * 5) % 11) for i in range(7)]
+        results: dict[int, Completion | Exception] = {}
+        done = threading.Semaphore(0)
+
+        def finished(i: int, result: Completion | Exception) -> None:
+            results[i] = result
+            done.release()
+
+        for i, (name, prompt, n) in enumerate(cases):
+            engine.submit([Job(request=GenerationRequest(query_embeds=embeds[name], prompt=prompt, max_tokens=n),
+                               on_piece=None, on_done=lambda r, i=i: finished(i, r))])
+            time.sleep(0.01 * (i % 3))  # rows join a batch already decoding
+        for _ in cases:
+            assert done.acquire(timeout=120)
+        for i, (name, prompt, n) in enumerate(cases):
+            assert results[i].text == reference(sample_images[name], prompt, n)  # type: ignore[union-attr]
+        # Every step replayed a graph captured up front: none was captured at first use.
+        assert len(replayed.runner.decoder.pool.captured) == captured  # type: ignore[attr-defined]
+    finally:
+        engine.stop()

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from graph_replay import ReplayPool
 from images import PROMPTS
 
 from blip2_triton.errors import ConfigurationError
@@ -102,3 +103,16 @@ def test_batches_run_in_their_bucket_padded_with_zero_rows() -> None:
 def test_on_refuses_quantization_before_loading(tiny_model_dir: Path) -> None:
     with pytest.raises(ConfigurationError, match=r"cuda_graphs=on: .*bitsandbytes-quantized"):
         VisionStage(ServerOptions(model_id=str(tiny_model_dir), cuda_graphs="on", quantization="8bit"))
+
+
+def test_replayed_graphs_give_the_eager_embeddings(stages, tiny_model_dir: Path, pixels) -> None:
+    eager, _ = stages
+    replayed = VisionStage(ServerOptions(model_id=str(tiny_model_dir), embedding_cache_bytes=0, cuda_graphs="on"))
+    assert replayed.fixed is not None
+    replayed.fixed.graphs, replayed.fixed.pool = True, ReplayPool()
+    replayed.warm_up(16)
+    assert replayed.fixed.pool.captured == [f"the vision forward for {n} images" for n in (1, 2, 4, 8, 16)]
+    for rows in (40, 5, 16, 1, 3):  # 40: 32 + 8, the 32-row bucket captured at first use
+        np.testing.assert_allclose(replayed.embed_pixels(pixels[:rows]), eager.embed_pixels(pixels[:rows]),
+                                   rtol=0, atol=1e-5)
+    assert len(replayed.fixed.pool.captured) == 6

@@ -125,6 +125,15 @@ class InflightEngine:
                     self._cancel_flags.setdefault(job.job_id, False)
         self._queue.put(list(jobs))
 
+    def capture_graphs(self) -> int:
+        """Captures the runner's CUDA graphs for this engine's batch before any work is submitted; how many."""
+        started = time.monotonic()
+        count = self.stage.runner.capture_graphs(self.batch, self.limits.max_active)
+        if count:
+            log.info("captured %d decoding-step graphs in %.1f s; graphs hold %d bytes", count,
+                     time.monotonic() - started, self.stage.runner.graph_bytes)
+        return count
+
     def cancel(self, job_id: str) -> None:
         with self._cancel_lock:
             if job_id in self._cancel_flags:

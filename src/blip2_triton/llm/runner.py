@@ -70,6 +70,11 @@ class ModelRunner:
     def new_batch(self, *, max_rows: int) -> BatchState:
         return BatchState(max_rows=max_rows)
 
+    def capture_graphs(self, batch: BatchState, max_rows: int) -> int:
+        """Captures the decoding step's CUDA graphs for `batch` now, rather than at each bucket's first use; how many
+        (none on this eager runner)."""
+        return 0
+
     @property
     def shares_output_projection(self) -> bool:
         """Whether `decode_and_prefill` serves a step and a prefill with one output projection."""

@@ -60,6 +60,9 @@ class StaticBatchState:
         self.lengths = torch.zeros(self.max_rows, dtype=torch.long, device=device)
         self.tokens = torch.zeros(self.max_rows, dtype=torch.long, device=device)
         self.seqs: list[Sequence] = []
+        # A graph replays the buffers it was captured on: each batch state holds its own graphs, per
+        # (rows, columns) bucket, and they go with it.
+        self.graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -120,7 +123,6 @@ class StaticDecoder:
         self.lm = lm
         self.decoder = lm.get_decoder()
         self.graphs = graphs
-        self._captured: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = GraphPool(device)
 
     @property
@@ -135,12 +137,29 @@ class StaticDecoder:
         batch.end_step()
         return logits[: len(batch)]
 
+    def capture_all(self, batch: StaticBatchState, max_rows: int) -> int:
+        """Captures every bucket `batch` can run, up to `max_rows` rows, before it holds any row (a capture
+        computes the step once: on an empty batch that writes nowhere a row will read); how many were new."""
+        if not self.graphs:
+            return 0
+        if batch.seqs:
+            raise RuntimeError("graphs are captured before the batch holds rows")
+        top = min(bucket(max_rows, ROW_BUCKETS), batch.max_rows)
+        keys = [(rows, columns) for rows in ROW_BUCKETS if rows <= top
+                for columns in range(COLUMN_BUCKET, batch.capacity + 1, COLUMN_BUCKET)]
+        new = [key for key in keys if key not in batch.graphs]
+        for rows, columns in new:
+            self._capture(batch, rows, columns)
+        return len(new)
+
+    def _capture(self, batch: StaticBatchState, rows: int, columns: int) -> tuple[Any, torch.Tensor]:
+        captured = self.pool.capture(lambda: self._step(batch, rows, columns),
+                                     f"the decoding step for {rows} rows x {columns} columns")
+        batch.graphs[(rows, columns)] = captured
+        return captured
+
     def _replay(self, batch: StaticBatchState, rows: int, columns: int) -> torch.Tensor:
-        key = (rows, columns)
-        if key not in self._captured:
-            self._captured[key] = self.pool.capture(lambda: self._step(batch, rows, columns),
-                                                    f"the decoding step for {rows} rows x {columns} columns")
-        graph, logits = self._captured[key]
+        graph, logits = batch.graphs.get((rows, columns)) or self._capture(batch, rows, columns)
         self.pool.replay(graph)
         return logits
 
@@ -213,3 +232,8 @@ class StaticRunner(ModelRunner):
     def decode(self, batch: BatchState) -> torch.Tensor:
         with self.compute:
             return self.decoder(batch)  # type: ignore[arg-type]
+
+    @torch.inference_mode()
+    def capture_graphs(self, batch: BatchState, max_rows: int) -> int:
+        with self.compute:
+            return self.decoder.capture_all(batch, max_rows)  # type: ignore[arg-type]

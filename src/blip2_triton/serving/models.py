@@ -352,6 +352,8 @@ class LanguageModel(StageModel):
                               policy=self.options.scheduler)
         self.engine = InflightEngine(self.stage, limits=limits, observer=EngineMetrics(self.metrics),
                                      on_iteration=self.streams.expire_polls)
+        # Every bucket's graph before the first request: a capture at first use would stall that iteration.
+        self.engine.capture_graphs()
         log.info("%s: scheduler=%s", args.get("model_name"), self.options.scheduler)
 
     def load(self, options: ServerOptions) -> None:
