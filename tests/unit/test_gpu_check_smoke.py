@@ -77,3 +77,35 @@ def test_cpu_smoke_of_the_fixed_buffer_comparison(gpu_check) -> None:
         assert result["llm_mixed_c32"]["texts_identical"] is True
         assert all(entry["equal"] for entry in result["greedy_vs_hf"]), result["greedy_vs_hf"]
         assert result["seeded_alone_equals_batch_of_32"] is True
+
+
+def test_the_comparison_with_graphs_replayed_as_on_a_gpu(gpu_check, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every capture and replay of the GPU run, emulated on CPU (tests/graph_replay.py): a graph replayed on buffers
+    # other than those it was captured on shows here as text that differs from HF.
+    from graph_replay import ReplayPool
+
+    from blip2_triton.llm import static
+    from blip2_triton.vision import graphs
+
+    def replaying(cls: type, **fixed: object) -> None:
+        init = cls.__init__
+
+        def patched(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            init(self, *args, **{**kwargs, **fixed})
+            self.pool = ReplayPool()
+
+        monkeypatch.setattr(cls, "__init__", patched)
+
+    replaying(static.StaticDecoder, graphs=True)
+    replaying(graphs.BucketedForward, graphs=True)
+    report = gpu_check.main([
+        "--device", "cpu", "--tiny-shapes", "--latency-runs", "1", "--batches", "1", "--concurrency", "4",
+        "--tokens", "6", "--mixed-rounds", "1", "--graph-rows", "1,4", "--graph-cached", "40,300",
+        "--graph-clients", "4", "--vision-batches", "1,4",
+    ])
+    on = report["graphs"]["on"]
+    assert all(entry["equal"] for entry in on["greedy_vs_hf"]), on["greedy_vs_hf"]
+    assert on["seeded_alone_equals_batch_of_32"] is True and on["llm_mixed_c32"]["texts_identical"] is True
+    vision = report["vision_graphs"]
+    assert vision["graphs"] is True
+    assert all(d <= 1e-5 for d in vision["max_abs_diff_vs_eager"].values()), vision["max_abs_diff_vs_eager"]
