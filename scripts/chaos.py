@@ -134,11 +134,12 @@ class Replica:
 
 @dataclass
 class Outcome:
-    at: float
+    at: float  # when the answer or error came back
     protocol: str
     ok: bool
     retryable: bool = False
     error: str = ""
+    started: float | None = None  # when the request was sent
 
 
 @dataclass
@@ -169,13 +170,15 @@ class Traffic:
         k = index
         while not self.stop.is_set():
             k = (k + 1) % len(self.images)
+            started = time.monotonic()
             try:
                 with Blip2Client(url, protocol=protocol, timeout_s=60) as client:
                     text = client.caption(self.images[k], max_tokens=6)
                 ok = text == self.expected[k]
                 outcome = Outcome(time.monotonic(), protocol, ok, error="" if ok else f"answer changed: {text!r}")
             except ServerUnavailableError as e:
-                outcome = Outcome(time.monotonic(), protocol, False, retryable=True, error=e.message[:200])
+                outcome = Outcome(time.monotonic(), protocol, False, retryable=True, error=e.message[:200],
+                                  started=started)
                 time.sleep(0.2)  # a retrying client backs off
             except Blip2Error as e:
                 outcome = Outcome(time.monotonic(), protocol, False, error=f"{type(e).__name__}: {e.message[:200]}")
@@ -187,8 +190,11 @@ class Traffic:
             self.readiness.append((time.monotonic(), self.replica.ready()))
             time.sleep(0.1)
 
-    def unready_near(self, at: float, window_s: float = 1.0) -> bool:
-        return any(not ready for t, ready in self.readiness if abs(t - at) <= window_s)
+    def unready_near(self, at: float, window_s: float = 1.0, *, since: float | None = None) -> bool:
+        """Whether a readiness probe saw the replica unready within `window_s` of `at`, or of any moment from `since`
+        to `at` (a request in flight when a stage stalled fails only when the stage comes back, maybe ready)."""
+        start = (at if since is None else min(since, at)) - window_s
+        return any(not ready for t, ready in self.readiness if start <= t <= at + window_s)
 
 
 # --- attacks --------------------------------------------------------------------------------------------------
@@ -402,7 +408,7 @@ def summarise(traffic: Traffic) -> dict[str, Any]:
         "requests": len(outcomes),
         "succeeded": sum(o.ok for o in outcomes),
         "retryable_errors": len(retryable),
-        "retryable_while_unready": sum(traffic.unready_near(o.at) for o in retryable),
+        "retryable_while_unready": sum(traffic.unready_near(o.at, since=o.started) for o in retryable),
         "failures": [f"{o.protocol}: {o.error}" for o in outcomes if not o.ok and not o.retryable][:20],
         "retryable_examples": sorted({re.sub(r"\d+", "N", o.error) for o in retryable})[:5],
     }

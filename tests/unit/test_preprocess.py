@@ -82,3 +82,12 @@ def test_a_processor_whose_resize_differs_fails_the_probe_and_runs_unchanged() -
     assert not pre.direct
     image = _photo(200, 100)
     assert torch.equal(pre(image), processor([image], return_tensors="pt")["pixel_values"][0])
+
+
+def test_a_transparent_palette_colour_is_composited_as_hf_does_before_any_resize() -> None:
+    from robustness_corpus import palette_with_transparency
+
+    processor = clip_image_processor(64)
+    image = decode_image(ImageRequest(palette_with_transparency()), ServerOptions())
+    assert image.mode == "RGB" and image.info.get("transparency") is not None
+    assert torch.equal(ImagePreprocessor(processor)(image), processor([image], return_tensors="pt")["pixel_values"][0])

@@ -66,7 +66,9 @@ class ImagePreprocessor:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """Pixel values [3, H, W] exactly as `processor([image])` gives them."""
-        if self.target is None or image.mode != "RGB":
+        # A transparent colour (a palette PNG's tRNS, kept by `convert("RGB")`) is composited onto white by HF's
+        # RGB step before it resizes; only images the RGB step leaves alone are resized first.
+        if self.target is None or image.mode != "RGB" or image.info.get("transparency") is not None:
             return self._reference(image)
         return self._direct(image)
 
