@@ -56,6 +56,8 @@ class StaticBatchState:
         layers = int(config.num_hidden_layers)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        # Allocated once: the engine reports it every iteration.
+        self.nbytes = sum(t.nbytes for t in self.keys + self.values)
         # Inputs of a step, on the device: each slot's cached length and the token it feeds next.
         self.lengths = torch.zeros(self.max_rows, dtype=torch.long, device=device)
         self.tokens = torch.zeros(self.max_rows, dtype=torch.long, device=device)
@@ -67,9 +69,6 @@ class StaticBatchState:
     def __len__(self) -> int:
         return len(self.seqs)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.keys + self.values)
 
     def columns(self) -> int:
         """The column bucket the next step needs: every row's cache plus the column it writes."""
