@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import statistics
 import subprocess
 import sys
@@ -170,6 +171,19 @@ def vision_figures(inproc: InProcess, images: Images, device: torch.device, *, q
     return figures
 
 
+class Report(dict):  # type: ignore[type-arg]
+    """The figures so far, written to `output` after each one: a run cut short by a time limit keeps them."""
+
+    def __init__(self, output: Path | None, **fields: Any) -> None:
+        super().__init__(**fields)
+        self.output = output
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        if self.output is not None:
+            self.output.write_text(json.dumps(self, indent=2) + "\n")
+
+
 def quantized_point(model_dir: Path, args: Any, dtype: str, mode: str, images: Images) -> dict[str, Any]:
     """16-token captions at --quantized-clients through a server whose stages load `mode` (bitsandbytes), and the
     GPU memory of each stage process; the error where bitsandbytes cannot run here."""
@@ -210,8 +224,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.workdir.mkdir(parents=True, exist_ok=True)
     model_dir = random_blip2.ensure_model(shapes, args.workdir / "models")
     clients = [int(c) for c in args.clients.split(",")]
-    report: dict[str, Any] = {"shapes": shapes.name, "device": str(device), "dtype": dtype, "tokens": args.tokens,
-                              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+    report = Report(args.output, shapes=shapes.name, device=str(device), dtype=dtype, tokens=args.tokens,
+                    gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
     images = Images()
     inproc = InProcess(model_dir, args.device, dtype)
     try:

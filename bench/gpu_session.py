@@ -113,10 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kit", type=Path, default=ROOT / ".gpu-kit")
     p.add_argument("--site", type=Path, default=Path("/tmp/blip2-gpu-site"))
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/blip2-gpu-out")))
-    p.add_argument("--timeouts", default="check=330,served=420", help="seconds per phase")
+    p.add_argument("--timeouts", default="check=330,served=420", help="seconds per phase, at most")
+    p.add_argument("--deadline-s", type=float, default=560.0,
+                   help="the whole session's limit: a device command gets 600 s, and what a phase leaves runs short")
     p.add_argument("--check-args", default="", help="more arguments for gpu_check.py (one string)")
     p.add_argument("--served-args", default="", help="more arguments for gpu_served.py (one string)")
     args = p.parse_args(argv)
+    started = time.monotonic()
     args.out.mkdir(parents=True, exist_ok=True)
     timeouts = {k: float(v) for k, v in (item.split("=") for item in args.timeouts.split(","))}
     unpacked = unpack(args.kit, args.site) if args.kit.exists() else []
@@ -130,9 +133,13 @@ def main(argv: list[str] | None = None) -> int:
         report["preflight_error"] = (preflight.stdout + preflight.stderr)[-2000:]
     (args.out / "preflight.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2), flush=True)
+    deadline = started + args.deadline_s
     for name in args.phases:
         script, smoke_args = PHASES[name]
-        timeout_s = timeouts.get(name, 600)
+        timeout_s = min(timeouts.get(name, 600.0), deadline - time.monotonic())
+        if timeout_s < 30:
+            print(json.dumps({"phase": name, "skipped": "the session's deadline"}), flush=True)
+            continue
         extra = shlex.split(getattr(args, f"{name}_args"))
         if name == "check":  # gpu_check skips what would overrun its budget; leave it a minute to print its JSON
             extra = ["--budget-s", str(max(30.0, timeout_s - 60)), *extra]

@@ -190,11 +190,14 @@ class Traffic:
             self.readiness.append((time.monotonic(), self.replica.ready()))
             time.sleep(0.1)
 
-    def unready_near(self, at: float, window_s: float = 1.0, *, since: float | None = None) -> bool:
-        """Whether a readiness probe saw the replica unready within `window_s` of `at`, or of any moment from `since`
-        to `at` (a request in flight when a stage stalled fails only when the stage comes back, maybe ready)."""
+    def unready_near(self, at: float, window_s: float = 1.0, *, since: float | None = None,
+                     settle_s: float = 5.0) -> bool:
+        """Whether a readiness probe saw the replica unready within `window_s` of `at`, or while the request was in
+        flight from `since` (a request caught by a stalled stage fails only when the stage comes back, maybe ready
+        by then) and at most `settle_s` before its error."""
         start = (at if since is None else min(since, at)) - window_s
-        return any(not ready for t, ready in self.readiness if start <= t <= at + window_s)
+        unready = [t for t, ready in self.readiness if not ready and start <= t <= at + window_s]
+        return bool(unready) and at - max(unready) <= max(settle_s, window_s)
 
 
 # --- attacks --------------------------------------------------------------------------------------------------

@@ -434,3 +434,21 @@ def test_beam_search_does_not_hold_up_greedy_rows(setup) -> None:
     finally:
         engine.stop()
     assert order[0] == "greedy", order
+
+
+def test_a_final_text_that_rewrites_sent_pieces_is_logged(tiny_model_dir: Path, caplog) -> None:
+    # A decode whose clean-up joins across tokens ("a '" then "a'b") cannot be streamed exactly: say so.
+    engine = InflightEngine(LanguageStage(ServerOptions(model_id=str(tiny_model_dir))), threaded=False)
+    pieces: list[str] = []
+    job = Job(request=GenerationRequest(query_embeds=None, max_tokens=2), on_piece=pieces.append,
+              on_done=lambda _: None, request_id="r-1")
+    engine._emit(job, "a '", final=False)
+    with caplog.at_level("WARNING", logger="blip2_triton.llm.engine"):
+        engine._emit(job, "a'b", final=True)
+    engine._flush()
+    assert pieces == ["a '"]
+    assert "request r-1: streamed text" in caplog.text and "not a prefix of the final text" in caplog.text
+    caplog.clear()
+    engine._emit(job, "a 'b", final=True)  # the usual case: the rest goes out, nothing logged
+    engine._flush()
+    assert pieces == ["a '", "b"] and not caplog.text

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 from pathlib import Path
 
 import pytest
@@ -12,8 +11,9 @@ from blip2_triton.supervisor.settings import LauncherError
 
 
 def _numpy(monkeypatch: pytest.MonkeyPatch, version: str) -> None:
-    real = importlib.metadata.version
-    monkeypatch.setattr(importlib.metadata, "version", lambda name: version if name == "numpy" else real(name))
+    import numpy
+
+    monkeypatch.setattr(numpy, "__version__", version)
     monkeypatch.setattr(install.shutil, "which", lambda name: None)  # never the NGC container's binary here
 
 

@@ -270,6 +270,12 @@ class InflightEngine:
         if stable.startswith(job.sent) and len(stable) > len(job.sent):
             piece, job.sent, on_piece = stable[len(job.sent):], stable, job.on_piece
             self._deferred.append(lambda: on_piece(piece))
+        elif final and not stable.startswith(job.sent):
+            # A tokenizer whose decode rewrites earlier text (a clean-up pass joining across tokens): pieces cannot
+            # be taken back, so the stream's text differs from the completion's. Say so rather than pass silently.
+            log.warning("request %s: streamed text %r is not a prefix of the final text %r; the completion carries "
+                        "the final text", job.request_id or "-", job.sent[-40:], stable[-40:],
+                        extra={"request_id": job.request_id or None})
 
     def _drop_stopped(self) -> None:
         now = time.monotonic()

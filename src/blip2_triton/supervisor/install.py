@@ -4,7 +4,6 @@ directory, never in site-packages)."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -72,9 +71,10 @@ def _require_numpy_1() -> None:
     # The wheel's Triton 2.51 stub embeds pybind11 2.10, which reads numpy 2 arrays wrongly: the stub dies on the
     # first request (python_backend#384 fixed it in later releases). Refuse at start rather than at that request.
     try:
-        found = importlib.metadata.version("numpy")
-    except importlib.metadata.PackageNotFoundError:
+        import numpy  # the stages' interpreter and path: the numpy the stub will import
+    except ImportError:
         return
+    found = numpy.__version__
     if int(found.split(".")[0]) >= 2:
         raise LauncherError(f"nvidia-pytriton's tritonserver 2.51 needs numpy 1.x in this environment, found numpy "
                             f"{found}: its Python backend stub dies on the first request with numpy 2. "
