@@ -41,6 +41,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -135,6 +136,28 @@ def pattern_jpeg(seed: int, width: int = 320, height: int = 240) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
+
+
+class Report(dict):  # type: ignore[type-arg]
+    """A benchmark's figures so far, rewritten to `output` whenever one is set: a run cut short by a time limit or
+    an error keeps what it measured."""
+
+    def __init__(self, output: Path | None, **fields: Any) -> None:
+        super().__init__(**fields)
+        self.output = output
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        if self.output is not None:
+            self.output.write_text(json.dumps(self, indent=2) + "\n")
+
+    def measure(self, key: str, figure: Callable[[], Any]) -> None:
+        """`self[key] = figure()`, or the error that figure raised (its traceback goes to the log)."""
+        try:
+            self[key] = figure()
+        except Exception as e:
+            traceback.print_exc()
+            self[key] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
 
 
 def print_report(report: dict[str, Any], output: Path | None) -> None:

@@ -42,6 +42,8 @@ import itertools
 import statistics
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import random_blip2
-from bench_throughput import pattern_jpeg, print_report, tagged
+from bench_throughput import Report, pattern_jpeg, print_report, tagged
 
 
 def _sync(device: torch.device) -> None:
@@ -116,10 +118,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from blip2_triton.requests import GenerationRequest, ImageRequest
 
-    report: dict[str, Any] = {
-        "shapes": shapes.name, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-        "torch": torch.__version__, "tokens": args.tokens, "concurrency": args.concurrency,
-    }
+    report = Report(args.output, shapes=shapes.name, device=str(device), dtype=str(dtype).removeprefix("torch."),
+                    torch=torch.__version__, tokens=args.tokens, concurrency=args.concurrency)
     if device.type == "cuda":
         report["gpu"] = torch.cuda.get_device_name(device)
     vision, llm, loaded = build_stages(shapes, device, dtype)
@@ -196,18 +196,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
     # The LLM-only phases below share one set of embeddings.
     embeds = vision.run([ImageRequest(b) for b in images(args.concurrency)])
+    # From here on each figure is written as soon as it is measured, and one that fails records its error.
     if time.perf_counter() - t0 < args.budget_s:
-        report["decode_step_ms"] = decode_step_costs(llm, embeds, args.concurrency, device)
+        report.measure("decode_step_ms", lambda: decode_step_costs(llm, embeds, args.concurrency, device))
     if time.perf_counter() - t0 < args.budget_s:
-        report["engine_iteration"] = {f"tokens_{n}": engine_iterations(llm, embeds, device, tokens=int(n))
-                                      for n in args.iteration_tokens.split(",")}
+        report.measure("engine_iteration", lambda: {
+            f"tokens_{n}": engine_iterations(llm, embeds, device, tokens=int(n))
+            for n in args.iteration_tokens.split(",")})
     if args.mixed_rounds and time.perf_counter() - t0 < args.budget_s:
-        report["llm_mixed_c32"] = static_vs_inflight(llm, embeds, args.concurrency, args.mixed_rounds, device)
+        report.measure("llm_mixed_c32", lambda: static_vs_inflight(llm, embeds, args.concurrency,
+                                                                   args.mixed_rounds, device))
     if args.vision_graphs == "compare" and time.perf_counter() - t0 < args.budget_s:
-        report["vision_graphs"] = vision_graphs_comparison(
-            vision, loaded, images, device, [int(v) for v in args.vision_batches.split(",")], args.latency_runs)
+        report.measure("vision_graphs", lambda: vision_graphs_comparison(
+            vision, loaded, images, device, [int(v) for v in args.vision_batches.split(",")], args.latency_runs))
     if args.graphs == "compare" and time.perf_counter() - t0 < args.budget_s:
-        report["graphs"] = graphs_comparison(vision, loaded, images, device, args, deadline=t0 + args.budget_s)
+        report.measure("graphs", lambda: graphs_comparison(vision, loaded, images, device, args,
+                                                           deadline=t0 + args.budget_s, report=report))
     if device.type == "cuda":
         report["max_memory_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     report["total_s"] = round(time.perf_counter() - t0, 1)
@@ -275,7 +279,7 @@ def static_vs_inflight(llm: Any, embeds: list[Any], concurrency: int, rounds: in
     engine with `concurrency` closed-loop clients, over the same requests."""
     import threading
 
-    from blip2_triton.llm import InflightEngine
+    from blip2_triton.llm import EngineLimits, InflightEngine, Job
     from blip2_triton.requests import GenerationRequest
 
     n = concurrency * rounds
@@ -285,19 +289,37 @@ def static_vs_inflight(llm: Any, embeds: list[Any], concurrency: int, rounds: in
         e, tokens = specs[k]
         return GenerationRequest(query_embeds=embeds[e], prompt=MIXED_PROMPT, max_tokens=tokens)
 
-    llm.run([request(k) for k in range(min(n, concurrency))])  # warm-up at this batch size
-    _sync(device)
+    # Static batches as `BLIP2_SCHEDULER=static` serves them: one engine of that policy, its graphs captured first
+    # (a `run` per batch would hold a new batch state, and capture again, every time).
+    static = InflightEngine(llm, limits=EngineLimits(policy="static", max_active=concurrency, max_kv_tokens=2**62))
+    static.capture_graphs()
+
+    def static_batch(ks: list[int]) -> list[str]:
+        done = threading.Semaphore(0)
+        texts: dict[int, Any] = {}
+        static.submit([Job(request=request(k), on_piece=None,
+                           on_done=lambda r, k=k: (texts.__setitem__(k, r), done.release())) for k in ks])
+        for _ in ks:
+            if not done.acquire(timeout=600):
+                raise TimeoutError("a static batch did not finish in 600 s")
+        errors = [r for r in texts.values() if isinstance(r, Exception)]
+        if errors:
+            raise errors[0]
+        return [str(texts[k].text) for k in ks]
+
     static_text: dict[int, str] = {}
     static_latency: list[float] = []
-    t = time.perf_counter()
-    for start in range(0, n, concurrency):
-        ks = list(range(start, min(n, start + concurrency)))
-        t_batch = time.perf_counter()
-        for k, text in zip(ks, llm.run([request(k) for k in ks]), strict=True):
-            static_text[k] = str(text)
-        _sync(device)
-        static_latency += [time.perf_counter() - t_batch] * len(ks)
-    static_s = time.perf_counter() - t
+    try:
+        static_batch(list(range(min(n, concurrency))))  # warm-up at this batch size
+        t = time.perf_counter()
+        for start in range(0, n, concurrency):
+            ks = list(range(start, min(n, start + concurrency)))
+            t_batch = time.perf_counter()
+            static_text.update(zip(ks, static_batch(ks), strict=True))
+            static_latency += [time.perf_counter() - t_batch] * len(ks)
+        static_s = time.perf_counter() - t
+    finally:
+        static.stop()
 
     engine = InflightEngine(llm)
     engine.capture_graphs()
@@ -433,14 +455,36 @@ def engine_iterations(llm: Any, embeds: list[Any], device: torch.device, tokens:
 
 
 def graphs_comparison(vision: Any, loaded: Any, images: Any, device: torch.device, args: Any,
-                      deadline: float) -> dict[str, Any]:
-    """Every LLM figure of the CUDA-graph issue with the eager forward (`off`) and on fixed buffers (`on`)."""
+                      deadline: float, report: Report | None = None) -> dict[str, Any]:
+    """Every LLM figure of the CUDA-graph issue with the eager forward (`off`) and on fixed buffers (`on`); each
+    written into `report["graphs"]` as soon as measured, a failing one as its error."""
     import dataclasses
 
-    from blip2_triton.llm import LanguageStage
+    from blip2_triton.llm import InflightEngine, LanguageStage
     from blip2_triton.requests import ImageRequest
 
     out: dict[str, Any] = {"copy_gbps": copy_bandwidth_gbps(device)}
+
+    def figure(result: dict[str, Any], key: str, measure: Callable[[], Any]) -> None:
+        try:
+            result[key] = measure()
+        except Exception as e:
+            traceback.print_exc()
+            result[key] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+        if report is not None:
+            report["graphs"] = out
+
+    def capture(llm: Any) -> dict[str, Any]:
+        # The served stage's start: every bucket of an engine's batch at the default limits.
+        engine = InflightEngine(llm)
+        try:
+            t = time.perf_counter()
+            count = engine.capture_graphs()
+            return {"graphs": count, "seconds": round(time.perf_counter() - t, 2),
+                    "graph_bytes": engine.batch.graph_bytes, "kv_bytes": engine.batch.nbytes}
+        finally:
+            engine.stop()
+
     lm_bytes = sum(p.numel() * p.element_size() for p in loaded.model.language_model.parameters())
     out["llm_weight_bytes"] = lm_bytes
     config = loaded.config.text_config
@@ -453,27 +497,37 @@ def graphs_comparison(vision: Any, loaded: Any, images: Any, device: torch.devic
                                                                * 1e3, 3) for r in rows_list for c in cached_list}
     embeds = vision.run([ImageRequest(b) for b in images(max([*rows_list, 32]))])
     base_options = dataclasses.replace(_options(loaded), max_prompt_tokens=512)
+
+    def mode_figures(llm: Any) -> list[tuple[str, Callable[[], Any]]]:
+        vqa = "Question: which city is this? Answer:"
+        return [
+            ("capture", lambda: capture(llm)),
+            ("greedy_vs_hf", lambda: greedy_against_hf(vision, llm, loaded, images(2), args.tokens, device)),
+            ("decode_step_ms", lambda: {f"rows_{r}_cached_{c}": step_ms(llm, embeds, r, c, device)
+                                        for r in rows_list for c in cached_list}),
+            ("request_16_tokens", lambda: _percentiles(served_latency(vision, llm, images, None, 16,
+                                                                      args.latency_runs))),
+            ("vqa_3_tokens", lambda: _percentiles(served_latency(vision, llm, images, vqa, 3, args.latency_runs))),
+            *((f"captions_c{c}", lambda c=c: captions_in_flight(vision, llm, images, c, 16, rounds=2))
+              for c in (int(v) for v in args.graph_clients.split(","))),
+            ("llm_mixed_c32", lambda: static_vs_inflight(llm, embeds[:32], 32, args.mixed_rounds or 2, device)),
+            ("seeded_alone_equals_batch_of_32", lambda: seeded_alone_vs_batch(llm, embeds[:32])),
+            ("engine_iteration", lambda: engine_iterations(llm, embeds[:32], device)),
+        ]
+
     for mode in ("off", "on"):
         if time.perf_counter() > deadline:
             out["skipped"] = f"stopped before mode {mode} (--budget-s)"
             break
         llm = LanguageStage(dataclasses.replace(base_options, cuda_graphs=mode), loaded=loaded)
         result: dict[str, Any] = {"runner": type(llm.runner).__name__}
-        result["decode_step_ms"] = {
-            f"rows_{r}_cached_{c}": step_ms(llm, embeds, r, c, device) for r in rows_list for c in cached_list}
-        result["request_16_tokens"] = _percentiles(served_latency(vision, llm, images, None, 16, args.latency_runs))
-        vqa = "Question: which city is this? Answer:"
-        result["vqa_3_tokens"] = _percentiles(served_latency(vision, llm, images, vqa, 3, args.latency_runs))
-        for clients in (int(v) for v in args.graph_clients.split(",")):
-            if time.perf_counter() < deadline:
-                result[f"captions_c{clients}"] = captions_in_flight(vision, llm, images, clients, 16, rounds=2)
-        if time.perf_counter() < deadline:
-            result["llm_mixed_c32"] = static_vs_inflight(llm, embeds[:32], 32, args.mixed_rounds or 2, device)
-        result["greedy_vs_hf"] = greedy_against_hf(vision, llm, loaded, images(2), args.tokens, device)
-        result["seeded_alone_equals_batch_of_32"] = seeded_alone_vs_batch(llm, embeds[:32])
-        result["engine_iteration"] = engine_iterations(llm, embeds[:32], device)
-        result["graph_bytes"] = llm.runner.graph_bytes
         out[mode] = result
+        figures = mode_figures(llm)
+        for key, measure in figures:
+            if time.perf_counter() > deadline:
+                result["skipped"] = f"from {key} on (--budget-s)"
+                break
+            figure(result, key, measure)
     return out
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import subprocess
 import sys
@@ -40,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_preprocess
 import random_blip2
-from bench_throughput import Request, Served, closed_loop, pattern_jpeg, print_report, tagged
+from bench_throughput import Report, Request, Served, closed_loop, pattern_jpeg, print_report, tagged
 
 VQA = "Question: what is in the picture? Answer:"
 
@@ -77,15 +76,18 @@ class Images:
 class InProcess:
     """The same stages as the server's, called directly: the vision stage, then the in-flight engine."""
 
-    def __init__(self, model_dir: Path, device: str, dtype: str) -> None:
+    def __init__(self, model_dir: Path, device: str, dtype: str, cuda_graphs: str = "off") -> None:
         from blip2_triton.llm import InflightEngine, LanguageStage
         from blip2_triton.options import ServerOptions
         from blip2_triton.vision import VisionStage
 
-        options = ServerOptions(model_id=str(model_dir), device=device, dtype=dtype, embedding_cache_bytes=0)
+        options = ServerOptions(model_id=str(model_dir), device=device, dtype=dtype, embedding_cache_bytes=0,
+                                cuda_graphs=cuda_graphs)
         self.vision = VisionStage(options)
+        self.vision.warm_up(32)
         self.llm = LanguageStage(options)
         self.engine = InflightEngine(self.llm)
+        self.engine.capture_graphs()  # as the served stage does
         self.lock = threading.Lock()
 
     def __call__(self, req: Request) -> str:
@@ -110,10 +112,11 @@ class InProcess:
 
 @contextlib.contextmanager
 def served(model_dir: Path, device: str, dtype: str, log: Path, env: dict[str, str],
-           quantization: str = "none") -> Iterator[Any]:
+           quantization: str = "none", cuda_graphs: str = "off") -> Iterator[Any]:
     from blip2_triton.supervisor import LaunchSettings, TritonServer
 
-    options = {"device": device, "dtype": dtype, "embedding_cache_bytes": "0", "quantization": quantization}
+    options = {"device": device, "dtype": dtype, "embedding_cache_bytes": "0", "quantization": quantization,
+               "cuda_graphs": cuda_graphs}
     settings = LaunchSettings.on_free_ports(model_id=str(model_dir), startup_timeout_s=1200, exit_timeout_s=20,
                                             options=options, env=env, front=False)
     with TritonServer(settings, log_path=log) as server:
@@ -171,19 +174,6 @@ def vision_figures(inproc: InProcess, images: Images, device: torch.device, *, q
     return figures
 
 
-class Report(dict):  # type: ignore[type-arg]
-    """The figures so far, written to `output` after each one: a run cut short by a time limit keeps them."""
-
-    def __init__(self, output: Path | None, **fields: Any) -> None:
-        super().__init__(**fields)
-        self.output = output
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        super().__setitem__(key, value)
-        if self.output is not None:
-            self.output.write_text(json.dumps(self, indent=2) + "\n")
-
-
 def quantized_point(model_dir: Path, args: Any, dtype: str, mode: str, images: Images) -> dict[str, Any]:
     """16-token captions at --quantized-clients through a server whose stages load `mode` (bitsandbytes), and the
     GPU memory of each stage process; the error where bitsandbytes cannot run here."""
@@ -213,6 +203,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--mixed-requests", type=int, default=128, help="requests of the mixed VQA workload (0: skip)")
     p.add_argument("--quantization", default="8bit,4bit", help="bitsandbytes modes served beside float16 ('': none)")
     p.add_argument("--quantized-clients", type=int, default=32, help="closed-loop clients of the quantized runs")
+    p.add_argument("--cuda-graphs", choices=("off", "on", "auto"), default="off",
+                   help="BLIP2_CUDA_GRAPHS of the served and in-process stages (quantized servers stay eager)")
+    p.add_argument("--budget-s", type=float, default=1e9, help="skip the figures that would start past this")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/blip2-gpu-served"))
     p.add_argument("--output", type=Path, default=None)
     args = p.parse_args(argv)
@@ -227,46 +220,68 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = Report(args.output, shapes=shapes.name, device=str(device), dtype=dtype, tokens=args.tokens,
                     gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
     images = Images()
-    inproc = InProcess(model_dir, args.device, dtype)
+    t0 = time.perf_counter()
+
+    def in_time(key: str) -> bool:
+        if time.perf_counter() - t0 < args.budget_s:
+            return True
+        report.setdefault("skipped", f"from {key} on (--budget-s)")
+        return False
+
+    def captions_point(client: Any, n: int) -> dict[str, Any]:
+        requests = images.requests(n * args.rounds, None, lambda _: args.tokens)
+        latencies, elapsed, _, _ = closed_loop(client, requests, n)
+        point = {"served": _point(latencies, elapsed, args.tokens)}
+        requests = images.requests(n * args.rounds, None, lambda _: args.tokens)
+        latencies, elapsed, _, _ = closed_loop(inproc, requests, n)
+        point["in_process"] = _point(latencies, elapsed, args.tokens)
+        point["served_over_in_process"] = round(
+            point["served"]["requests_per_s"] / point["in_process"]["requests_per_s"], 3)
+        return point
+
+    def single_caption(client: Any) -> dict[str, Any]:
+        served_ms = median_ms(client, images.requests(args.runs + 1, None, lambda _: args.tokens))
+        inproc_ms = median_ms(inproc, images.requests(args.runs + 1, None, lambda _: args.tokens))
+        return {"served_ms": served_ms, "in_process_ms": inproc_ms,
+                "served_over_in_process": round(served_ms / inproc_ms, 3)}
+
+    def mixed_point(client: Any) -> dict[str, Any]:
+        latencies, elapsed, _, _ = closed_loop(client, mixed, 32)
+        return _point(latencies, elapsed, 26)
+
+    inproc = InProcess(model_dir, args.device, dtype, args.cuda_graphs)
+    mixed = images.requests(args.mixed_requests, VQA, lambda i: (4, 48)[i % 2]) if args.mixed_requests else []
+    memory: dict[str, Any] = {}
     try:
-        report["vision"] = vision_figures(inproc, images, device, quick=args.tiny_shapes)
-        with served(model_dir, args.device, dtype, args.workdir / "inflight.log", {}) as server:
+        report.measure("vision", lambda: vision_figures(inproc, images, device, quick=args.tiny_shapes))
+        with served(model_dir, args.device, dtype, args.workdir / "inflight.log", {},
+                    cuda_graphs=args.cuda_graphs) as server:
             client = Served(server.grpc_url)
-            captions = images.requests(args.runs + 1, None, lambda _: args.tokens)
-            served_ms = median_ms(client, captions)
-            inproc_ms = median_ms(inproc, images.requests(args.runs + 1, None, lambda _: args.tokens))
-            report["single_caption"] = {"served_ms": served_ms, "in_process_ms": inproc_ms,
-                                        "served_over_in_process": round(served_ms / inproc_ms, 3)}
+            memory["inflight"] = gpu_memory_mib(server)
+            report["gpu_memory_mib"] = memory
+            if in_time("single_caption"):
+                report.measure("single_caption", lambda: single_caption(client))
             for n in clients:
-                requests = images.requests(n * args.rounds, None, lambda _: args.tokens)
-                latencies, elapsed, _, _ = closed_loop(client, requests, n)
-                point = {"served": _point(latencies, elapsed, args.tokens)}
-                requests = images.requests(n * args.rounds, None, lambda _: args.tokens)
-                latencies, elapsed, _, _ = closed_loop(inproc, requests, n)
-                point["in_process"] = _point(latencies, elapsed, args.tokens)
-                point["served_over_in_process"] = round(
-                    point["served"]["requests_per_s"] / point["in_process"]["requests_per_s"], 3)
-                report[f"captions_c{n}"] = point
-            mixed = images.requests(args.mixed_requests, VQA, lambda i: (4, 48)[i % 2]) if args.mixed_requests else []
-            if mixed:
-                latencies, elapsed, _, _ = closed_loop(client, mixed, 32)
-                report["vqa_mixed_c32"] = {"inflight": _point(latencies, elapsed, 26)}
-            report["gpu_memory_mib"] = {"inflight": gpu_memory_mib(server)}
+                if in_time(f"captions_c{n}"):
+                    report.measure(f"captions_c{n}", lambda n=n: captions_point(client, n))
+            if mixed and in_time("vqa_mixed_c32"):
+                report.measure("vqa_mixed_c32", lambda: {"inflight": mixed_point(client)})
             client.close()
-        if mixed:
-            with served(model_dir, args.device, dtype, args.workdir / "static.log",
-                        {"BLIP2_SCHEDULER": "static"}) as server:
+        if mixed and "inflight" in report.get("vqa_mixed_c32", {}) and in_time("vqa_mixed_c32 static"):
+            with served(model_dir, args.device, dtype, args.workdir / "static.log", {"BLIP2_SCHEDULER": "static"},
+                        cuda_graphs=args.cuda_graphs) as server:
                 client = Served(server.grpc_url)
                 closed_loop(client, images.requests(32, VQA, lambda i: (4, 48)[i % 2]), 32)  # warm-up
-                latencies, elapsed, _, _ = closed_loop(client, mixed, 32)
-                mixed_report = report["vqa_mixed_c32"]
-                mixed_report["static"] = _point(latencies, elapsed, 26)
+                mixed_report = dict(report["vqa_mixed_c32"], static=mixed_point(client))
                 mixed_report["inflight_over_static"] = round(
                     mixed_report["inflight"]["requests_per_s"] / mixed_report["static"]["requests_per_s"], 3)
-                report["gpu_memory_mib"]["static"] = gpu_memory_mib(server)
+                report["vqa_mixed_c32"] = mixed_report
+                memory["static"] = gpu_memory_mib(server)
+                report["gpu_memory_mib"] = memory
                 client.close()
         for mode in filter(None, args.quantization.split(",")):
-            report[f"quantized_{mode}"] = quantized_point(model_dir, args, dtype, mode, images)
+            if in_time(f"quantized_{mode}"):
+                report[f"quantized_{mode}"] = quantized_point(model_dir, args, dtype, mode, images)
     finally:
         inproc.close()
     print_report(report, args.output)

@@ -141,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"phase": name, "skipped": "the session's deadline"}), flush=True)
             continue
         extra = shlex.split(getattr(args, f"{name}_args"))
-        if name == "check":  # gpu_check skips what would overrun its budget; leave it a minute to print its JSON
-            extra = ["--budget-s", str(max(30.0, timeout_s - 60)), *extra]
+        # Each skips the figures that would start past its budget: a minute before its limit, to stop servers.
+        extra = ["--budget-s", str(max(30.0, timeout_s - 60)), *extra]
         result = run_phase(name, script + (smoke_args if args.smoke else []) + extra, env, args.out, timeout_s)
         print(json.dumps(result), flush=True)
     return 0

@@ -15,7 +15,10 @@ log = logging.getLogger(__name__)
 
 
 def bucket(value: int, buckets: tuple[int, ...]) -> int:
-    return next(b for b in buckets if b >= value)
+    for b in buckets:
+        if b >= value:
+            return b
+    raise ValueError(f"{value} is over the largest bucket, {buckets[-1]}")
 
 
 def quantized(module: torch.nn.Module) -> bool:
@@ -35,31 +38,40 @@ def fixed_buffers(mode: str, *, reason: str | None, device: torch.device, dtype:
 
 
 class GraphPool:
-    """CUDA graphs on one device, captured into one shared memory pool: they are replayed one at a time, never
-    concurrently. Capture and replay run with that device current: a KIND_GPU instance's model sits on the GPU Triton
-    assigned it, which need not be the process's current device, and a graph runs on the current device's stream."""
+    """CUDA graphs on one device, captured into one memory pool they share and freed with it; replayed one at a time,
+    never concurrently. Capture and replay run with that device current: a KIND_GPU instance's model sits on the GPU
+    Triton assigned it, which need not be the process's current device, and a graph runs on the current device's
+    stream."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._pool: Any = None
+        self._stream: Any = None
         self.nbytes = 0
 
     def capture(self, step: Callable[[], torch.Tensor], what: str) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """`step` captured: replaying the graph rewrites the returned tensor from the step's input buffers."""
         with torch.cuda.device(self.device):
             # Warm up on a side stream (lazy initialisation must not be captured), then capture into the shared pool.
-            before = torch.cuda.memory_reserved()
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 step()
             torch.cuda.current_stream().wait_stream(stream)
+            # The reading after the cache is emptied, as `torch.cuda.graph` empties it on entry: memory freed since
+            # (a dead batch's buffers) would otherwise hide this graph's share.
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            before = torch.cuda.memory_reserved()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            # A capture stream of this device: `torch.cuda.graph`'s default one belongs to whichever device was
+            # current at the process's first capture.
+            self._stream = self._stream or torch.cuda.Stream()
+            with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
                 out = step()
             self._pool = graph.pool()
             self.nbytes += max(0, torch.cuda.memory_reserved() - before)
-        log.info("captured %s on %s (graphs hold %d bytes)", what, self.device, self.nbytes)
+        log.debug("captured %s on %s (graphs hold %d bytes)", what, self.device, self.nbytes)
         return graph, out
 
     def replay(self, graph: torch.cuda.CUDAGraph) -> None:

@@ -15,7 +15,9 @@ def test_cpu_smoke_run_reports_every_figure(import_bench, tmp_path: Path) -> Non
     out = tmp_path / "served.json"
     report = gpu_served.main(["--device", "cpu", "--tiny-shapes", "--clients", "2", "--rounds", "1", "--runs", "1",
                               "--tokens", "4", "--mixed-requests", "4",
-                              "--quantization", "8bit", "--quantized-clients", "2", "--workdir", str(tmp_path),
+                              "--quantization", "8bit", "--quantized-clients", "2",
+                              "--cuda-graphs", "on",  # the fixed-buffer stages, eager on CPU
+                              "--workdir", str(tmp_path),
                               "--output", str(out)])
     assert report["single_caption"]["served_ms"] > 0 and report["single_caption"]["served_over_in_process"] > 0
     point = report["captions_c2"]

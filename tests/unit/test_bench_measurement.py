@@ -150,3 +150,21 @@ def test_open_loop_stops_sending_at_the_first_failure(bench) -> None:
     with pytest.raises(RuntimeError, match="server down"):
         bench.open_loop(call, reqs, rate_rps=1.0, seed=3)
     assert time.perf_counter() - started < 1.0 and len(sent) < 8
+
+
+def test_a_report_keeps_each_figure_on_disk_and_records_a_failing_one(bench, tmp_path) -> None:
+    import json
+
+    out = tmp_path / "report.json"
+    report = bench.Report(out, shapes="tiny")
+    report.measure("fine", lambda: {"ms": 1.5})
+    assert json.loads(out.read_text()) == {"shapes": "tiny", "fine": {"ms": 1.5}}
+
+    def broken() -> dict:
+        raise RuntimeError("capture failed: operation not permitted when stream is capturing")
+
+    report.measure("graphs", broken)
+    written = json.loads(out.read_text())
+    assert written["fine"] == {"ms": 1.5}
+    assert written["graphs"] == {"error": "RuntimeError: capture failed: operation not permitted when stream is "
+                                          "capturing"}

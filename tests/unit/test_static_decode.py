@@ -102,14 +102,23 @@ def test_auto_stays_eager_without_a_gpu(tiny_model_dir: Path) -> None:
 
 
 @pytest.fixture
-def replayed(tiny_model_dir: Path):
+def pools(monkeypatch: pytest.MonkeyPatch) -> list[ReplayPool]:
+    """Every graph pool a batch state makes from now on: a `ReplayPool`, listed here."""
+    from blip2_triton.llm import static
+
+    made: list[ReplayPool] = []
+    monkeypatch.setattr(static, "GraphPool", lambda device: made.append(ReplayPool(device)) or made[-1])
+    return made
+
+
+@pytest.fixture
+def replayed(tiny_model_dir: Path, pools):
     stage = LanguageStage(ServerOptions(model_id=str(tiny_model_dir), cuda_graphs="on"))
-    decoder = stage.runner.decoder  # type: ignore[attr-defined]
-    decoder.graphs, decoder.pool = True, ReplayPool()
+    stage.runner.decoder.graphs = True  # type: ignore[attr-defined]
     return stage
 
 
-def test_graphs_replayed_for_a_second_batch_read_that_batchs_buffers(replayed, setup, sample_images,
+def test_graphs_replayed_for_a_second_batch_read_that_batchs_buffers(replayed, pools, setup, sample_images,
                                                                      reference) -> None:
     _, embeds = setup
     names = sorted(embeds)
@@ -117,7 +126,8 @@ def test_graphs_replayed_for_a_second_batch_read_that_batchs_buffers(replayed, s
     for name, prompt in ((names[0], PROMPTS[0]), (names[1], None), (names[2 % len(names)], PROMPTS[1])):
         (text,) = replayed.run([GenerationRequest(query_embeds=embeds[name], prompt=prompt, max_tokens=9)])
         assert text == reference(sample_images[name], prompt, 9)
-    assert replayed.runner.decoder.pool.captured  # type: ignore[attr-defined]
+    # One batch state and one pool per `run`, each with its own graphs.
+    assert len(pools) == 3 and all(pool.captured for pool in pools)
 
 
 def test_graphs_captured_before_the_first_request_serve_joining_rows(replayed, setup, sample_images,
@@ -149,6 +159,6 @@ def test_graphs_captured_before_the_first_request_serve_joining_rows(replayed, s
         for i, (name, prompt, n) in enumerate(cases):
             assert results[i].text == reference(sample_images[name], prompt, n)  # type: ignore[union-attr]
         # Every step replayed a graph captured up front: none was captured at first use.
-        assert len(replayed.runner.decoder.pool.captured) == captured  # type: ignore[attr-defined]
+        assert len(batch.pool.captured) == captured  # type: ignore[attr-defined]
     finally:
         engine.stop()

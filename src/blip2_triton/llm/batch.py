@@ -33,6 +33,8 @@ class Prefilled:
 
 
 class BatchState:
+    graph_bytes = 0  # memory of CUDA graphs captured on this batch's buffers (`static.StaticBatchState`)
+
     def __init__(self, *, max_rows: int = 64) -> None:
         self.max_rows = max_rows
         self.seqs: list[Sequence] = []

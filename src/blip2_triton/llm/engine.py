@@ -131,7 +131,7 @@ class InflightEngine:
         count = self.stage.runner.capture_graphs(self.batch, self.limits.max_active)
         if count:
             log.info("captured %d decoding-step graphs in %.1f s; graphs hold %d bytes", count,
-                     time.monotonic() - started, self.stage.runner.graph_bytes)
+                     time.monotonic() - started, self.batch.graph_bytes)
         return count
 
     def cancel(self, job_id: str) -> None:
@@ -156,7 +156,7 @@ class InflightEngine:
                         self._guarded(self._iteration)
                 self._report("on_active", len(self.scheduler.running), len(self.scheduler.waiting))
                 self._report("on_kv_cache", self.batch.nbytes)
-                self._report("on_graphs", self.stage.runner.graph_bytes)
+                self._report("on_graphs", self.batch.graph_bytes)
                 self._flush()
                 if self.on_iteration is not None:
                     try:

@@ -65,8 +65,6 @@ class ModelRunner:
             self._decoder_cache_kwarg = _cache_kwarg(self._decoder)
             self._output_projection = lm.get_output_embeddings()
 
-    graph_bytes = 0  # memory held by captured CUDA graphs (`static.StaticRunner`)
-
     def new_batch(self, *, max_rows: int) -> BatchState:
         return BatchState(max_rows=max_rows)
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from transformers import OPTForCausalLM
 
 from ..cuda_graphs import GraphPool, bucket, quantized
+from ..errors import ConfigurationError
 from .batch import BatchState, Prefilled
 from .kv_cache import fill_holes
 from .runner import ModelRunner
@@ -50,6 +51,9 @@ class StaticBatchState:
         heads = int(config.num_attention_heads)
         head_dim = int(config.hidden_size) // heads
         dtype = lm.get_input_embeddings().weight.dtype
+        if max_rows > ROW_BUCKETS[-1]:
+            raise ConfigurationError(f"max_active_sequences: the fixed-buffer decoding step (cuda_graphs) holds at "
+                                     f"most {ROW_BUCKETS[-1]} rows, got {max_rows}")
         self.max_rows = bucket(max_rows, ROW_BUCKETS)
         self.capacity = -(-capacity // COLUMN_BUCKET) * COLUMN_BUCKET
         shape = (self.max_rows, heads, self.capacity, head_dim)
@@ -63,11 +67,16 @@ class StaticBatchState:
         self.tokens = torch.zeros(self.max_rows, dtype=torch.long, device=device)
         self.seqs: list[Sequence] = []
         # A graph replays the buffers it was captured on: each batch state holds its own graphs, per
-        # (rows, columns) bucket, and they go with it.
+        # (rows, columns) bucket, in its own memory pool, and they all go with it.
         self.graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
+        self.pool = GraphPool(device)
 
     def __len__(self) -> int:
         return len(self.seqs)
+
+    @property
+    def graph_bytes(self) -> int:
+        return self.pool.nbytes
 
 
     def columns(self) -> int:
@@ -122,11 +131,6 @@ class StaticDecoder:
         self.lm = lm
         self.decoder = lm.get_decoder()
         self.graphs = graphs
-        self.pool = GraphPool(device)
-
-    @property
-    def graph_bytes(self) -> int:
-        return self.pool.nbytes
 
     @torch.inference_mode()
     def __call__(self, batch: StaticBatchState) -> torch.Tensor:
@@ -152,14 +156,14 @@ class StaticDecoder:
         return len(new)
 
     def _capture(self, batch: StaticBatchState, rows: int, columns: int) -> tuple[Any, torch.Tensor]:
-        captured = self.pool.capture(lambda: self._step(batch, rows, columns),
-                                     f"the decoding step for {rows} rows x {columns} columns")
+        captured = batch.pool.capture(lambda: self._step(batch, rows, columns),
+                                      f"the decoding step for {rows} rows x {columns} columns")
         batch.graphs[(rows, columns)] = captured
         return captured
 
     def _replay(self, batch: StaticBatchState, rows: int, columns: int) -> torch.Tensor:
         graph, logits = batch.graphs.get((rows, columns)) or self._capture(batch, rows, columns)
-        self.pool.replay(graph)
+        batch.pool.replay(graph)
         return logits
 
     def _step(self, batch: StaticBatchState, rows: int, columns: int) -> torch.Tensor:
@@ -218,10 +222,6 @@ class StaticRunner(ModelRunner):
         self.decoder = StaticDecoder(lm, graphs=graphs, device=self.device)  # type: ignore[arg-type]
         # The step and a prefill each project on their own: the step's shapes must not depend on admissions.
         self._decoder = None
-
-    @property
-    def graph_bytes(self) -> int:
-        return self.decoder.graph_bytes
 
     def new_batch(self, *, max_rows: int) -> BatchState:
         return StaticBatchState(self.lm, max_rows=max_rows, capacity=self.capacity,  # type: ignore[return-value]
