@@ -162,3 +162,33 @@ def test_graphs_captured_before_the_first_request_serve_joining_rows(replayed, s
         assert len(batch.pool.captured) == captured  # type: ignore[attr-defined]
     finally:
         engine.stop()
+
+
+def test_merge_copies_each_rows_own_positions_from_the_left_padded_prefill(setup) -> None:
+    from types import SimpleNamespace
+
+    import torch
+
+    from blip2_triton.llm.batch import Prefilled
+
+    static, _ = setup
+    batch = static.runner.new_batch(max_rows=8)
+    config = static.lm.config
+    heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+    width, lengths = 9, [9, 4, 6]
+    layers = [SimpleNamespace(keys=torch.randn(3, heads, width, head_dim),
+                              values=torch.randn(3, heads, width, head_dim)) for _ in range(config.num_hidden_layers)]
+    seqs = [SimpleNamespace(prompt_ids=list(range(length))) for length in lengths]
+
+    def prefilled(rows: slice) -> Prefilled:
+        cache = SimpleNamespace(layers=[SimpleNamespace(keys=la.keys[rows], values=la.values[rows]) for la in layers])
+        n = len(range(3)[rows])
+        return Prefilled(cache, torch.ones(n, width), torch.zeros(n))
+
+    batch.merge(seqs[:1], prefilled(slice(0, 1)))  # then two rows joining after it, at row 1
+    batch.merge(seqs[1:], prefilled(slice(1, 3)))
+    assert batch.lengths[:3].tolist() == lengths
+    for layer, la in enumerate(layers):
+        for row, length in enumerate(lengths):
+            assert torch.equal(batch.keys[layer][row, :, :length], la.keys[row, :, width - length:])
+            assert torch.equal(batch.values[layer][row, :, :length], la.values[row, :, width - length:])

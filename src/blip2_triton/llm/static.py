@@ -97,12 +97,17 @@ class StaticBatchState:
             raise RuntimeError(f"static batch holds {self.max_rows} rows, asked for {start + len(seqs)}")
         width = prefilled.mask.shape[1]
         lengths = [len(seq.prompt_ids) for seq in seqs]
+        device = self.lengths.device
+        # Every position of every new row in one indexed copy per layer and buffer, not one per row (a kernel
+        # launch each on a GPU). The prefill is left-padded: a row's own positions are its last `length` columns.
+        rows = torch.tensor([row for row, length in enumerate(lengths) for _ in range(length)], device=device)
+        columns = torch.tensor([column for length in lengths for column in range(length)], device=device)
+        padded = columns + torch.tensor([width - length for length in lengths], device=device).repeat_interleave(
+            torch.tensor(lengths, device=device))
         for layer, cached in enumerate(prefilled.cache.layers):
-            for row, length in enumerate(lengths):
-                # The prefill is left-padded: a row's own positions are its last `length` columns.
-                self.keys[layer][start + row, :, :length] = cached.keys[row, :, width - length:]
-                self.values[layer][start + row, :, :length] = cached.values[row, :, width - length:]
-        self.lengths[start:start + len(seqs)] = torch.tensor(lengths, device=self.lengths.device)
+            self.keys[layer][rows + start, :, columns] = cached.keys[rows, :, padded]
+            self.values[layer][rows + start, :, columns] = cached.values[rows, :, padded]
+        self.lengths[start:start + len(seqs)] = torch.tensor(lengths, device=device)
         self.seqs.extend(seqs)
 
     def retain(self, keep: list[int]) -> None:
