@@ -148,16 +148,25 @@ class Report(dict):  # type: ignore[type-arg]
 
     def __setitem__(self, key: str, value: Any) -> None:
         super().__setitem__(key, value)
+        self.write()
+
+    def write(self) -> None:
+        """Rewrites the JSON, whole or not at all (a kill mid-write leaves the previous one)."""
         if self.output is not None:
-            self.output.write_text(json.dumps(self, indent=2) + "\n")
+            partial = self.output.with_name(self.output.name + ".partial")
+            partial.write_text(json.dumps(self, indent=2) + "\n")
+            os.replace(partial, self.output)
 
     def measure(self, key: str, figure: Callable[[], Any]) -> None:
-        """`self[key] = figure()`, or the error that figure raised (its traceback goes to the log)."""
+        """`self[key] = figure()`, or the error that figure raised (its traceback goes to the log) beside whatever
+        the figure had already written under `key`."""
         try:
             self[key] = figure()
         except Exception as e:
             traceback.print_exc()
-            self[key] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+            error = f"{type(e).__name__}: {str(e)[:500]}"
+            before = self.get(key)
+            self[key] = {**before, "error": error} if isinstance(before, dict) else {"error": error}
 
 
 def print_report(report: dict[str, Any], output: Path | None) -> None:

@@ -28,8 +28,14 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         name = func._schema.name
-        if name in SYNC_OPS:
+        if name == "aten::lift_fresh" and args and args[0].dim() == 0:
+            pass  # a Python scalar written into a tensor: capturable on CUDA
+        elif name in SYNC_OPS:
             self.syncs.append(name)
+        elif name in ("aten::index", "aten::index_put", "aten::index_put_") and any(
+                isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+                for i in (args[1] if len(args) > 1 else ())):
+            self.syncs.append(f"{name} with a boolean mask")  # a hidden nonzero on CUDA
         out = func(*args, **kwargs)
         self.trace.append((func, args, kwargs, out))
         return out
@@ -49,11 +55,24 @@ class ReplayPool:
         recorder = _Recorder()
         real = torch.cuda.is_current_stream_capturing
         torch.cuda.is_current_stream_capturing = lambda: True  # type: ignore[assignment]
+        # Reading a tensor on the host dispatches no op on CPU, but is a device-to-host sync on CUDA.
+        host_reads = {name: getattr(torch.Tensor, name) for name in ("tolist", "cpu", "numpy")}
+
+        def refuse(name: str) -> Any:
+            def read(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+                recorder.syncs.append(f"Tensor.{name}")
+                return host_reads[name](tensor, *args, **kwargs)
+            return read
+
+        for name in host_reads:
+            setattr(torch.Tensor, name, refuse(name))
         try:
             with recorder:
                 out = step()
         finally:
             torch.cuda.is_current_stream_capturing = real  # type: ignore[assignment]
+            for name, method in host_reads.items():
+                setattr(torch.Tensor, name, method)
         if recorder.syncs:
             raise RuntimeError(f"capturing {what}: host syncs inside the capture ({', '.join(recorder.syncs)})")
         trace = recorder.trace

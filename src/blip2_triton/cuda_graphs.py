@@ -67,8 +67,14 @@ class GraphPool:
             # A capture stream of this device: `torch.cuda.graph`'s default one belongs to whichever device was
             # current at the process's first capture.
             self._stream = self._stream or torch.cuda.Stream()
-            with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
-                out = step()
+            current = torch.cuda.current_stream()
+            try:
+                with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
+                    out = step()
+            except BaseException:
+                # A capture that fails at its end leaves this thread on the capture stream.
+                torch.cuda.set_stream(current)
+                raise
             self._pool = graph.pool()
             self.nbytes += max(0, torch.cuda.memory_reserved() - before)
         log.debug("captured %s on %s (graphs hold %d bytes)", what, self.device, self.nbytes)

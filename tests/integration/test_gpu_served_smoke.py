@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from bench_reports import errors_in
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +31,8 @@ def test_cpu_smoke_run_reports_every_figure(import_bench, tmp_path: Path) -> Non
     assert small["decode_and_served_ms"] > 0 and large["decode_and_served_ms"] > 0
     assert large["jpeg_bytes"] > small["jpeg_bytes"]
     assert set(vision["decoder_pool_640x480_images_per_s"]) == {1, 2}
-    assert report["gpu_memory_mib"] == {"inflight": {}, "static": {}}
+    assert report["gpu_memory_mib"] == {"inflight": {"at_start": {}, "after_load": {}}, "static": {"after_load": {}}}
+    assert report["server_start_s"] > 0 and errors_in(report) == []
     quantized = report["quantized_8bit"]  # bitsandbytes runs 8-bit on CPU here
     assert "error" not in quantized, quantized
     assert quantized["requests"] == 2 and quantized["requests_per_s"] > 0 and quantized["gpu_memory_mib"] == {}

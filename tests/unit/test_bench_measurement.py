@@ -168,3 +168,19 @@ def test_a_report_keeps_each_figure_on_disk_and_records_a_failing_one(bench, tmp
     assert written["fine"] == {"ms": 1.5}
     assert written["graphs"] == {"error": "RuntimeError: capture failed: operation not permitted when stream is "
                                           "capturing"}
+
+
+def test_a_failing_figure_keeps_what_it_had_written(bench, tmp_path) -> None:
+    import json
+
+    out = tmp_path / "report.json"
+    report = bench.Report(out)
+
+    def graphs() -> dict:
+        report["graphs"] = {"off": {"decode_step_ms": 9.9}}  # written as measured, then the next part fails
+        raise MemoryError("CUDA out of memory")
+
+    report.measure("graphs", graphs)
+    assert json.loads(out.read_text()) == {"graphs": {"off": {"decode_step_ms": 9.9},
+                                                      "error": "MemoryError: CUDA out of memory"}}
+    assert not list(tmp_path.glob("*.partial"))

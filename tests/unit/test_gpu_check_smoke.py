@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from bench_reports import errors_in
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +20,7 @@ def test_cpu_smoke_run_reports_latency_throughput_and_hf_identical_text(gpu_chec
         "--device", "cpu", "--tiny-shapes", "--latency-runs", "2", "--batches", "1", "--concurrency", "4",
         "--tokens", "6", "--graphs", "skip", "--output", str(out),
     ])
+    assert errors_in(report) == []
     single = report["single_request"]
     assert single["end_to_end"]["runs"] == 2 and single["end_to_end"]["median_ms"] > 0
     assert single["llm_ms_per_token"] > 0 and single["sample_text"]
@@ -66,6 +68,7 @@ def test_cpu_smoke_of_the_fixed_buffer_comparison(gpu_check) -> None:
         "--tokens", "4", "--mixed-rounds", "1", "--graph-rows", "1,3", "--graph-cached", "40",
         "--graph-clients", "3",
     ])
+    assert errors_in(report) == []
     graphs = report["graphs"]
     assert graphs["copy_gbps"] is None and graphs["llm_weight_bytes"] > 0
     for mode, runner in (("off", "ModelRunner"), ("on", "StaticRunner")):
@@ -105,7 +108,9 @@ def test_the_comparison_with_graphs_replayed_as_on_a_gpu(gpu_check, monkeypatch:
         "--tokens", "6", "--mixed-rounds", "1", "--graph-rows", "1,4", "--graph-cached", "40,300",
         "--graph-clients", "4", "--vision-batches", "1,4",
     ])
+    assert errors_in(report) == []
     on = report["graphs"]["on"]
+    assert on["capture"]["graphs"] > 0 and on["engine_iteration"]["real_step"]["ms_median"] > 0
     assert all(entry["equal"] for entry in on["greedy_vs_hf"]), on["greedy_vs_hf"]
     assert on["seeded_alone_equals_batch_of_32"] is True and on["llm_mixed_c32"]["texts_identical"] is True
     vision = report["vision_graphs"]

@@ -192,3 +192,9 @@ def test_merge_copies_each_rows_own_positions_from_the_left_padded_prefill(setup
         for row, length in enumerate(lengths):
             assert torch.equal(batch.keys[layer][row, :, :length], la.keys[row, :, width - length:])
             assert torch.equal(batch.values[layer][row, :, :length], la.values[row, :, width - length:])
+
+
+def test_more_active_sequences_than_the_largest_row_bucket(tiny_model_dir: Path) -> None:
+    options = ServerOptions(model_id=str(tiny_model_dir), max_active_sequences=300, cuda_graphs="on")
+    with pytest.raises(ConfigurationError, match="at most 256 rows, max_active_sequences is 300"):
+        LanguageStage(options)

@@ -79,6 +79,9 @@ class LanguageStage:
         if self.options.cuda_graphs == "off":
             return False
         reason = static.supports(self.lm) if self.decoder_only else "encoder-decoder LMs are generated whole"
+        if reason is None and self.options.max_active_sequences > static.ROW_BUCKETS[-1]:
+            reason = (f"the fixed-buffer decoding step holds at most {static.ROW_BUCKETS[-1]} rows, "
+                      f"max_active_sequences is {self.options.max_active_sequences}")
         return fixed_buffers(self.options.cuda_graphs, reason=reason, device=self.device, dtype=self.loaded.dtype)
 
     @property
