@@ -21,7 +21,8 @@ single_request.llm_inflight: the LLM part of one request through the in-flight e
                    work), plain and streaming rows; on CUDA, device-to-host syncs per iteration (24 tokens, also
                    per mode under graphs)
   graphs           the LLM stage with decoding steps on fixed buffers (`BLIP2_CUDA_GRAPHS`: CUDA graphs on a GPU,
-                   the same step eagerly on CPU) against HF's eager forward, in one run: decoding steps at 1/8/32/64
+                   the same step eagerly on CPU; `on` first) against HF's eager forward, in one run: the capture
+                   of a served engine's buckets (count, seconds, bytes), decoding steps at 1/8/32/64
                    rows with ~40 and ~300 cached positions beside the floor from the measured copy bandwidth, one
                    16-token request end to end, the TensorRT-LLM case (a VQA request whose answer is 3 tokens, vision
                    included), captions with 32 and 64 requests in flight through both stages, the mixed workload,

@@ -4,7 +4,9 @@ stages in-process in the same run (so served / in-process is a ratio from one ma
     python bench/gpu_served.py --output gpu_served.json             # on the GPU machine: blip2-opt-2.7b shapes
     python bench/gpu_served.py --device cpu --tiny-shapes            # smoke test anywhere
 
-Random weights with the exact shapes of `Salesforce/blip2-opt-2.7b` (`random_blip2.OPT_2_7B`, written once as a
+`--cuda-graphs on` serves and runs in-process with BLIP2_CUDA_GRAPHS=on (after `gpu_check` found the graphs
+right); `--budget-s` skips the figures that would start past it, counting a server's start. Random weights with the
+exact shapes of `Salesforce/blip2-opt-2.7b` (`random_blip2.OPT_2_7B`, written once as a
 checkpoint directory), float16 on CUDA. Figures:
   single_caption      one 16-token caption, end to end: served (gRPC, Triton direct) and in-process (vision stage,
                       then the in-flight engine), median of --runs; their ratio
@@ -15,10 +17,13 @@ checkpoint directory), float16 on CUDA. Figures:
   vision              the vision stage in-process: ms per image at batch 1 and 32; decode + preprocess of a 224 px
                       and a 4000x3000 JPEG (bench_preprocess.per_image), and the decoder pool's images/s on 1-16
                       threads (it runs beside the forward pass)
-  gpu_memory_mib      GPU memory per stage process (nvidia-smi), per server
+  gpu_memory_mib      GPU memory per stage process (nvidia-smi), per server: right after it started and after its
+                      load (the eager batch's KV memory grows with the requests admitted)
+  server_start_s      seconds from launching tritonserver to ready (both stages load, capture, warm up)
   quantized_MODE      the same captions at --quantized-clients through a server loading bitsandbytes 8-bit or 4-bit
                       weights: req/s, p50, p99 and GPU memory per stage (or the error where bitsandbytes cannot run)
-Needs a CUDA build of torch, transformers, tritonclient[grpc] and the nvidia-pytriton wheel (its tritonserver).
+Needs a CUDA build of torch, transformers, tritonclient[grpc] and the nvidia-pytriton wheel (its tritonserver);
+on the lent GPU machine `bench/gpu_session.py` brings the missing ones from `.gpu-kit/` (scripts/gpu_kit.py).
 """
 
 from __future__ import annotations
