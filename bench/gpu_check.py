@@ -170,31 +170,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "sample_text": text,
     }
 
+    single = report["single_request"]
     if time.perf_counter() - t0 < args.budget_s:
         # The same kind of request through the in-flight engine (the server's default scheduler), one at a time.
-        report["single_request"]["llm_inflight"] = _percentiles(inflight_latency(
-            llm, [vision.run([ImageRequest(b)])[0] for b in images(2)], args.tokens, args.latency_runs))
+        report.measure("single_request", lambda: {**single, "llm_inflight": _percentiles(inflight_latency(
+            llm, [vision.run([ImageRequest(b)])[0] for b in images(2)], args.tokens, args.latency_runs))})
 
-    if time.perf_counter() - t0 < args.budget_s:
+    def against_hf() -> dict[str, Any]:
         hf = hf_generate_latency(loaded, base[0], args.tokens, device, runs=5)
         # The serving path must produce HF's greedy text for the same image (in this dtype, on this device).
         _, _, served_text = one(tagged(base[0], "gpu-check-compare"))
-        report["single_request"]["hf_generate"] = hf
-        report["single_request"]["text_matches_hf"] = served_text == hf["text"]
+        return {**report["single_request"], "hf_generate": hf, "text_matches_hf": served_text == hf["text"]}
 
-    times = []
-    for _ in range(args.batches):
-        if time.perf_counter() - t0 > args.budget_s:
-            report["skipped"] = "concurrency batches cut short by --budget-s"
-            break
-        times.append(batch(args.concurrency))
-    if times:
+    if time.perf_counter() - t0 < args.budget_s:
+        report.measure("single_request", against_hf)
+
+    def batched() -> dict[str, Any]:
+        times = []
+        for _ in range(args.batches):
+            if time.perf_counter() - t0 > args.budget_s:
+                report["skipped"] = "concurrency batches cut short by --budget-s"
+                break
+            times.append(batch(args.concurrency))
         n = args.concurrency * len(times)
-        report["concurrency_32"] = {
-            "requests_per_s": round(n / sum(times), 2),
-            "tokens_per_s": round(n * args.tokens / sum(times), 1),
-            "batch_latency": _percentiles(times),
-        }
+        return {"requests_per_s": round(n / sum(times), 2), "tokens_per_s": round(n * args.tokens / sum(times), 1),
+                "batch_latency": _percentiles(times)} if times else {"skipped": "--budget-s"}
+
+    report.measure("concurrency_32", batched)
     # The LLM-only phases below share one set of embeddings.
     embeds = vision.run([ImageRequest(b) for b in images(args.concurrency)])
     # From here on each figure is written as soon as it is measured, and one that fails records its error.
