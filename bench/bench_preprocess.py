@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench_throughput import print_report
+from bench_throughput import Report
 from PIL import Image
 
 from blip2_triton.options import ServerOptions
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     processor = clip_image_processor(224)
     sizes = ((224, 224), (640, 480)) if args.quick else SIZES
     runs, pool_images = (2, 2) if args.quick else (args.runs, args.pool_images)
-    report: dict[str, Any] = {"cpus": os.cpu_count(), "processor": type(processor).__name__}
+    report = Report(args.output, cpus=os.cpu_count(), processor=type(processor).__name__)
     jpegs = {f"{w}x{h}": photo_jpeg(w, h) for w, h in sizes}
     for name, data in jpegs.items():
         report[name] = per_image(processor, data, runs)
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["decoder_pool"] = {"image": f"{sizes[-1][0]}x{sizes[-1][1]}",
                               **{f"threads_{n}_images_per_s": decoder_pool(processor, largest, n, pool_images)
                                  for n in counts}}
-    print_report(report, args.output)
+    report.finish()
     return report
 
 

@@ -158,23 +158,23 @@ class Report(dict):  # type: ignore[type-arg]
             os.replace(partial, self.output)
 
     def measure(self, key: str, figure: Callable[[], Any]) -> None:
-        """`self[key] = figure()`, or the error that figure raised (its traceback goes to the log) beside whatever
-        the figure had already written under `key`."""
+        """`self[key] = figure()`, or the error that figure raised beside whatever it had already written there."""
         try:
             self[key] = figure()
         except Exception as e:
-            traceback.print_exc()
-            error = f"{type(e).__name__}: {str(e)[:500]}"
             before = self.get(key)
-            self[key] = {**before, "error": error} if isinstance(before, dict) else {"error": error}
+            self[key] = {**before, **failure(e)} if isinstance(before, dict) else failure(e)
+
+    def finish(self) -> None:
+        """The final JSON: written (when there is an output) and printed."""
+        self.write()
+        print(json.dumps(self, indent=2))
 
 
-def print_report(report: dict[str, Any], output: Path | None) -> None:
-    """Prints a benchmark's JSON and writes it to `output` as well, where given."""
-    text = json.dumps(report, indent=2)
-    print(text)
-    if output is not None:
-        output.write_text(text + "\n")
+def failure(error: Exception) -> dict[str, str]:
+    """A figure that raised, as the report records it; the traceback goes to the log."""
+    traceback.print_exception(error)
+    return {"error": f"{type(error).__name__}: {str(error)[:500]}"}
 
 
 def tagged(jpeg: bytes, tag: str) -> bytes:

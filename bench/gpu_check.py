@@ -43,7 +43,6 @@ import itertools
 import statistics
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,7 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import random_blip2
-from bench_throughput import Report, pattern_jpeg, print_report, tagged
+from bench_throughput import Report, failure, pattern_jpeg, tagged
 
 
 def _sync(device: torch.device) -> None:
@@ -218,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if device.type == "cuda":
         report["max_memory_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     report["total_s"] = round(time.perf_counter() - t0, 1)
-    print_report(report, args.output)
+    report.finish()
     return report
 
 
@@ -471,7 +470,7 @@ def engine_iterations(llm: Any, embeds: list[Any], device: torch.device, tokens:
 
 
 def graphs_comparison(vision: Any, loaded: Any, images: Any, device: torch.device, args: Any,
-                      deadline: float, report: Report | None = None) -> dict[str, Any]:
+                      deadline: float, report: Report) -> dict[str, Any]:
     """Every LLM figure of the CUDA-graph issue with the eager forward (`off`) and on fixed buffers (`on`); each
     written into `report["graphs"]` as soon as measured, a failing one as its error."""
     import dataclasses
@@ -485,10 +484,8 @@ def graphs_comparison(vision: Any, loaded: Any, images: Any, device: torch.devic
         try:
             result[key] = measure()
         except Exception as e:
-            traceback.print_exc()
-            result[key] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
-        if report is not None:
-            report["graphs"] = out
+            result[key] = failure(e)
+        report["graphs"] = out
 
     def capture(llm: Any) -> dict[str, Any]:
         # The served stage's start: every bucket of an engine's batch at the default limits.
@@ -541,8 +538,8 @@ def graphs_comparison(vision: Any, loaded: Any, images: Any, device: torch.devic
         try:
             llm = LanguageStage(dataclasses.replace(base_options, cuda_graphs=mode), loaded=loaded)
         except Exception as e:  # its error stands for the mode; the other mode still runs
-            traceback.print_exc()
-            figure(result, "error", lambda e=e: f"{type(e).__name__}: {str(e)[:500]}")
+            result.update(failure(e))
+            report["graphs"] = out
             continue
         result["runner"] = type(llm.runner).__name__
         figures = mode_figures(llm)
