@@ -43,7 +43,6 @@ class Detokenizer:
         self._window: Callable[[list[int]], str] = (
             (lambda ids: backend.decode(ids, skip_special_tokens=True)) if backend is not None else self.decode
         )
-        self.incremental = True
         self.incremental = self._probe()
         if not self.incremental:
             log.info("streams decode their whole text every step: this tokenizer's text is not local to tokens")
@@ -57,8 +56,9 @@ class Detokenizer:
 
     def advance(self, state: StreamText, ids: list[int]) -> str:
         """The decode of `ids` so far (unstripped), as far as it is settled; updates `state`."""
-        if not self.incremental:
-            return self.decode(ids)
+        return self._windowed(state, ids) if self.incremental else self.decode(ids)
+
+    def _windowed(self, state: StreamText, ids: list[int]) -> str:
         if len(ids) == state.read:
             return state.text
         before = self._window(ids[state.context:state.read])
@@ -79,7 +79,7 @@ class Detokenizer:
         for sequence in sequences:
             state = StreamText()
             for end in range(1, len(sequence) + 1):
-                self.advance(state, sequence[:end])
+                self._windowed(state, sequence[:end])
                 if state.text != self.decode(sequence[:state.read]):
                     return False
         return True
