@@ -25,7 +25,8 @@ def _pattern(width: int, height: int, seed: int) -> np.ndarray:
     return np.clip(base + noise, 0, 255).astype(np.uint8)
 
 
-def _encode(img: Image.Image, fmt: str, **kwargs: object) -> bytes:
+def encode(img: Image.Image, fmt: str, **kwargs: object) -> bytes:
+    """The image's file bytes in `fmt` (PNG, JPEG, ...)."""
     buf = io.BytesIO()
     img.save(buf, format=fmt, **kwargs)
     return buf.getvalue()
@@ -34,21 +35,21 @@ def _encode(img: Image.Image, fmt: str, **kwargs: object) -> bytes:
 def sample_images() -> dict[str, bytes]:
     rgb = Image.fromarray(_pattern(320, 240, 1))
     images = {
-        "rgb_jpeg": _encode(rgb, "JPEG", quality=90),
-        "rgb_png_portrait": _encode(Image.fromarray(_pattern(120, 260, 2)), "PNG"),
-        "rgba_png": _encode(Image.fromarray(_pattern(200, 200, 3)).convert("RGBA"), "PNG"),
-        "gray_l_png": _encode(Image.fromarray(_pattern(150, 100, 4)).convert("L"), "PNG"),
-        "palette_gif": _encode(Image.fromarray(_pattern(160, 120, 5)).convert("P", palette=Image.Palette.ADAPTIVE),
+        "rgb_jpeg": encode(rgb, "JPEG", quality=90),
+        "rgb_png_portrait": encode(Image.fromarray(_pattern(120, 260, 2)), "PNG"),
+        "rgba_png": encode(Image.fromarray(_pattern(200, 200, 3)).convert("RGBA"), "PNG"),
+        "gray_l_png": encode(Image.fromarray(_pattern(150, 100, 4)).convert("L"), "PNG"),
+        "palette_gif": encode(Image.fromarray(_pattern(160, 120, 5)).convert("P", palette=Image.Palette.ADAPTIVE),
                                "GIF"),
-        "cmyk_jpeg": _encode(Image.fromarray(_pattern(180, 140, 6)).convert("CMYK"), "JPEG", quality=92),
-        "png_16bit": _encode(Image.fromarray(_pattern(90, 70, 7)[..., 0].astype(np.uint16) * 257), "PNG"),
-        "tiny_1x1": _encode(Image.new("RGB", (1, 1), (200, 30, 90)), "PNG"),
-        "tiny_3x5": _encode(Image.fromarray(_pattern(3, 5, 8)), "PNG"),
-        "large_jpeg": _encode(Image.fromarray(_pattern(1600, 1200, 9)), "JPEG", quality=85),
-        "webp": _encode(Image.fromarray(_pattern(256, 192, 10)), "WEBP", quality=90),
-        "bmp": _encode(Image.fromarray(_pattern(64, 64, 11)), "BMP"),
-        "tiff": _encode(Image.fromarray(_pattern(100, 80, 12)), "TIFF"),
-        "wide_png": _encode(Image.fromarray(_pattern(600, 40, 13)), "PNG"),
+        "cmyk_jpeg": encode(Image.fromarray(_pattern(180, 140, 6)).convert("CMYK"), "JPEG", quality=92),
+        "png_16bit": encode(Image.fromarray(_pattern(90, 70, 7)[..., 0].astype(np.uint16) * 257), "PNG"),
+        "tiny_1x1": encode(Image.new("RGB", (1, 1), (200, 30, 90)), "PNG"),
+        "tiny_3x5": encode(Image.fromarray(_pattern(3, 5, 8)), "PNG"),
+        "large_jpeg": encode(Image.fromarray(_pattern(1600, 1200, 9)), "JPEG", quality=85),
+        "webp": encode(Image.fromarray(_pattern(256, 192, 10)), "WEBP", quality=90),
+        "bmp": encode(Image.fromarray(_pattern(64, 64, 11)), "BMP"),
+        "tiff": encode(Image.fromarray(_pattern(100, 80, 12)), "TIFF"),
+        "wide_png": encode(Image.fromarray(_pattern(600, 40, 13)), "PNG"),
     }
     return images
 

@@ -6,11 +6,11 @@
 
 from __future__ import annotations
 
-import io
 import struct
 import zlib
 
 import numpy as np
+from images import encode
 from PIL import Image
 
 MAX_IMAGE_PIXELS = 24_000_000
@@ -32,12 +32,6 @@ def _smooth(width: int, height: int) -> np.ndarray:
     out[..., 1] = (np.arange(height, dtype=np.uint32) * 255 // max(height - 1, 1)).astype(np.uint8)[:, None]
     out[..., 2] = 90
     return out
-
-
-def _encode(img: Image.Image, fmt: str, **kwargs: object) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kwargs)
-    return buf.getvalue()
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -80,19 +74,19 @@ def exif_rotated_jpeg() -> bytes:
     img = Image.fromarray(_pattern(160, 100, 21))
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90 CW to display
-    return _encode(img, "JPEG", quality=90, exif=exif)
+    return encode(img, "JPEG", quality=90, exif=exif)
 
 
 def animated(fmt: str) -> bytes:
     frames = [Image.fromarray(_pattern(120, 90, 30 + i)) for i in range(3)]
     if fmt == "GIF":
         frames = [f.convert("P", palette=Image.Palette.ADAPTIVE) for f in frames]
-    return _encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
 
 
 def palette_with_transparency() -> bytes:
     img = Image.fromarray(_pattern(100, 80, 41)).convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
-    return _encode(img, "PNG", transparency=3)
+    return encode(img, "PNG", transparency=3)
 
 
 def good_images() -> dict[str, bytes]:
@@ -101,18 +95,18 @@ def good_images() -> dict[str, bytes]:
         "animated_gif": animated("GIF"),
         "animated_webp": animated("WEBP"),
         "png_16bit_rgb": png_16bit_rgb(64, 48, 51),
-        "cmyk_jpeg": _encode(Image.fromarray(_pattern(90, 60, 52)).convert("CMYK"), "JPEG", quality=90),
+        "cmyk_jpeg": encode(Image.fromarray(_pattern(90, 60, 52)).convert("CMYK"), "JPEG", quality=90),
         "palette_transparency_png": palette_with_transparency(),
-        "la_png": _encode(Image.fromarray(_pattern(70, 50, 53)).convert("LA"), "PNG"),
-        "progressive_jpeg": _encode(Image.fromarray(_pattern(200, 150, 54)), "JPEG", quality=85, progressive=True),
-        "one_pixel_gif": _encode(Image.new("P", (1, 1)), "GIF"),
-        "wide_2000x3": _encode(Image.fromarray(_pattern(2000, 3, 55)), "PNG"),
-        "tall_3x2000": _encode(Image.fromarray(_pattern(3, 2000, 56)), "PNG"),
+        "la_png": encode(Image.fromarray(_pattern(70, 50, 53)).convert("LA"), "PNG"),
+        "progressive_jpeg": encode(Image.fromarray(_pattern(200, 150, 54)), "JPEG", quality=85, progressive=True),
+        "one_pixel_gif": encode(Image.new("P", (1, 1)), "GIF"),
+        "wide_2000x3": encode(Image.fromarray(_pattern(2000, 3, 55)), "PNG"),
+        "tall_3x2000": encode(Image.fromarray(_pattern(3, 2000, 56)), "PNG"),
         # One scan, and a comment full of FF DA bytes (metadata, not scans).
         "jpeg_comment_with_sos_bytes": jpeg_with_comment(
-            _encode(Image.fromarray(_pattern(80, 60, 57)), "JPEG", quality=90), b"\xff\xda" * 32000),
+            encode(Image.fromarray(_pattern(80, 60, 57)), "JPEG", quality=90), b"\xff\xda" * 32000),
         # Large but legal: 20 MP (under the 24 MP default); smooth so the file stays small.
-        "large_20mp_jpeg": _encode(Image.fromarray(_smooth(5000, 4000)), "JPEG", quality=80),
+        "large_20mp_jpeg": encode(Image.fromarray(_smooth(5000, 4000)), "JPEG", quality=80),
     }
 
 
@@ -125,20 +119,20 @@ def jpeg_with_comment(jpeg: bytes, comment: bytes) -> bytes:
 
 def scan_flood_jpeg(extra_scans: int) -> bytes:
     """A progressive JPEG whose last scan is repeated `extra_scans` times: real SOS segments inside the image."""
-    data = _encode(Image.fromarray(_pattern(64, 48, 63)), "JPEG", quality=90, progressive=True)
+    data = encode(Image.fromarray(_pattern(64, 48, 63)), "JPEG", quality=90, progressive=True)
     last = data.rindex(b"\xff\xda")
     end = data.rindex(b"\xff\xd9")
     return data[:end] + data[last:end] * extra_scans + data[end:]
 
 
 def bad_images() -> dict[str, tuple[bytes, str]]:
-    jpeg = _encode(Image.fromarray(_pattern(120, 90, 61)), "JPEG", quality=90)
-    png = _encode(Image.fromarray(_pattern(120, 90, 62)), "PNG")
+    jpeg = encode(Image.fromarray(_pattern(120, 90, 61)), "JPEG", quality=90)
+    png = encode(Image.fromarray(_pattern(120, 90, 62)), "PNG")
     corrupt_png = bytearray(png)
     idat = corrupt_png.index(b"IDAT") + 4
     for k in range(idat + 20, min(idat + 400, len(corrupt_png) - 16), 7):
         corrupt_png[k] ^= 0x5A
-    gif = bytearray(_encode(Image.new("P", (10, 10)), "GIF"))
+    gif = bytearray(encode(Image.new("P", (10, 10)), "GIF"))
     struct.pack_into("<HH", gif, 6, 65000, 65000)  # logical screen size
     too_many_scans = scan_flood_jpeg(600)
     return {
@@ -156,8 +150,8 @@ def bad_images() -> dict[str, tuple[bytes, str]]:
         "pdf": (b"%PDF-1.4\n1 0 obj<< /Type /Catalog >>endobj\ntrailer<<>>\n%%EOF", "not a supported image file"),
         "svg": (b"<svg xmlns='http://www.w3.org/2000/svg' width='10' height='10'/>", "not a supported image file"),
         "text": (b"hello, this is not an image\n", "not a supported image file"),
-        "ico": (_encode(Image.new("RGB", (16, 16)), "ICO"), "got ICO"),
-        "ppm": (_encode(Image.new("RGB", (16, 16)), "PPM"), "got PPM"),
+        "ico": (encode(Image.new("RGB", (16, 16)), "ICO"), "got ICO"),
+        "ppm": (encode(Image.new("RGB", (16, 16)), "PPM"), "got PPM"),
     }
 
 

@@ -4,7 +4,6 @@ also the generated tiny FlanT5) and --model-id DIR."""
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import signal
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 import tritonclient.http as httpclient
+from images import encode
 from triton_helpers import infer, tritonserver_children
 
 from blip2_triton.checkpoint import tiny_dirname
@@ -57,12 +57,11 @@ def test_serve_without_arguments_serves_the_embedded_default(tmp_path: Path) -> 
             assert r.status == 200
         client = httpclient.InferenceServerClient(f"127.0.0.1:{http}")
         scene = make_scene(HELD_OUT_SEED_START + 39)
-        image = io.BytesIO()
-        scene.image.save(image, "PNG")
-        assert infer(client, image.getvalue(), None, max_tokens=30) == scene.caption
-        assert infer(client, image.getvalue(), vqa_prompt(scene.qa[0][0]), max_tokens=5) == scene.qa[0][1]
+        image = encode(scene.image, "PNG")
+        assert infer(client, image, None, max_tokens=30) == scene.caption
+        assert infer(client, image, vqa_prompt(scene.qa[0][0]), max_tokens=5) == scene.qa[0][1]
         assert client.is_model_ready("blip2_t5")
-        infer(client, image.getvalue(), None, max_tokens=4, model="blip2_t5")  # answers (gibberish: random weights)
+        infer(client, image, None, max_tokens=4, model="blip2_t5")  # answers (gibberish: random weights)
         # An open keep-alive connection would hold Triton's shutdown for the whole exit timeout.
         client.close()
         assert (tmp_path / "cache" / tiny_dirname("t5") / "model.safetensors").exists()

@@ -5,7 +5,6 @@ Locust load, answers that end at EOS long before `max_tokens`, with no failures.
 
 from __future__ import annotations
 
-import io
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from images import encode
 from reference import HFReference
 from triton_helpers import run_locust
 
@@ -33,12 +33,6 @@ MAX_TOKENS = 30
 ROWS = 16  # the ensemble's max_batch_size
 
 
-def png(image: Any) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 @pytest.fixture(scope="module")
 def cases() -> list[tuple[bytes, str | None, str]]:
     """(image, prompt or None for a caption, expected text): each scene's caption and its first question (the
@@ -46,7 +40,7 @@ def cases() -> list[tuple[bytes, str | None, str]]:
     out = []
     for seed in range(FIRST_SEED, FIRST_SEED + SCENES):
         scene = make_scene(seed)
-        image = png(scene.image)
+        image = encode(scene.image, "PNG")
         caption, question = requests(scene)[:2]
         out += [(image, *caption), (image, *question)]
     return out

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import torch
+from images import encode
 from PIL import Image
 from transformers.image_processing_backends import PilBackend
 
@@ -22,9 +21,8 @@ def _photo(width: int, height: int, seed: int = 0) -> Image.Image:
     y, x = np.mgrid[0:height, 0:width]
     base = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + y) % 256], axis=-1)
     noise = np.random.default_rng(seed).integers(-12, 12, size=base.shape)
-    buffer = io.BytesIO()
-    Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
-    return decode_image(ImageRequest(buffer.getvalue()), ServerOptions())
+    data = encode(Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)), "JPEG", quality=90)
+    return decode_image(ImageRequest(data), ServerOptions())
 
 
 @pytest.mark.parametrize("target", [48, 224])
