@@ -25,7 +25,8 @@ single_request.llm_inflight: the LLM part of one request through the in-flight e
                    of a served engine's buckets (count, seconds, bytes), decoding steps at 1/8/32/64
                    rows with ~40 and ~300 cached positions beside the floor from the measured copy bandwidth, one
                    16-token request end to end, the TensorRT-LLM case (a VQA request whose answer is 3 tokens, vision
-                   included), captions with 32 and 64 requests in flight through both stages, the mixed workload,
+                   included: end-to-end figures use the vision stage in the same mode), captions with 32 and 64
+                   requests in flight through both stages, the mixed workload,
                    greedy text against HF (first divergent position and its top-2 margin where fp16 flips a token)
                    and a seeded request alone against the same in a batch of 32
   vision_graphs    the vision stage's forward (ViT + Q-Former + projection, decoded pixels in) per image at batch 1
@@ -471,12 +472,15 @@ def engine_iterations(llm: Any, embeds: list[Any], device: torch.device, tokens:
 
 def graphs_comparison(vision: Any, loaded: Any, images: Any, device: torch.device, args: Any,
                       deadline: float, report: Report) -> dict[str, Any]:
-    """Every LLM figure of the CUDA-graph issue with the eager forward (`off`) and on fixed buffers (`on`); each
-    written into `report["graphs"]` as soon as measured, a failing one as its error."""
+    """Every LLM figure of the CUDA-graph issue with the eager forward (`off`) and on fixed buffers (`on`), images
+    through a vision stage of the same mode; each written into `report["graphs"]` as soon as measured, a failing
+    one as its error."""
     import dataclasses
 
     from blip2_triton.llm import InflightEngine, LanguageStage
     from blip2_triton.requests import ImageRequest
+    from blip2_triton.vision import VisionStage
+    from blip2_triton.vision.graphs import BATCH_BUCKETS as VISION_BUCKETS
 
     out: dict[str, Any] = {"copy_gbps": copy_bandwidth_gbps(device)}
 
@@ -511,7 +515,7 @@ def graphs_comparison(vision: Any, loaded: Any, images: Any, device: torch.devic
     embeds = vision.run([ImageRequest(b) for b in images(max([*rows_list, 32]))])
     base_options = dataclasses.replace(_options(loaded), max_prompt_tokens=512)
 
-    def mode_figures(llm: Any) -> list[tuple[str, Callable[[], Any]]]:
+    def mode_figures(vision: Any, llm: Any) -> list[tuple[str, Callable[[], Any]]]:
         vqa = "Question: which city is this? Answer:"
         return [
             ("capture", lambda: capture(llm)),
@@ -537,12 +541,18 @@ def graphs_comparison(vision: Any, loaded: Any, images: Any, device: torch.devic
         out[mode] = result
         try:
             llm = LanguageStage(dataclasses.replace(base_options, cuda_graphs=mode), loaded=loaded)
+            # The switch governs both stages as served: the end-to-end figures (the 3-token VQA case's target
+            # includes the vision stage) need the vision forward of the same mode, its buckets captured before
+            # any client thread runs it.
+            mode_vision = VisionStage(dataclasses.replace(_options(loaded), cuda_graphs=mode), loaded=loaded)
+            mode_vision.warm_up(VISION_BUCKETS[-1])
         except Exception as e:  # its error stands for the mode; the other mode still runs
             result.update(failure(e))
             report["graphs"] = out
             continue
         result["runner"] = type(llm.runner).__name__
-        figures = mode_figures(llm)
+        result["vision_fixed_buffers"] = mode_vision.fixed is not None
+        figures = mode_figures(mode_vision, llm)
         for key, measure in figures:
             if time.perf_counter() > deadline:
                 result["skipped"] = f"from {key} on (--budget-s)"

@@ -74,6 +74,8 @@ def test_cpu_smoke_of_the_fixed_buffer_comparison(gpu_check) -> None:
     for mode, runner in (("off", "ModelRunner"), ("on", "StaticRunner")):
         result = graphs[mode]
         assert result["runner"] == runner
+        # The end-to-end figures pass images through the vision stage of the same mode, as a served stage would.
+        assert result["vision_fixed_buffers"] is (mode == "on")
         assert set(result["decode_step_ms"]) == {"rows_1_cached_40", "rows_3_cached_40"}
         assert result["request_16_tokens"]["runs"] == 1 and result["vqa_3_tokens"]["median_ms"] > 0
         assert result["captions_c3"]["requests_per_s"] > 0
