@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import subprocess
 import sys
@@ -128,15 +129,22 @@ def served(model_dir: Path, device: str, dtype: str, log: Path, env: dict[str, s
         yield server
 
 
-def gpu_memory_mib(server: Any) -> dict[str, int]:
-    """GPU memory of each stage process of `server`, from nvidia-smi (empty without a GPU)."""
+def gpu_memory_mib(server: Any) -> dict[str, Any]:
+    """GPU memory of each stage process of `server`, from nvidia-smi (empty without a GPU). Inside a container
+    nvidia-smi may list processes under the host's pids, which match none of the stubs': what it lists for
+    processes other than this one then goes under `unattributed` (pid -> MiB) instead of being lost."""
     try:
         out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=30, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return {}
     used = {int(pid): int(mib) for pid, mib in (line.split(",") for line in out.strip().splitlines() if line)}
-    return {name: used[pid] for name, pid in server.stub_pids().items() if pid in used}
+    stubs = server.stub_pids()
+    memory: dict[str, Any] = {name: used[pid] for name, pid in stubs.items() if pid in used}
+    others = {str(pid): mib for pid, mib in used.items() if pid not in {*stubs.values(), os.getpid()}}
+    if len(memory) < len(stubs) and others:
+        memory["unattributed"] = others
+    return memory
 
 
 def median_ms(call: Callable[[Request], str], requests: list[Request]) -> float:
