@@ -159,7 +159,8 @@ class ModelRunner:
     def _step_inputs(self, batch: BatchState) -> dict[str, Any]:
         assert batch.mask is not None
         return {
-            "input_ids": torch.tensor(batch.tokens, device=self.device).unsqueeze(-1),
+            # Copied without waiting: `torch.tensor(..., device=cuda)` is a blocking copy, a second sync per step.
+            "input_ids": torch.tensor(batch.tokens).to(self.device, non_blocking=True).unsqueeze(-1),
             "attention_mask": self._decode_attention_mask(batch),
             "position_ids": batch.mask.sum(-1, keepdim=True) - 1,
             "use_cache": True,
