@@ -401,10 +401,12 @@ def copy_bandwidth_gbps(device: torch.device) -> float | None:
     for _ in range(3):
         dst.copy_(src)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+    # On the copies' stream: a bare `record()` records on the current device's, which `--device cuda:N` is not.
+    stream = torch.cuda.current_stream(device)
+    start.record(stream)
     for _ in range(10):
         dst.copy_(src)
-    end.record()
+    end.record(stream)
     torch.cuda.synchronize(device)
     return round(2 * 10 * src.nbytes / (start.elapsed_time(end) / 1e3) / 1e9, 1)
 
