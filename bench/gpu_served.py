@@ -18,7 +18,8 @@ checkpoint directory), float16 on CUDA. Figures:
                       and a 4000x3000 JPEG (bench_preprocess.per_image), and the decoder pool's images/s on 1-16
                       threads (it runs beside the forward pass)
   gpu_memory_mib      GPU memory per stage process (nvidia-smi), per server: right after it started and after its
-                      load (the eager batch's KV memory grows with the requests admitted)
+                      load (the eager batch's KV memory grows with the requests admitted); where nvidia-smi's
+                      pids are not the stub processes' (a container), what it lists goes under `unattributed`
   server_start_s      seconds from launching tritonserver to ready (both stages load, capture, warm up)
   quantized_MODE      the same captions at --quantized-clients through a server loading bitsandbytes 8-bit or 4-bit
                       weights: req/s, p50, p99 and GPU memory per stage (or the error where bitsandbytes cannot run)
