@@ -11,9 +11,10 @@ Writes preflight.json first (Python, torch, CUDA, GPU, numpy as the stages will 
 libraries, bitsandbytes), then PHASE.json and the tail of PHASE.log per phase: at most 8 files come back.
 
 The kit goes into the site-packages of a virtual environment made here (`--venv`), which reaches the project's src/,
-bench/ and client/ and this interpreter's own site-packages through a .pth file, after the kit. The phases run its
+bench/ and client/ and this interpreter's own site-packages through a .pth file, after the kit. `served` runs its
 python, so tritonserver's stage stubs do too: the stub's embedded interpreter runs isolated (it ignores PYTHONPATH)
-and builds its path from the python3 first on PATH, which the launcher sets to the phases' own.
+and builds its path from the python3 first on PATH, which the launcher sets to the phase's own. `check` runs this
+interpreter, on the machine's own packages (numpy 2).
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ PHASES = {
                                          "--runs", "1", "--tokens", "4", "--mixed-requests", "4",
                                          "--quantization", "", "--workdir", "/tmp/blip2-gpu-session-smoke"]),
 }
+# Phases that start tritonserver run the virtual environment's python (its stubs need the kit's numpy 1.26); the
+# others run this interpreter with the machine's own numpy 2, which its other packages (pandas, pyarrow, perhaps
+# scikit-learn, which transformers imports where installed) may require.
+KIT_PHASES = {"served"}
 
 
 def unpack(kit: Path, site_packages: Path) -> list[str]:
@@ -71,15 +76,17 @@ def make_venv(path: Path, kit: Path) -> tuple[Path, list[str]]:
     return python, unpacked
 
 
-def environment() -> dict[str, str]:
+def environment(*, project_path: bool) -> dict[str, str]:
     env = dict(os.environ)
-    # The stage stubs ignore PYTHONPATH: without it the phases see the packages the stubs see.
+    # The stage stubs ignore PYTHONPATH: the virtual environment's phases run without it, to see what they see.
     env.pop("PYTHONPATH", None)
+    if project_path:
+        env["PYTHONPATH"] = os.pathsep.join(str(ROOT / d) for d in ("src", "bench", "client"))
     return env
 
 
 PREFLIGHT = r"""
-import json, importlib.metadata as md, platform, subprocess, sys
+import importlib, json, importlib.metadata as md, platform, subprocess, sys
 out = {"python": platform.python_version()}
 for name in ("torch", "torchvision", "transformers", "numpy", "tokenizers", "accelerate", "grpcio", "protobuf",
              "bitsandbytes", "tritonclient"):
@@ -90,11 +97,17 @@ for name in ("torch", "torchvision", "transformers", "numpy", "tokenizers", "acc
 import numpy, torch
 out["numpy_imported"] = numpy.__version__
 out["numpy_from_kit"] = numpy.__file__.startswith(sys.prefix)
-try:
-    import tritonclient.grpc  # the kit's copy carries no version metadata
-    out["tritonclient_imported"] = tritonclient.grpc.__file__
-except Exception as e:
-    out["tritonclient_error"] = f"{type(e).__name__}: {e}"
+
+
+def imported(key, module):
+    try:
+        out[f"{key}_imported"] = importlib.import_module(module).__file__
+    except Exception as e:
+        out[f"{key}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+
+
+imported("tritonclient", "tritonclient.grpc")  # the kit's copy carries no version metadata
+imported("transformers_generation", "transformers.generation.utils")  # imports scikit-learn where installed
 out["cuda"] = torch.cuda.is_available()
 if out["cuda"]:
     out["gpu"] = torch.cuda.get_device_name(0)
@@ -110,11 +123,7 @@ try:
         out["stub_missing_libraries"] = [line.split()[0] for line in ldd.splitlines() if "not found" in line]
 except Exception as e:
     out["tritonserver_error"] = f"{type(e).__name__}: {e}"
-try:
-    import bitsandbytes  # noqa: F401
-    out["bitsandbytes_imported"] = True
-except Exception as e:
-    out["bitsandbytes_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+imported("bitsandbytes", "bitsandbytes")
 print(json.dumps(out, indent=2))
 """
 
@@ -151,17 +160,17 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     args.out.mkdir(parents=True, exist_ok=True)
     timeouts = {k: float(v) for k, v in (item.split("=") for item in args.timeouts.split(","))}
-    env = environment()
+    machine = (Path(sys.executable), environment(project_path=True))
     venv_error = None
     try:
         python, unpacked = make_venv(args.venv, args.kit)
+        staged = (python, environment(project_path=False))
     except (OSError, subprocess.SubprocessError) as e:
         # The in-process phase still runs on the machine's own packages; the served one cannot start without the kit.
         venv_error = f"{type(e).__name__}: {e}"
-        python, unpacked = Path(sys.executable), []
-        env["PYTHONPATH"] = os.pathsep.join(str(ROOT / d) for d in ("src", "bench", "client"))
+        staged, unpacked = machine, []
     # Isolated, as the stubs run: what it imports is what the stages will.
-    preflight = subprocess.run([str(python), "-I", "-c", PREFLIGHT], cwd=ROOT, env=env, capture_output=True,
+    preflight = subprocess.run([str(staged[0]), "-I", "-c", PREFLIGHT], cwd=ROOT, env=staged[1], capture_output=True,
                                text=True, timeout=300)
     report: dict[str, Any] = {"kit": unpacked, "preflight_rc": preflight.returncode}
     if venv_error:
@@ -182,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = shlex.split(getattr(args, f"{name}_args"))
         # Each skips the figures that would start past its budget: a minute before its limit, to stop servers.
         extra = ["--budget-s", str(max(30.0, timeout_s - 60)), *extra]
+        python, env = staged if name in KIT_PHASES else machine
         result = run_phase(python, name, script + (smoke_args if args.smoke else []) + extra, env, args.out, timeout_s)
         print(json.dumps(result), flush=True)
     return 0

@@ -61,3 +61,16 @@ def test_smoke_session_writes_preflight_and_phase_results(import_bench, tmp_path
     assert check["shapes"] == "tiny" and check["single_request"]["text_matches_hf"] is True
     assert (out / "check.log").stat().st_size > 0
     assert sorted(p.name for p in out.iterdir()) == ["check.json", "check.log", "preflight.json"]
+
+
+def test_the_in_process_phase_runs_on_the_machines_own_numpy(import_bench, tmp_path: Path) -> None:
+    session = import_bench("gpu_session")
+    # A kit numpy that cannot import: the preflight (as the stubs) meets it, the check phase must not.
+    kit = _kit(tmp_path / "kit", "numpy/__init__.py", b"raise ImportError('the kit numpy')\n")
+    out = tmp_path / "out"
+    assert session.main(["--smoke", "--kit", str(kit), "--venv", str(tmp_path / "venv"), "--out", str(out),
+                         "check"]) == 0
+    preflight = json.loads((out / "preflight.json").read_text())
+    assert preflight["preflight_rc"] != 0 and "the kit numpy" in preflight["preflight_error"]
+    check = json.loads((out / "check.json").read_text())
+    assert check["single_request"]["text_matches_hf"] is True
