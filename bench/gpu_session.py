@@ -60,8 +60,9 @@ def unpack(kit: Path, site_packages: Path) -> list[str]:
 
 
 def make_venv(path: Path, kit: Path) -> tuple[Path, list[str]]:
-    """The phases' interpreter: a virtual environment whose site-packages holds the kit, then reaches the project
-    and this interpreter's packages (torch, transformers, ...); returns its python and the archives unpacked."""
+    """The interpreter of the phases that start tritonserver: a virtual environment whose site-packages holds the
+    kit, then reaches the project and this interpreter's packages (torch, ...); returns its python and the archives
+    unpacked."""
     venv.EnvBuilder(clear=True, symlinks=True, with_pip=False).create(path)
     python = path / "bin" / "python"
     purelib = "import sysconfig; print(sysconfig.get_path('purelib'))"
@@ -96,7 +97,7 @@ for name in ("torch", "torchvision", "transformers", "numpy", "tokenizers", "acc
         out[name] = None
 import numpy, torch
 out["numpy_imported"] = numpy.__version__
-out["numpy_from_kit"] = numpy.__file__.startswith(sys.prefix)
+out["numpy_imported_from"] = numpy.__file__  # the kit's is under --venv
 
 
 def imported(key, module):
