@@ -8,7 +8,8 @@ Phases, each in its own process under its own time limit, in the order given:
   check    bench/gpu_check.py (issue 21 and the vision graphs of issue 22)
   served   bench/gpu_served.py (issue 22: tritonserver with both stages on CUDA, 8-bit and 4-bit beside float16)
 Writes preflight.json first (Python, torch, CUDA, GPU, numpy as the stages will see it, the stub's missing shared
-libraries, bitsandbytes), then PHASE.json and the tail of PHASE.log per phase: at most 8 files come back.
+libraries, bitsandbytes), then PHASE.json and the tail of PHASE.log per phase, and servers.log (what the served
+phase's tritonservers and their stages logged): at most 8 files come back.
 
 The kit goes into the site-packages of a virtual environment made here (`--venv`), which reaches the project's src/,
 bench/ and client/ and this interpreter's own site-packages through a .pth file, after the kit. `served` runs its
@@ -42,7 +43,7 @@ PHASES = {
                                        "--vision-batches", "1,4"]),
     "served": (["bench/gpu_served.py"], ["--device", "cpu", "--tiny-shapes", "--clients", "2", "--rounds", "1",
                                          "--runs", "1", "--tokens", "4", "--mixed-requests", "4",
-                                         "--quantization", "", "--workdir", "/tmp/blip2-gpu-session-smoke"]),
+                                         "--quantization", ""]),
 }
 # Phases that start tritonserver run the virtual environment's python (its stubs need the kit's numpy 1.26); the
 # others run this interpreter with the machine's own numpy 2, which its other packages (pandas, pyarrow, perhaps
@@ -129,6 +130,20 @@ print(json.dumps(out, indent=2))
 """
 
 
+def server_logs(workdir: Path, before: dict[Path, int], out: Path) -> None:
+    """What the served phase's tritonservers wrote to their logs (appended) in `workdir`: the stage processes' own
+    output (a stub that died, a capture's error), which would stay on the machine. One file, each log's tail."""
+    parts = []
+    for log in sorted(workdir.glob("*.log")):
+        with open(log, "rb") as f:
+            f.seek(before.get(log, 0))
+            data = f.read()
+        if data:
+            parts.append(f"==> {log.name} <==\n".encode() + data[-LOG_TAIL_BYTES:])
+    if parts:
+        (out / "servers.log").write_bytes(b"\n".join(parts))
+
+
 def run_phase(python: Path, name: str, args: list[str], env: dict[str, str], out: Path, timeout_s: float
               ) -> dict[str, Any]:
     log = out / f"{name}.log"
@@ -157,10 +172,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="the whole session's limit: a device command gets 600 s, and what a phase leaves runs short")
     p.add_argument("--check-args", default="", help="more arguments for gpu_check.py (one string)")
     p.add_argument("--served-args", default="", help="more arguments for gpu_served.py (one string)")
+    p.add_argument("--served-workdir", type=Path, default=None,
+                   help="gpu_served's --workdir (its checkpoint and server logs); default /tmp/blip2-gpu-served, "
+                        "with --smoke /tmp/blip2-gpu-session-smoke")
     args = p.parse_args(argv)
     started = time.monotonic()
     args.out.mkdir(parents=True, exist_ok=True)
     timeouts = {k: float(v) for k, v in (item.split("=") for item in args.timeouts.split(","))}
+    workdir = args.served_workdir or Path("/tmp/blip2-gpu-session-smoke" if args.smoke else "/tmp/blip2-gpu-served")
     machine = (Path(sys.executable), environment(project_path=True))
     venv_error = None
     try:
@@ -193,7 +212,12 @@ def main(argv: list[str] | None = None) -> int:
         # Each skips the figures that would start past its budget: a minute before its limit, to stop servers.
         extra = ["--budget-s", str(max(30.0, timeout_s - 60)), *extra]
         python, env = staged if name in KIT_PHASES else machine
+        if name == "served":
+            extra = ["--workdir", str(workdir), *extra]
+            before = {log: log.stat().st_size for log in workdir.glob("*.log")}
         result = run_phase(python, name, script + (smoke_args if args.smoke else []) + extra, env, args.out, timeout_s)
+        if name == "served":
+            server_logs(workdir, before, args.out)
         print(json.dumps(result), flush=True)
     return 0
 
