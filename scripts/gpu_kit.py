@@ -1,7 +1,7 @@
 """Builds `.gpu-kit/`: what the lent GPU machine lacks for the served benchmark, small enough to carry (64 MiB).
 
     .venv/bin/python scripts/gpu_kit.py                  # for the GPU machine's Python 3.12
-    .venv/bin/python scripts/gpu_kit.py --python 3.11    # for a smoke test of bench/gpu_session.sh here
+    .venv/bin/python scripts/gpu_kit.py --python 3.11    # for a smoke test of bench/gpu_session.py here
 
 The GPU machine has torch, transformers, grpcio and numpy 2 but no network. It needs:
   pytriton.tar.xz      nvidia-pytriton 0.7.0's tritonserver, Python backend and the stub of one Python version
@@ -10,7 +10,7 @@ The GPU machine has torch, transformers, grpcio and numpy 2 but no network. It n
   numpy.tar.xz         numpy 1.26: the 2.51 stub dies on its first request with numpy 2 (see supervisor/install.py)
   tritonclient.tar.xz  tritonclient's Python gRPC client and utils, without perf_analyzer's binaries
   bitsandbytes.tar.xz  bitsandbytes 0.50 for 8-bit and 4-bit loading, with the library of one CUDA version only
-Each unpacks into one `site/` directory put first on PYTHONPATH by bench/gpu_session.sh.
+Each unpacks into the site-packages of the virtual environment bench/gpu_session.py makes for the phases.
 """
 
 from __future__ import annotations

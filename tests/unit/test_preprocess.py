@@ -7,13 +7,20 @@ import pytest
 import torch
 from images import encode
 from PIL import Image
-from transformers.image_processing_backends import PilBackend
+from transformers import BlipImageProcessorPil
+from transformers.image_processing_backends import PilBackend, TorchvisionBackend
 
 from blip2_triton.options import ServerOptions
 from blip2_triton.requests import ImageRequest
 from blip2_triton.tiny import clip_image_processor
 from blip2_triton.vision import decode_image
 from blip2_triton.vision.preprocess import ImagePreprocessor
+
+
+def _pil(size: int) -> BlipImageProcessorPil:
+    # clip_image_processor gives the torchvision backend where torchvision is installed; resizing first is the PIL
+    # backend's path.
+    return BlipImageProcessorPil.from_dict(clip_image_processor(size).to_dict())
 
 
 def _photo(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -28,7 +35,7 @@ def _photo(width: int, height: int, seed: int = 0) -> Image.Image:
 @pytest.mark.parametrize("target", [48, 224])
 @pytest.mark.parametrize("size", [(1600, 1200), (1200, 1600), (224, 224), (37, 300), (5, 3)])
 def test_direct_resize_gives_the_processors_exact_pixels(target: int, size: tuple[int, int]) -> None:
-    processor = clip_image_processor(target)
+    processor = _pil(target)
     pre = ImagePreprocessor(processor)
     assert pre.direct
     image = _photo(*size)
@@ -39,7 +46,7 @@ def test_direct_resize_gives_the_processors_exact_pixels(target: int, size: tupl
 
 
 def test_direct_resize_skips_the_full_size_copies() -> None:
-    processor = clip_image_processor(224)
+    processor = _pil(224)
     pre = ImagePreprocessor(processor)
     seen: list[tuple[int, ...]] = []
     original = PilBackend.process_image
@@ -59,7 +66,7 @@ def test_direct_resize_skips_the_full_size_copies() -> None:
 
 
 def test_aspect_preserving_sizes_keep_the_processors_own_path() -> None:
-    processor = clip_image_processor(48)
+    processor = _pil(48)
     processor.size = type(processor.size)(shortest_edge=48)
     pre = ImagePreprocessor(processor)
     assert not pre.direct
@@ -68,12 +75,12 @@ def test_aspect_preserving_sizes_keep_the_processors_own_path() -> None:
 
 
 def test_a_processor_whose_resize_differs_fails_the_probe_and_runs_unchanged() -> None:
-    class Sharpening(type(clip_image_processor(48))):  # type: ignore[misc]
+    class Sharpening(BlipImageProcessorPil):
         def resize(self, image, size, resample=None, **kwargs):  # type: ignore[no-untyped-def]
             return np.clip(super().resize(image, size, resample=resample, **kwargs).astype(np.int16) + 1, 0, 255
                            ).astype(np.uint8)
 
-    reference = clip_image_processor(48)
+    reference = _pil(48)
     processor = Sharpening(size={"height": 48, "width": 48}, image_mean=reference.image_mean,
                            image_std=reference.image_std)
     pre = ImagePreprocessor(processor)
@@ -85,7 +92,17 @@ def test_a_processor_whose_resize_differs_fails_the_probe_and_runs_unchanged() -
 def test_a_transparent_palette_colour_is_composited_as_hf_does_before_any_resize() -> None:
     from robustness_corpus import palette_with_transparency
 
-    processor = clip_image_processor(64)
+    processor = _pil(64)
     image = decode_image(ImageRequest(palette_with_transparency()), ServerOptions())
     assert image.mode == "RGB" and image.info.get("transparency") is not None
     assert torch.equal(ImagePreprocessor(processor)(image), processor([image], return_tensors="pt")["pixel_values"][0])
+
+
+def test_the_torchvision_backend_keeps_its_own_path() -> None:
+    pytest.importorskip("torchvision")  # as on the GPU machine: transformers then picks this backend by default
+    processor = clip_image_processor(48)
+    assert isinstance(processor, TorchvisionBackend)
+    pre = ImagePreprocessor(processor)
+    assert not pre.direct
+    image = _photo(200, 100)
+    assert torch.equal(pre(image), processor([image], return_tensors="pt")["pixel_values"][0])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import subprocess
 import sys
 import sysconfig
 from dataclasses import dataclass
@@ -70,15 +71,20 @@ def _bundled_install(cache_dir: Path) -> TritonInstall | None:
 def _require_numpy_1() -> None:
     # The wheel's Triton 2.51 stub embeds pybind11 2.10, which reads numpy 2 arrays wrongly: the stub dies on the
     # first request (python_backend#384 fixed it in later releases). Refuse at start rather than at that request.
-    try:
-        import numpy  # the stages' interpreter and path: the numpy the stub will import
-    except ImportError:
-        return
-    found = numpy.__version__
-    if int(found.split(".")[0]) >= 2:
+    found = _stub_numpy_version()
+    if found is not None and int(found.split(".")[0]) >= 2:
         raise LauncherError(f"nvidia-pytriton's tritonserver 2.51 needs numpy 1.x in this environment, found numpy "
                             f"{found}: its Python backend stub dies on the first request with numpy 2. "
                             "Install numpy<2 (pip install 'numpy<2'), or use the NGC container")
+
+
+def _stub_numpy_version() -> str | None:
+    """The numpy version the stub will import, or None where it imports none."""
+    # The stub runs this interpreter (the python3 first on PATH) isolated, ignoring PYTHONPATH: a numpy 1 put first
+    # there reaches this process but never the stages, so ask an interpreter started the stub's way.
+    probe = subprocess.run([sys.executable, "-I", "-c", "import numpy; print(numpy.__version__)"],
+                           capture_output=True, text=True, timeout=120, check=False)
+    return probe.stdout.strip() if probe.returncode == 0 else None
 
 
 def _copy_if_changed(src: Path, dst: Path) -> None:
