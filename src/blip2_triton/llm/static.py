@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from transformers import OPTForCausalLM
 
 from ..cuda_graphs import GraphPool, bucket, quantized
-from ..errors import ConfigurationError
 from .batch import BatchState, Prefilled
 from .kv_cache import fill_holes
 from .runner import ModelRunner
@@ -51,9 +50,6 @@ class StaticBatchState:
         heads = int(config.num_attention_heads)
         head_dim = int(config.hidden_size) // heads
         dtype = lm.get_input_embeddings().weight.dtype
-        if max_rows > ROW_BUCKETS[-1]:
-            raise ConfigurationError(f"max_active_sequences: the fixed-buffer decoding step (cuda_graphs) holds at "
-                                     f"most {ROW_BUCKETS[-1]} rows, got {max_rows}")
         self.max_rows = bucket(max_rows, ROW_BUCKETS)
         self.capacity = -(-capacity // COLUMN_BUCKET) * COLUMN_BUCKET
         shape = (self.max_rows, heads, self.capacity, head_dim)
@@ -78,7 +74,6 @@ class StaticBatchState:
     def graph_bytes(self) -> int:
         return self.pool.nbytes
 
-
     def columns(self) -> int:
         """The column bucket the next step needs: every row's cache plus the column it writes."""
         return bucket(max(seq.cached_positions for seq in self.seqs) + 1,
@@ -102,12 +97,13 @@ class StaticBatchState:
         # launch each on a GPU). The prefill is left-padded: a row's own positions are its last `length` columns.
         rows = torch.tensor([row for row, length in enumerate(lengths) for _ in range(length)], device=device)
         columns = torch.tensor([column for length in lengths for column in range(length)], device=device)
-        padded = columns + torch.tensor([width - length for length in lengths], device=device).repeat_interleave(
-            torch.tensor(lengths, device=device))
+        counts = torch.tensor(lengths, device=device)
+        padded = columns + (width - counts).repeat_interleave(counts)
+        slots = rows + start
         for layer, cached in enumerate(prefilled.cache.layers):
-            self.keys[layer][rows + start, :, columns] = cached.keys[rows, :, padded]
-            self.values[layer][rows + start, :, columns] = cached.values[rows, :, padded]
-        self.lengths[start:start + len(seqs)] = torch.tensor(lengths, device=device)
+            self.keys[layer][slots, :, columns] = cached.keys[rows, :, padded]
+            self.values[layer][slots, :, columns] = cached.values[rows, :, padded]
+        self.lengths[start:start + len(seqs)] = counts
         self.seqs.extend(seqs)
 
     def retain(self, keep: list[int]) -> None:
