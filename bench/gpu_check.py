@@ -236,20 +236,31 @@ def captured_engine(llm: Any, **kwargs: Any) -> Any:
     return engine
 
 
-def engine_call(engine: Any, request: Any, timeout_s: float) -> str:
-    """Submits one request to an `InflightEngine` and waits for its text; raises what ended the job."""
+def engine_calls(engine: Any, requests: list[Any], timeout_s: float) -> list[str]:
+    """Submits `requests` to an `InflightEngine` together and waits for their texts, in order; raises what ended the
+    first job that failed."""
     import threading
 
     from blip2_triton.llm import Job
 
-    done = threading.Event()
-    box: list[Any] = []
-    engine.submit([Job(request=request, on_piece=None, on_done=lambda r: (box.append(r), done.set()))])
-    if not done.wait(timeout_s):
-        raise TimeoutError(f"the in-flight engine did not answer in {timeout_s:.0f} s")
-    if isinstance(box[0], Exception):
-        raise box[0]
-    return str(box[0].text)
+    done = threading.Semaphore(0)
+    results: dict[int, Any] = {}
+    engine.submit([Job(request=request, on_piece=None,
+                       on_done=lambda r, i=i: (results.__setitem__(i, r), done.release()))
+                   for i, request in enumerate(requests)])
+    for _ in requests:
+        if not done.acquire(timeout=timeout_s):
+            raise TimeoutError(f"the in-flight engine did not answer in {timeout_s:.0f} s")
+    ordered = [results[i] for i in range(len(requests))]
+    errors = [r for r in ordered if isinstance(r, Exception)]
+    if errors:
+        raise errors[0]
+    return [str(r.text) for r in ordered]
+
+
+def engine_call(engine: Any, request: Any, timeout_s: float) -> str:
+    """Submits one request to an `InflightEngine` and waits for its text; raises what ended the job."""
+    return engine_calls(engine, [request], timeout_s)[0]
 
 
 def inflight_latency(llm: Any, embeds: list[Any], tokens: int, runs: int) -> list[float]:
@@ -296,7 +307,7 @@ def static_vs_inflight(llm: Any, embeds: list[Any], concurrency: int, rounds: in
     engine with `concurrency` closed-loop clients, over the same requests."""
     import threading
 
-    from blip2_triton.llm import EngineLimits, Job
+    from blip2_triton.llm import EngineLimits
     from blip2_triton.requests import GenerationRequest
 
     n = concurrency * rounds
@@ -311,17 +322,7 @@ def static_vs_inflight(llm: Any, embeds: list[Any], concurrency: int, rounds: in
     static = captured_engine(llm, limits=EngineLimits(policy="static", max_active=concurrency, max_kv_tokens=2**62))
 
     def static_batch(ks: list[int]) -> list[str]:
-        done = threading.Semaphore(0)
-        texts: dict[int, Any] = {}
-        static.submit([Job(request=request(k), on_piece=None,
-                           on_done=lambda r, k=k: (texts.__setitem__(k, r), done.release())) for k in ks])
-        for _ in ks:
-            if not done.acquire(timeout=600):
-                raise TimeoutError("a static batch did not finish in 600 s")
-        errors = [r for r in texts.values() if isinstance(r, Exception)]
-        if errors:
-            raise errors[0]
-        return [str(texts[k].text) for k in ks]
+        return engine_calls(static, [request(k) for k in ks], 600)
 
     static_text: dict[int, str] = {}
     static_latency: list[float] = []

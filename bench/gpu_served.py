@@ -62,6 +62,13 @@ def _point(latencies: list[float], elapsed: float, tokens: int) -> dict[str, flo
             "p50_ms": _ms(latencies, 0.5), "p99_ms": _ms(latencies, 0.99)}
 
 
+def captions(call: Callable[[Request], str], images: Images, clients: int, count: int, tokens: int
+             ) -> dict[str, float]:
+    """`count` new images captioned with `tokens` tokens by `clients` closed-loop clients of `call`."""
+    latencies, elapsed, _, _ = closed_loop(call, images.requests(count, None, lambda _: tokens), clients)
+    return _point(latencies, elapsed, tokens)
+
+
 class Images:
     """New bytes on every call (a JPEG comment), as distinct user images are: no cache answers them."""
 
@@ -194,10 +201,8 @@ def quantized_point(model_dir: Path, args: Any, dtype: str, mode: str, images: I
     with served(model_dir, args.device, dtype, args.workdir / f"{mode}.log", {}, quantization=mode) as server:
         client = Served(server.grpc_url)
         n = args.quantized_clients
-        closed_loop(client, images.requests(n, None, lambda _: args.tokens), n)  # warm-up
-        latencies, elapsed, _, _ = closed_loop(client, images.requests(n * args.rounds, None,
-                                                                       lambda _: args.tokens), n)
-        point: dict[str, Any] = {"clients": n, **_point(latencies, elapsed, args.tokens),
+        captions(client, images, n, n, args.tokens)  # warm-up
+        point: dict[str, Any] = {"clients": n, **captions(client, images, n, n * args.rounds, args.tokens),
                                  "gpu_memory_mib": gpu_memory_mib(server)}
         client.close()
         return point
@@ -243,12 +248,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return False
 
     def captions_point(client: Any, n: int) -> dict[str, Any]:
-        requests = images.requests(n * args.rounds, None, lambda _: args.tokens)
-        latencies, elapsed, _, _ = closed_loop(client, requests, n)
-        point = {"served": _point(latencies, elapsed, args.tokens)}
-        requests = images.requests(n * args.rounds, None, lambda _: args.tokens)
-        latencies, elapsed, _, _ = closed_loop(inproc, requests, n)
-        point["in_process"] = _point(latencies, elapsed, args.tokens)
+        point: dict[str, Any] = {"served": captions(client, images, n, n * args.rounds, args.tokens),
+                                 "in_process": captions(inproc, images, n, n * args.rounds, args.tokens)}
         point["served_over_in_process"] = round(
             point["served"]["requests_per_s"] / point["in_process"]["requests_per_s"], 3)
         return point
